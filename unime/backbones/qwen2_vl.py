@@ -1,0 +1,158 @@
+"""Qwen2-VL and Qwen2.5-VL: ViT with 2x2 patch merging, dynamic resolution, M-RoPE, ChatML turns."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from unime.backbones.spec import BackboneSpec, TurnFormat
+from unime.backbones.tiny_tokenizer import train_tiny_tokenizer
+from unime.config import PromptConfig
+from unime.prompts import embedding_chat_template
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+QWEN_TURNS = TurnFormat(
+    user_start="<|im_start|>user\n",
+    user_end="<|im_end|>\n",
+    assistant_start="<|im_start|>assistant\n",
+    image_placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+)
+
+# Attention and MLP projections of the decoder only: the vision blocks use `qkv`/`proj`/`fc1`/`fc2` names
+# in Qwen2-VL but `q_proj`-like names in neither, and the regex pins the language model anyway.
+QWEN_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+# Tiny image budget: a 112x112 image is 8x8 patches of 14 px, merged 2x2 into 16 image tokens.
+TINY_MIN_PIXELS = 28 * 28
+TINY_MAX_PIXELS = 112 * 112
+
+
+def _tiny_text_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
+    # head_dim 32 (hidden 64 / 2 heads): vLLM's CPU attention needs head sizes >= 32.
+    # M-RoPE splits head_dim // 2 rotary frequencies over (time, height, width): sum(mrope_section) == 16.
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+    )
+
+
+def _build_tiny(seed: int, *, config_class: str, model_class: str, processor_class: str, vision: dict):
+    tokenizer = train_tiny_tokenizer(
+        QWEN_SPECIAL_TOKENS,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        chat_template=embedding_chat_template(QWEN_TURNS, PromptConfig()),
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = getattr(transformers, config_class)(
+        text_config=_tiny_text_config(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"]),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config).eval()
+    image_processor = transformers.Qwen2VLImageProcessor(
+        size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
+    )
+    processor = getattr(transformers, processor_class)(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=transformers.Qwen2VLVideoProcessor(),
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+def build_tiny_qwen2_vl(seed: int = 0):
+    vision = dict(
+        depth=2,
+        embed_dim=32,
+        hidden_size=64,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return _build_tiny(
+        seed,
+        config_class="Qwen2VLConfig",
+        model_class="Qwen2VLForConditionalGeneration",
+        processor_class="Qwen2VLProcessor",
+        vision=vision,
+    )
+
+
+def build_tiny_qwen2_5_vl(seed: int = 0):
+    # fullatt_block_indexes: block 1 attends globally, block 0 inside windows, as the real model alternates.
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        num_heads=2,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    return _build_tiny(
+        seed,
+        config_class="Qwen2_5_VLConfig",
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        processor_class="Qwen2_5_VLProcessor",
+        vision=vision,
+    )
+
+
+QWEN2_VL = BackboneSpec(
+    name="qwen2_vl",
+    model_types=("qwen2_vl",),
+    model_class="Qwen2VLForConditionalGeneration",
+    processor_class="Qwen2VLProcessor",
+    image_token="<|image_pad|>",
+    turn_format=QWEN_TURNS,
+    lora_target_modules=QWEN_LORA_TARGETS,
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    language_model="model.language_model",
+    build_tiny=build_tiny_qwen2_vl,
+    example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+)
+
+QWEN2_5_VL = BackboneSpec(
+    name="qwen2_5_vl",
+    model_types=("qwen2_5_vl",),
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    processor_class="Qwen2_5_VLProcessor",
+    image_token="<|image_pad|>",
+    turn_format=QWEN_TURNS,
+    lora_target_modules=QWEN_LORA_TARGETS,
+    vision_tower="model.visual",
+    projector="model.visual.merger",
+    language_model="model.language_model",
+    build_tiny=build_tiny_qwen2_5_vl,
+    example_checkpoints=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+)

@@ -1,0 +1,132 @@
+"""`unime_config.json`: what every consumer of a saved model directory needs to use it the same way.
+
+The model directory is the contract between training, the encode API, sentence-transformers, the
+evaluation harness and the server (DESIGN.md, contract 2). This file holds the part of that contract that
+Hugging Face's own files do not: what kind of model it is, how inputs are prompted, and how hidden states
+become vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from unime.errors import ConfigError
+from unime.pooling import POOLING_MODES, PoolingMode
+
+CONFIG_NAME = "unime_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PromptConfig:
+    """How an input becomes the user turn of the backbone's chat template (UniME / E5-V style).
+
+    The user turn is `[instruction]` `[image]` `[text]` `[summary]`: the summary line asks the model to
+    compress what it read into its next token, whose hidden state is the embedding.
+    """
+
+    query_instruction: str = ""
+    """Instruction put before every query (`encode_query`, `prompt_name="query"`); empty for none."""
+    document_instruction: str = ""
+    """Instruction put before every document (`encode_document`, `prompt_name="document"`)."""
+    image_summary: str = "Summarize above image in one word:"
+    """Closing line for an input that is an image only."""
+    text_summary: str = "Summarize above sentence in one word:"
+    """Closing line for an input that is text only."""
+    image_text_summary: str = "Summarize above image and sentence in one word:"
+    """Closing line for an input with both an image and text."""
+
+
+@dataclass
+class UnimeConfig:
+    """The unime part of a saved model directory (`unime_config.json`)."""
+
+    backbone: str
+    """Registry name of the backbone family (see `unime.backbones.list_backbones()`)."""
+    kind: Literal["embedder", "reranker"] = "embedder"
+    """What the directory holds: an embedder (vectors) or a reranker (yes/no scores)."""
+    pooling: PoolingMode = "last"
+    """How token states become one vector: `last` (UniME, VLM2Vec), `mean` or `cls`."""
+    normalize: bool = True
+    """L2-normalise embeddings (cosine similarity becomes a dot product)."""
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    """Instruction templates for queries and documents."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Truncation sizes the model was trained for (matryoshka); empty when it was not."""
+    similarity_fn_name: Literal["cosine", "dot"] = "cosine"
+    """Similarity used by `Embedder.similarity` and written for sentence-transformers."""
+    base_model: str | None = None
+    """For a directory that holds a LoRA adapter only: the base model it applies to (name or path)."""
+    format_version: int = FORMAT_VERSION
+    """Version of this file's layout."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, dict):
+            self.prompts = _from_dict(PromptConfig, self.prompts, "prompts")
+        if self.kind not in ("embedder", "reranker"):
+            raise ConfigError(f"kind: expected 'embedder' or 'reranker', got {self.kind!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ConfigError(f"pooling: expected one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.similarity_fn_name not in ("cosine", "dot"):
+            raise ConfigError(f"similarity_fn_name: expected 'cosine' or 'dot', got {self.similarity_fn_name!r}")
+        if any(not isinstance(d, int) or d <= 0 for d in self.matryoshka_dims):
+            raise ConfigError(f"matryoshka_dims: expected positive integers, got {self.matryoshka_dims!r}")
+        if self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"format_version {self.format_version} is newer than this unime understands ({FORMAT_VERSION})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> UnimeConfig:
+        path = Path(directory) / CONFIG_NAME
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return _from_dict(cls, data, "")
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build a dataclass from a dict, naming unknown and missing fields instead of a bare TypeError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown field(s) {', '.join(where + k for k in unknown)}; known: {sorted(names)}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,199 @@
+"""The embedder: a multimodal LLM whose last hidden states, pooled, are the embedding.
+
+`Embedder.encode` follows sentence-transformers' `SentenceTransformer.encode` (same argument names and
+return types), so code written for one works with the other.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from unime.backbones import get_backbone
+from unime.batching import shape_sorted_batches
+from unime.config import UnimeConfig
+from unime.errors import InvalidInputError
+from unime.inputs import EmbedInput, is_single_input, load_image, parse_inputs
+from unime.pooling import finish_embeddings, pool
+from unime.prompts import apply_embedding_template, to_messages
+
+
+class Embedder(nn.Module):
+    """A backbone, its processor and the unime config that says how inputs become vectors.
+
+    Get one with `unime.load(...)` (or `unime.build_tiny(...)` for a tiny offline model).
+    """
+
+    def __init__(self, model: nn.Module, processor: Any, config: UnimeConfig):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.spec = get_backbone(config.backbone)
+        apply_embedding_template(processor, self.spec.turn_format, config.prompts)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Tensors in, tensors out (what training uses)
+    # ----------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.hf_model.config.get_text_config().hidden_size
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model, unwrapped from peft when an adapter is attached."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    def tokenize(
+        self, items: Sequence[EmbedInput], instruction: str | None = None, indices: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Backbone inputs for a batch: render each input's prompt, decode images, tokenize, pad.
+
+        `indices` are the items' positions in the caller's list, used to name a failing input.
+        """
+        indices = list(indices) if indices is not None else list(range(len(items)))
+        conversations = []
+        for index, item in zip(indices, items, strict=True):
+            image = load_image(index, item.image) if item.image is not None else None
+            conversations.append(to_messages(item, image, instruction))
+        features = self.processor.apply_chat_template(
+            conversations,
+            tokenize=True,
+            return_dict=True,
+            processor_kwargs={"padding": True, "return_tensors": "pt"},
+        )
+        return dict(features)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled (not yet normalised) embeddings `[batch, dim]` of tokenized inputs."""
+        features = {key: value.to(self.device) for key, value in features.items()}
+        base = getattr(self.hf_model, self.spec.base_model)
+        hidden = base(**features).last_hidden_state  # [B, T, D]
+        return pool(hidden, features["attention_mask"], self.config.pooling)  # [B, D]
+
+    def embed(self, features: dict[str, torch.Tensor], truncate_dim: int | None = None) -> torch.Tensor:
+        """Final embeddings `[batch, dim]`: pooled, truncated (matryoshka) and normalised as configured."""
+        return finish_embeddings(self(features), normalize=self.config.normalize, truncate_dim=truncate_dim)
+
+    # ----------------------------------------------------------------------------------------------------
+    # The sentence-transformers-compatible encode API
+    # ----------------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        inputs: Any,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool | None = None,
+        truncate_dim: int | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed texts, images (PIL or path) and `{"text", "image"}` dicts, mixed in one call.
+
+        Args:
+            inputs: one input or a list of them (see `unime.inputs`).
+            prompt_name: `"query"` or `"document"`: use the instruction configured for it.
+            prompt: an explicit instruction; wins over `prompt_name`.
+            batch_size: inputs per forward pass. Results do not depend on it.
+            show_progress_bar: default: on for more than one batch when stderr is a terminal.
+            convert_to_numpy / convert_to_tensor: return a numpy array (default) or a torch tensor.
+            normalize_embeddings: default: the model's `normalize` setting.
+            truncate_dim: keep the first dims (matryoshka), applied before normalisation.
+
+        Returns:
+            `[n, dim]` for a list (in input order), `[dim]` for a single input.
+        """
+        single = is_single_input(inputs)
+        items = parse_inputs([inputs] if single else inputs)
+        instruction = self.instruction_for(prompt_name, prompt)
+        normalize = self.config.normalize if normalize_embeddings is None else normalize_embeddings
+        if truncate_dim is not None and not 0 < truncate_dim <= self.embedding_dim:
+            raise ValueError(f"truncate_dim must be in 1..{self.embedding_dim}, got {truncate_dim}")
+
+        # Same-modality, similar-size inputs share a batch: text-only batches carry no pixel values and
+        # little padding. Results are scattered back, so the order of the batches does not matter.
+        batches = shape_sorted_batches(
+            items, batch_size, lambda item: (item.has_image, item.image_pixels, len(item.text or ""))
+        )
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
+        pooled = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                for batch in tqdm(batches, desc="encode", disable=not show_progress_bar):
+                    features = self.tokenize([items[i] for i in batch], instruction, indices=batch)
+                    pooled[batch] = self(features).float().cpu()
+        finally:
+            self.train(was_training)
+
+        embeddings = finish_embeddings(pooled, normalize=normalize, truncate_dim=truncate_dim)
+        if single:
+            embeddings = embeddings[0]
+        if convert_to_tensor:
+            return embeddings
+        return embeddings.numpy() if convert_to_numpy else list(embeddings)
+
+    def encode_query(self, inputs: Any, **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """`encode` with the query instruction (unless `prompt`/`prompt_name` says otherwise)."""
+        kwargs.setdefault("prompt_name", "query")
+        return self.encode(inputs, **kwargs)
+
+    def encode_document(self, inputs: Any, **kwargs: Any) -> np.ndarray | torch.Tensor:
+        """`encode` with the document instruction (unless `prompt`/`prompt_name` says otherwise)."""
+        kwargs.setdefault("prompt_name", "document")
+        return self.encode(inputs, **kwargs)
+
+    def instruction_for(self, prompt_name: str | None, prompt: str | None) -> str | None:
+        if prompt is not None:
+            return prompt
+        if prompt_name is None:
+            return None
+        prompts = {"query": self.config.prompts.query_instruction, "document": self.config.prompts.document_instruction}
+        if prompt_name not in prompts:
+            raise InvalidInputError(None, f"unknown prompt_name {prompt_name!r}; expected one of {sorted(prompts)}")
+        return prompts[prompt_name] or None
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        """Named instructions, as sentence-transformers exposes them."""
+        return {"query": self.config.prompts.query_instruction, "document": self.config.prompts.document_instruction}
+
+    def similarity(self, a: Any, b: Any) -> torch.Tensor:
+        """Pairwise similarity `[len(a), len(b)]` of two embedding matrices, by the configured function."""
+        a = torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a, dtype=torch.float32)
+        b = torch.as_tensor(np.asarray(b) if not isinstance(b, torch.Tensor) else b, dtype=torch.float32)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])  # [n, d], [m, d]
+        if self.config.similarity_fn_name == "cosine":
+            a = torch.nn.functional.normalize(a, dim=-1)
+            b = torch.nn.functional.normalize(b, dim=-1)
+        return a @ b.T  # [n, m]
+
+    # ----------------------------------------------------------------------------------------------------
+    # Saving
+    # ----------------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, merge_lora: bool = True) -> None:
+        """Write the model directory: weights, processor, `unime_config.json`, sentence-transformers files.
+
+        With a LoRA adapter attached, `merge_lora=True` writes merged full weights (the live model keeps its
+        adapter); `merge_lora=False` writes the adapter alone, loadable beside its base.
+        """
+        from unime.saving import save_model_directory
+
+        save_model_directory(self, directory, merge_lora=merge_lora)

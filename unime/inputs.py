@@ -1,0 +1,127 @@
+"""Turn what users pass to `encode`/`rank` into validated, named inputs.
+
+An input is a text, an image, or both (DESIGN.md, contract 4). Accepted forms, mixed freely in one call:
+- `str`: a text (always a text: a string is never guessed to be a file name);
+- `PIL.Image.Image`: an image;
+- `pathlib.Path` (any `os.PathLike`): an image file;
+- `{"text": str, "image": PIL image | path}`: either key or both; in a dict a `str` image is a path.
+Every problem is reported with the input's index in the call; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from unime.errors import InvalidInputError
+
+ImageRef = Image.Image | Path
+DICT_KEYS = frozenset({"text", "image"})
+
+
+@dataclass(frozen=True)
+class EmbedInput:
+    """One validated input: a text, an image (decoded or a file still to read), or both."""
+
+    text: str | None = None
+    image: ImageRef | None = None
+    image_pixels: int = 0
+    """Width x height of the image (0 without one), read from the header; used to batch by size."""
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def modality(self) -> str:
+        if self.image is not None and self.text is not None:
+            return "image_text"
+        return "image" if self.image is not None else "text"
+
+
+def is_single_input(inputs: Any) -> bool:
+    """sentence-transformers semantics: one input (not in a list) gives one vector, not a matrix."""
+    return isinstance(inputs, (str, dict, Image.Image, os.PathLike))
+
+
+def parse_inputs(inputs: Sequence[Any]) -> list[EmbedInput]:
+    """Validate every input up front, so that a bad one fails the call before any compute is spent."""
+    if isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Sequence):
+        raise InvalidInputError(
+            None, f"expected a list of inputs (str, PIL image, path or dict), got {type(inputs).__name__}"
+        )
+    return [parse_input(index, item) for index, item in enumerate(inputs)]
+
+
+def parse_input(index: int, item: Any) -> EmbedInput:
+    if isinstance(item, str):
+        return EmbedInput(text=_check_text(index, item))
+    if isinstance(item, Image.Image):
+        return EmbedInput(image=item, image_pixels=item.width * item.height)
+    if isinstance(item, os.PathLike):
+        path = Path(item)
+        return EmbedInput(image=path, image_pixels=_probe_image_file(index, path))
+    if isinstance(item, dict):
+        return _parse_dict(index, item)
+    raise InvalidInputError(
+        index,
+        f"expected a text (str), an image (PIL image or pathlib.Path) or a dict with 'text' and/or 'image', "
+        f"got {type(item).__name__}",
+    )
+
+
+def _parse_dict(index: int, item: dict) -> EmbedInput:
+    unknown = sorted(str(key) for key in set(item) - DICT_KEYS)
+    if unknown:
+        raise InvalidInputError(index, f"unknown key(s) {unknown} in dict input; expected 'text' and/or 'image'")
+    text, image = item.get("text"), item.get("image")
+    if text is None and image is None:
+        raise InvalidInputError(index, "dict input has neither 'text' nor 'image'")
+    if text is not None:
+        if not isinstance(text, str):
+            raise InvalidInputError(index, f"'text' must be a str, got {type(text).__name__}")
+        text = _check_text(index, text)
+    pixels = 0
+    if image is not None:
+        if isinstance(image, Image.Image):
+            pixels = image.width * image.height
+        elif isinstance(image, (str, os.PathLike)):
+            image = Path(image)
+            pixels = _probe_image_file(index, image)
+        else:
+            raise InvalidInputError(index, f"'image' must be a PIL image or a file path, got {type(image).__name__}")
+    return EmbedInput(text=text, image=image, image_pixels=pixels)
+
+
+def _check_text(index: int, text: str) -> str:
+    if not text.strip():
+        raise InvalidInputError(index, "empty text; pass a non-empty string, or an image")
+    return text
+
+
+def _probe_image_file(index: int, path: Path) -> int:
+    """Read only the header: catches missing and non-image files cheaply; full decoding comes later."""
+    if not path.is_file():
+        raise InvalidInputError(index, f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.width * image.height
+    except (UnidentifiedImageError, OSError) as err:
+        raise InvalidInputError(index, f"image file {str(path)!r} is not a readable image ({err})") from err
+
+
+def load_image(index: int, image: ImageRef) -> Image.Image:
+    """Decode an image fully, as RGB; a truncated or corrupt file fails here with its index and path."""
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise InvalidInputError(index, f"image file {str(image)!r} cannot be decoded ({err})") from err

@@ -1,0 +1,119 @@
+"""Write a model directory that every consumer reads the same way (DESIGN.md, contract 2).
+
+Layout:
+    config.json, model.safetensors    Hugging Face weights (LoRA merged), or adapter_* files beside a base
+    processor / tokenizer files         with the embedding prompt template as the chat template
+    unime_config.json                   kind, backbone, pooling, normalisation, prompts, matryoshka dims
+    modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, 2_Normalize/
+                                        sentence-transformers' own Transformer -> Pooling -> Normalize, so that
+                                        `SentenceTransformer(dir)` works without trust_remote_code
+The directory is written beside its target and renamed into place, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from unime.config import write_json_atomic
+
+if TYPE_CHECKING:
+    from unime.embedder import Embedder
+
+# unime pooling name -> sentence-transformers Pooling mode
+_ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
+
+
+def save_model_directory(embedder: Embedder, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
+    try:
+        config = copy.deepcopy(embedder.config)
+        model = embedder.model
+        is_peft = callable(getattr(model, "get_base_model", None))
+        if is_peft and merge_lora:
+            # Merge a copy: the live model keeps training with its adapter.
+            model = copy.deepcopy(model).merge_and_unload()
+        elif is_peft:
+            config.base_model = model.peft_config["default"].base_model_name_or_path
+        model.save_pretrained(staging, safe_serialization=True)
+        embedder.processor.save_pretrained(staging)
+        config.save(staging)
+        write_sentence_transformers_files(staging, config, embedder.embedding_dim)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_sentence_transformers_files(directory: Path, config, embedding_dim: int) -> None:
+    """Describe the model to sentence-transformers (>= 5.4) with its own modules only."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+        },
+    ]
+    if config.normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.base.modules.normalize.Normalize",
+            }
+        )
+        write_json_atomic(directory / "2_Normalize" / "config.json", {})
+    write_json_atomic(directory / "modules.json", modules)
+    # Every modality goes through the chat template ("message"), the same prompt path unime's encode takes.
+    forward = {"method": "forward", "method_output_name": "last_hidden_state"}
+    write_json_atomic(
+        directory / "sentence_bert_config.json",
+        {
+            "transformer_task": "feature-extraction",
+            "modality_config": {
+                "text": forward,
+                "image": forward,
+                "message": {**forward, "format": "structured"},
+            },
+            "module_output_name": "token_embeddings",
+        },
+    )
+    write_json_atomic(
+        directory / "1_Pooling" / "config.json",
+        {
+            "embedding_dimension": embedding_dim,
+            "pooling_mode": _ST_POOLING[config.pooling],
+            "include_prompt": True,
+        },
+    )
+    # sentence-transformers sends a prompt as a system message, which the template renders as the instruction.
+    write_json_atomic(
+        directory / "config_sentence_transformers.json",
+        {
+            "model_type": "SentenceTransformer",
+            "prompts": {"query": config.prompts.query_instruction, "document": config.prompts.document_instruction},
+            "default_prompt_name": None,
+            "similarity_fn_name": config.similarity_fn_name,
+        },
+    )
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    # Move the old directory aside first, so that at every moment one complete version exists.
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
