@@ -1,15 +1,20 @@
 """Turn what users pass to `encode`/`rank` into validated, named inputs.
 
 An input is a text, an image, or both (DESIGN.md, contract 4). Accepted forms, mixed freely in one call:
-- `str`: a text (always a text: a string is never guessed to be a file name);
+- `str`: a text; except, as in sentence-transformers, a single word ending in an image extension
+  (`.jpg`, `.png`, ...) is an image file path and a `data:image/...;base64,` URI is an image. A string that
+  looks like an image path but names no file is an error, not a text: wrap it as `{"text": ...}` to embed it;
 - `PIL.Image.Image`: an image;
 - `pathlib.Path` (any `os.PathLike`): an image file;
-- `{"text": str, "image": PIL image | path}`: either key or both; in a dict a `str` image is a path.
+- `{"text": str, "image": PIL image | path | data URI}`: either key or both; `text` is always text.
 Every problem is reported with the input's index in the call; nothing is skipped.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +27,7 @@ from unime.errors import InvalidInputError
 
 ImageRef = Image.Image | Path
 DICT_KEYS = frozenset({"text", "image"})
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,20 @@ def parse_inputs(inputs: Sequence[Any]) -> list[EmbedInput]:
 
 def parse_input(index: int, item: Any) -> EmbedInput:
     if isinstance(item, str):
+        if item.startswith("data:image/"):
+            return _image_input(index, decode_data_uri(index, item))
+        if _looks_like_image_path(item):
+            if not os.path.isfile(item):
+                raise InvalidInputError(
+                    index,
+                    f"{item!r} looks like an image file path but no such file exists; pass {{'text': ...}} "
+                    "to embed it as text",
+                )
+            path = Path(item)
+            return EmbedInput(image=path, image_pixels=_probe_image_file(index, path))
         return EmbedInput(text=_check_text(index, item))
     if isinstance(item, Image.Image):
-        return EmbedInput(image=item, image_pixels=item.width * item.height)
+        return _image_input(index, item)
     if isinstance(item, os.PathLike):
         path = Path(item)
         return EmbedInput(image=path, image_pixels=_probe_image_file(index, path))
@@ -88,6 +105,8 @@ def _parse_dict(index: int, item: dict) -> EmbedInput:
         text = _check_text(index, text)
     pixels = 0
     if image is not None:
+        if isinstance(image, str) and image.startswith("data:image/"):
+            image = decode_data_uri(index, image)
         if isinstance(image, Image.Image):
             pixels = image.width * image.height
         elif isinstance(image, (str, os.PathLike)):
@@ -96,6 +115,30 @@ def _parse_dict(index: int, item: dict) -> EmbedInput:
         else:
             raise InvalidInputError(index, f"'image' must be a PIL image or a file path, got {type(image).__name__}")
     return EmbedInput(text=text, image=image, image_pixels=pixels)
+
+
+def _image_input(index: int, image: Image.Image) -> EmbedInput:
+    if image.width < 1 or image.height < 1:
+        raise InvalidInputError(index, f"image has no pixels ({image.width}x{image.height})")
+    return EmbedInput(image=image, image_pixels=image.width * image.height)
+
+
+def _looks_like_image_path(text: str) -> bool:
+    return text.lower().endswith(IMAGE_EXTENSIONS) and not any(ch.isspace() for ch in text)
+
+
+def decode_data_uri(index: int, uri: str) -> Image.Image:
+    """Decode a `data:image/<type>;base64,<payload>` URI into an RGB image."""
+    header, _, payload = uri.partition(",")
+    if not header.endswith(";base64") or not payload:
+        raise InvalidInputError(index, "image data URI must look like 'data:image/<type>;base64,<payload>'")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise InvalidInputError(index, f"image data URI cannot be decoded ({err})") from err
 
 
 def _check_text(index: int, text: str) -> str:

@@ -117,14 +117,17 @@ def _config_for_plain_checkpoint(source: str, backbone: str | None, trust_remote
             "Hugging Face checkpoint, pass backbone='auto' (detect it from config.json) or a registered "
             "backbone name."
         )
-    if backbone == "auto":
-        try:
-            hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{source}: cannot read its config.json to detect the backbone ({err})") from err
-        spec = backbone_for_model_type(hf_config.model_type)
-    else:
-        spec = get_backbone(backbone)
+    asked = None if backbone == "auto" else get_backbone(backbone)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{source}: cannot read its config.json ({err})") from err
+    spec = backbone_for_model_type(hf_config.model_type) if asked is None else asked
+    if asked is not None and hf_config.model_type not in spec.model_types:
+        raise ModelLoadError(
+            f"{source}: its config.json has model_type {hf_config.model_type!r}, which backbone {backbone!r} "
+            f"does not serve (it serves {', '.join(spec.model_types)}); pass backbone='auto' to detect it"
+        )
     return UnimeConfig(backbone=spec.name)
 
 
@@ -134,7 +137,7 @@ def _load_weights(spec: BackboneSpec, source: str, dtype: torch.dtype, attn: str
         return model_class.from_pretrained(
             source, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code, **hub
         )
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"{source}: cannot load {spec.model_class} weights ({err})") from err
 
 

@@ -49,11 +49,16 @@ def backbone_for_model_type(model_type: str) -> BackboneSpec:
     )
 
 
-def _register_builtin() -> None:
-    from unime.backbones.qwen2_vl import QWEN2_5_VL, QWEN2_VL
+# Modules of this package that define built-in families; each exports `SPECS`, a tuple of BackboneSpec.
+_BUILTIN_MODULES = ("qwen2_vl", "llava", "idefics3")
 
-    for spec in (QWEN2_VL, QWEN2_5_VL):
-        register(spec)
+
+def _register_builtin() -> None:
+    import importlib
+
+    for module_name in _BUILTIN_MODULES:
+        for spec in importlib.import_module(f"unime.backbones.{module_name}").SPECS:
+            register(spec)
 
 
 _register_builtin()

@@ -156,3 +156,5 @@ QWEN2_5_VL = BackboneSpec(
     build_tiny=build_tiny_qwen2_5_vl,
     example_checkpoints=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
 )
+
+SPECS = (QWEN2_VL, QWEN2_5_VL)

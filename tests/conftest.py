@@ -1,0 +1,87 @@
+"""Shared test set-up: offline, one torch thread, tiny models built once per session."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch or transformers are imported: nothing may be fetched, and two threads on a 2-core machine
+# under load made steps 5-30x slower.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+from unime.data_synth.scenes import describe, draw_scene, random_scene  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_embedders():
+    """Tiny embedders by backbone name, each built once per session (build with `get`)."""
+    import unime
+
+    cache: dict[str, unime.Embedder] = {}
+
+    def get(backbone: str = "qwen2_vl"):
+        if backbone not in cache:
+            cache[backbone] = unime.build_tiny(backbone, seed=0)
+        return cache[backbone]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tiny_embedders) -> Path:
+    """A saved tiny Qwen2-VL model directory with a query instruction set."""
+    import copy
+
+    import unime
+
+    base = tiny_embedders("qwen2_vl")
+    config = copy.deepcopy(base.config)
+    config.prompts.query_instruction = "Find the image that matches the caption."
+    embedder = unime.Embedder(base.model, copy.deepcopy(base.processor), config)
+    directory = tmp_path_factory.mktemp("models") / "tiny-qwen2-vl"
+    embedder.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def scenes():
+    """Six drawn scenes and their captions (fixed seed)."""
+    rng = random.Random(7)
+    shapes = [random_scene(rng) for _ in range(6)]
+    return [draw_scene(scene) for scene in shapes], [describe(scene) for scene in shapes]
+
+
+@pytest.fixture(scope="session")
+def real_photo_paths() -> list[Path]:
+    """Real 250x250 JPEG photos shipped by the conformal-clip-data package."""
+    from conformal_clip_data import nominal_dir
+
+    photos = sorted(nominal_dir().glob("*.jpg"))[:3]
+    assert len(photos) == 3, "conformal-clip-data ships its photos as .jpg files"
+    return photos
+
+
+def mixed_inputs(images, captions, photos=()) -> list:
+    """Texts of several lengths, PIL images of several sizes, text+image dicts and photo paths, interleaved."""
+    items: list = [
+        captions[0],
+        images[0],
+        {"text": captions[1], "image": images[1].resize((80, 60))},
+        "a much longer text " * 6 + captions[2],
+        images[2].resize((140, 100)),
+        captions[3],
+        {"image": images[3], "text": "which shape is on the left?"},
+    ]
+    items[3:3] = list(photos)
+    return items

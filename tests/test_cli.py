@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import numpy as np
+
+import unime
+from unime.cli import main
+
+
+def test_tiny_writes_a_loadable_model_directory(tmp_path, capsys) -> None:
+    assert main(["tiny", "qwen2_5_vl", str(tmp_path / "m"), "--seed", "1"]) == 0
+    assert "wrote a tiny qwen2_5_vl embedder" in capsys.readouterr().out
+    loaded = unime.load(tmp_path / "m")
+    built = unime.build_tiny("qwen2_5_vl", seed=1)
+    np.testing.assert_allclose(loaded.encode(["a red circle"]), built.encode(["a red circle"]), atol=1e-6)
+
+
+def test_backbones_lists_every_registered_family(capsys) -> None:
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in unime.list_backbones():
+        assert name in out
+
+
+def test_demo_prints_a_similarity_table(capsys) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "4 captions x 4 drawn images, 64-d embeddings" in out
+    rows = [line for line in out.splitlines() if line[:2] in {"0:", "1:", "2:", "3:"}]
+    assert len(rows) == 4
+    for row in rows:
+        values = [float(v) for v in row[60:].split()]
+        assert len(values) == 4 and all(-1.0 <= v <= 1.0 for v in values)
+
+
+def test_errors_are_reported_without_a_traceback(tmp_path, capsys) -> None:
+    assert main(["tiny", "nope", str(tmp_path / "x")]) == 2
+    assert "unime tiny: error: unknown backbone 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tmp_path)]) == 2
+    assert "has no unime_config.json" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""The `unime` command line. Each subcommand is one function that registers its arguments and its action.
+
+Later parts of the toolkit (training, evaluation, serving, data generation) add their subcommands to
+`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from unime.errors import UnimeError
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _add_tiny_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("backbone", help="registered backbone name (see `unime backbones`)")
+    parser.add_argument("out_dir", help="directory to write the model to")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+
+
+def _run_tiny(args: argparse.Namespace) -> int:
+    from unime.tiny import save_tiny
+
+    path = save_tiny(args.backbone, args.out_dir, seed=args.seed)
+    print(f"wrote a tiny {args.backbone} embedder to {path}")
+    return 0
+
+
+def _add_backbones_args(parser: argparse.ArgumentParser) -> None:
+    del parser  # no options
+
+
+def _run_backbones(args: argparse.Namespace) -> int:
+    from unime.backbones import get_backbone, list_backbones
+
+    for name in list_backbones():
+        spec = get_backbone(name)
+        print(f"{name:12s} {spec.model_class:40s} e.g. {', '.join(spec.example_checkpoints)}")
+    return 0
+
+
+def _add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a model directory or hub name; default: build a tiny model in memory")
+    parser.add_argument("--backbone", default="qwen2_vl", help="backbone of the tiny model (without --model)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from unime.demo import run_demo
+
+    run_demo(model=args.model, backbone=args.backbone)
+    return 0
+
+
+COMMANDS: list[Command] = [
+    ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
+    ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),
+    ("backbones", "list the registered backbone families", _add_backbones_args, _run_backbones),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unime", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_arguments, run in COMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UnimeError as err:
+        print(f"unime {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
