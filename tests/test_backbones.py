@@ -18,7 +18,9 @@ def test_the_four_families_of_the_design_are_registered() -> None:
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_tiny_backbone_embeds_saves_and_reloads_identically(backbone, tiny_embedders, scenes, tmp_path) -> None:
+def test_tiny_backbone_embeds_saves_reloads_and_loads_in_sentence_transformers(
+    backbone, tiny_embedders, scenes, tmp_path
+) -> None:
     embedder = tiny_embedders(backbone)
     images, captions = scenes
     inputs = mixed_inputs(images, captions)
@@ -32,6 +34,12 @@ def test_tiny_backbone_embeds_saves_and_reloads_identically(backbone, tiny_embed
     reloaded = unime.load(tmp_path / backbone)
     assert reloaded.config.backbone == backbone
     np.testing.assert_allclose(reloaded.encode(inputs, batch_size=3), vectors, atol=1e-6)
+
+    # sentence-transformers, with its own modules, reads the same directory into the same vectors.
+    from sentence_transformers import SentenceTransformer
+
+    st_vectors = SentenceTransformer(str(tmp_path / backbone)).encode(inputs, batch_size=3)
+    assert (st_vectors * vectors).sum(1).min() >= 0.9999
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

@@ -106,6 +106,19 @@ def test_instructions_change_queries_and_explicit_prompt_wins(tiny_dir, scenes) 
     )
 
 
+def test_set_prompts_changes_instructions_and_summary_lines(tiny_dir, scenes) -> None:
+    model = unime.load(tiny_dir)
+    images, captions = scenes
+    before_text, before_image = model.encode(captions[0]), model.encode(images[0])
+    model.set_prompts(text_summary="Compress this sentence into one word:", document_instruction="Doc.")
+    assert "Compress this sentence" in model.processor.chat_template
+    assert np.abs(model.encode(captions[0]) - before_text).max() > 1e-3
+    np.testing.assert_allclose(model.encode(images[0]), before_image, atol=1e-6)  # image prompts unchanged
+    np.testing.assert_allclose(model.encode_document(captions[0]), model.encode(captions[0], prompt="Doc."))
+    with pytest.raises(TypeError):
+        model.set_prompts(summary="x")
+
+
 def test_similarity_is_cosine(embedder, scenes) -> None:
     images, captions = scenes
     a = embedder.encode(captions[:3], normalize_embeddings=False)

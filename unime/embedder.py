@@ -6,9 +6,12 @@ return types), so code written for one works with the other.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ from unime.config import UnimeConfig
 from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput, is_single_input, load_image, parse_inputs
 from unime.pooling import finish_embeddings, pool
-from unime.prompts import apply_embedding_template, to_messages
+from unime.prompts import PromptRenderer, apply_embedding_template
 
 
 class Embedder(nn.Module):
@@ -38,6 +41,7 @@ class Embedder(nn.Module):
         self.config = config
         self.spec = get_backbone(config.backbone)
         apply_embedding_template(processor, self.spec.turn_format, config.prompts)
+        self._renderer = PromptRenderer(processor)
 
     # ----------------------------------------------------------------------------------------------------
     # Tensors in, tensors out (what training uses)
@@ -61,19 +65,21 @@ class Embedder(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Backbone inputs for a batch: render each input's prompt, decode images, tokenize, pad.
 
+        Gives the same ids and pixels as the processor's `apply_chat_template` on the inputs' messages (the
+        path sentence-transformers takes), with one template rendering per prompt shape instead of per input.
         `indices` are the items' positions in the caller's list, used to name a failing input.
         """
         indices = list(indices) if indices is not None else list(range(len(items)))
-        conversations = []
-        for index, item in zip(indices, items, strict=True):
-            image = load_image(index, item.image) if item.image is not None else None
-            conversations.append(to_messages(item, image, instruction))
-        features = self.processor.apply_chat_template(
-            conversations,
-            tokenize=True,
-            return_dict=True,
-            processor_kwargs={"padding": True, "return_tensors": "pt"},
-        )
+        prompts = [self._renderer.render(item, instruction) for item in items]
+        images = [
+            [load_image(index, item.image)] if item.image is not None else []
+            for index, item in zip(indices, items, strict=True)
+        ]
+        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
+        bos = self.processor.tokenizer.bos_token
+        if bos is not None and prompts[0].startswith(bos):
+            kwargs["add_special_tokens"] = False  # the template wrote the BOS already (as apply_chat_template does)
+        features = self.processor(text=prompts, images=images if any(images) else None, **kwargs)
         return dict(features)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,10 +141,17 @@ class Embedder(nn.Module):
         pooled = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
         was_training = self.training
         self.eval()
+        # A worker thread prepares batch k+1 (prompt rendering, image decoding and resizing, tokenization) while
+        # the model runs batch k. The two overlap where the forward pass releases the GIL: on a GPU, or with a
+        # real-size model on a CPU; on a tiny CPU model both are Python-bound and it is a wash.
+        prepare = partial(self._prepare_batch, items, instruction)
         try:
-            with torch.inference_mode():
-                for batch in tqdm(batches, desc="encode", disable=not show_progress_bar):
-                    features = self.tokenize([items[i] for i in batch], instruction, indices=batch)
+            with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as worker:
+                upcoming = worker.submit(prepare, batches[0]) if batches else None
+                for position, batch in enumerate(tqdm(batches, desc="encode", disable=not show_progress_bar)):
+                    features = upcoming.result()
+                    if position + 1 < len(batches):
+                        upcoming = worker.submit(prepare, batches[position + 1])
                     pooled[batch] = self(features).float().cpu()
         finally:
             self.train(was_training)
@@ -149,6 +162,16 @@ class Embedder(nn.Module):
         if convert_to_tensor:
             return embeddings
         return embeddings.numpy() if convert_to_numpy else list(embeddings)
+
+    def _prepare_batch(
+        self, items: Sequence[EmbedInput], instruction: str | None, batch: list[int]
+    ) -> dict[str, torch.Tensor]:
+        return self.tokenize([items[i] for i in batch], instruction, indices=batch)
+
+    def set_prompts(self, **changes: str) -> None:
+        """Change instructions or summary lines (fields of `PromptConfig`); the prompt template follows."""
+        self.config.prompts = dataclasses.replace(self.config.prompts, **changes)
+        apply_embedding_template(self.processor, self.spec.turn_format, self.config.prompts)
 
     def encode_query(self, inputs: Any, **kwargs: Any) -> np.ndarray | torch.Tensor:
         """`encode` with the query instruction (unless `prompt`/`prompt_name` says otherwise)."""

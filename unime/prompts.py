@@ -69,9 +69,9 @@ def apply_embedding_template(processor: Any, turn: TurnFormat, prompts: PromptCo
 
 
 def to_messages(item: EmbedInput, image: Any | None, instruction: str | None) -> list[dict[str, Any]]:
-    """The chat messages of one input; `image` is the decoded image when the input has one."""
+    """The chat messages of one input; `image` is its decoded image (None when only rendering text)."""
     content: list[dict[str, Any]] = []
-    if image is not None:
+    if item.has_image:
         content.append({"type": "image", "image": image})
     if item.text is not None:
         content.append({"type": "text", "text": item.text})
@@ -80,3 +80,30 @@ def to_messages(item: EmbedInput, image: Any | None, instruction: str | None) ->
         messages.append({"role": "system", "content": [{"type": "text", "text": instruction}]})
     messages.append({"role": "user", "content": content})
     return messages
+
+
+class PromptRenderer:
+    """Renders inputs through a processor's chat template, once per prompt shape.
+
+    The template inserts an input's text verbatim, so it is rendered once for each (instruction, has image,
+    has text) with a sentinel in place of the text, and the sentinel is replaced afterwards: the same string
+    as a full render, without running Jinja for every input.
+    """
+
+    _SENTINEL = "\ue000unime-text\ue000"
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+        self._template: str | None = None
+        self._skeletons: dict[tuple[str | None, bool, bool], str] = {}
+
+    def render(self, item: EmbedInput, instruction: str | None) -> str:
+        if self._template != self.processor.chat_template:  # the template changed: forget old renderings
+            self._template, self._skeletons = self.processor.chat_template, {}
+        key = (instruction, item.has_image, item.text is not None)
+        skeleton = self._skeletons.get(key)
+        if skeleton is None:
+            shape = EmbedInput(text=self._SENTINEL if item.text is not None else None, image=item.image)
+            skeleton = self.processor.apply_chat_template(to_messages(shape, None, instruction), tokenize=False)
+            self._skeletons[key] = skeleton
+        return skeleton.replace(self._SENTINEL, item.text) if item.text is not None else skeleton

@@ -41,7 +41,7 @@ TINY_SCALE_FACTOR = 2
 TINY_IMAGE_SEQ_LEN = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2 // TINY_SCALE_FACTOR**2
 
 
-def _build_tiny(seed: int, *, family: str, turns: TurnFormat, eos: str, pad: str):
+def _build_tiny(seed: int, *, family: str, turns: TurnFormat, eos: str, pad: str, needs_video_processor: bool):
     tokenizer = train_tiny_tokenizer(
         list(dict.fromkeys([turns.bos, eos, pad, *IMAGE_TOKENS])),
         bos_token=turns.bos,
@@ -88,7 +88,7 @@ def _build_tiny(seed: int, *, family: str, turns: TurnFormat, eos: str, pad: str
         max_image_size={"longest_edge": TINY_IMAGE_SIZE},
     )
     extra = {}
-    if family == "SmolVLM":  # its processor insists on a video processor even for images
+    if needs_video_processor:  # SmolVLM's processor insists on one even for images
         extra["video_processor"] = transformers.SmolVLMVideoProcessor(**sizes)
     processor = getattr(transformers, f"{family}Processor")(
         image_processor=getattr(transformers, f"{family}ImageProcessor")(**sizes),
@@ -101,11 +101,25 @@ def _build_tiny(seed: int, *, family: str, turns: TurnFormat, eos: str, pad: str
 
 
 def build_tiny_idefics3(seed: int = 0):
-    return _build_tiny(seed, family="Idefics3", turns=IDEFICS3_TURNS, eos="<|end_of_text|>", pad="<|end_of_text|>")
+    return _build_tiny(
+        seed,
+        family="Idefics3",
+        turns=IDEFICS3_TURNS,
+        eos="<|end_of_text|>",
+        pad="<|end_of_text|>",
+        needs_video_processor=False,
+    )
 
 
 def build_tiny_smolvlm(seed: int = 0):
-    return _build_tiny(seed, family="SmolVLM", turns=SMOLVLM_TURNS, eos="<end_of_utterance>", pad="<|im_end|>")
+    return _build_tiny(
+        seed,
+        family="SmolVLM",
+        turns=SMOLVLM_TURNS,
+        eos="<end_of_utterance>",
+        pad="<|im_end|>",
+        needs_video_processor=True,
+    )
 
 
 IDEFICS3 = BackboneSpec(

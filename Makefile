@@ -1,0 +1,23 @@
+# The two commands of the README. Each one creates .venv and installs what it needs first (scripts/setup.sh,
+# a no-op once the install is current).
+PY := .venv/bin/python
+
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+# The main job on the embedded default (a tiny Qwen2-VL built in code, drawn scenes and captions).
+demo: setup
+	OMP_NUM_THREADS=1 .venv/bin/unime demo
+
+# Everything this machine can run: lint, then the whole test suite.
+test: setup lint
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: setup
+	$(PY) bench/encode.py
