@@ -55,6 +55,6 @@ def test_query_and_document_prompts_travel_to_sentence_transformers(pair, inputs
 
 def test_sentence_transformers_similarity_and_dimension(pair, inputs) -> None:
     ours, st = pair
-    assert st.get_sentence_embedding_dimension() == ours.embedding_dim
+    assert st.get_embedding_dimension() == ours.embedding_dim
     a, b = st.encode(inputs[:2]), st.encode(inputs[2:])
     np.testing.assert_allclose(st.similarity(a, b).numpy(), ours.similarity(a, b).numpy(), atol=1e-6)
