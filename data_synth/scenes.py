@@ -73,3 +73,29 @@ def random_scene(rng: random.Random, max_shapes: int = 2) -> list[Shape]:
     count = rng.randint(1, max_shapes)
     positions = rng.sample(sorted(POSITIONS), count)
     return [Shape(rng.choice(SHAPES), rng.choice(sorted(COLORS)), position) for position in positions]
+
+
+ATTRIBUTES = ("color", "kind", "position")
+
+
+def alter_one_attribute(shapes: list[Shape], rng: random.Random) -> list[Shape]:
+    """The scene with one attribute of one shape changed (a SugarCrepe-style hard negative).
+
+    The change keeps the scene valid: a new position is one no other shape occupies.
+    """
+    index = rng.randrange(len(shapes))
+    shape = shapes[index]
+    attribute = rng.choice(ATTRIBUTES)
+    if attribute == "color":
+        shape = Shape(shape.kind, rng.choice([c for c in sorted(COLORS) if c != shape.color]), shape.position)
+    elif attribute == "kind":
+        shape = Shape(rng.choice([k for k in SHAPES if k != shape.kind]), shape.color, shape.position)
+    else:
+        taken = {s.position for s in shapes}
+        shape = Shape(shape.kind, shape.color, rng.choice([p for p in sorted(POSITIONS) if p not in taken]))
+    return shapes[:index] + [shape] + shapes[index + 1 :]
+
+
+def scene_key(shapes: list[Shape]) -> tuple:
+    """Identity of a scene regardless of the order its shapes are listed in."""
+    return tuple(sorted((s.position, s.kind, s.color) for s in shapes))

@@ -54,7 +54,34 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_synth_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=["shapes"], help="shapes: drawn scenes, captions, one-attribute hard negatives")
+    parser.add_argument("out_dir", help="directory to write train.jsonl, held_out.jsonl and images/ to")
+    parser.add_argument("--train", type=int, default=60, help="training rows")
+    parser.add_argument("--held-out", type=int, default=30, help="held-out rows (no scene shared with training)")
+    parser.add_argument("--max-shapes", type=int, default=1, help="shapes per scene (1: 90 scenes exist; 2: 3330)")
+    parser.add_argument("--negatives", type=int, default=3, help="hard negatives per row")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from unime.data_synth.pairs import write_image_caption_pairs
+
+    paths = write_image_caption_pairs(
+        args.out_dir,
+        train=args.train,
+        held_out=args.held_out,
+        negatives=args.negatives,
+        seed=args.seed,
+        max_shapes=args.max_shapes,
+    )
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 COMMANDS: list[Command] = [
+    ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),
     ("backbones", "list the registered backbone families", _add_backbones_args, _run_backbones),

@@ -61,16 +61,26 @@ class Embedder(nn.Module):
         return get_base() if callable(get_base) else self.model
 
     def tokenize(
-        self, items: Sequence[EmbedInput], instruction: str | None = None, indices: Sequence[int] | None = None
+        self,
+        items: Sequence[EmbedInput],
+        instruction: str | Sequence[str | None] | None = None,
+        indices: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Backbone inputs for a batch: render each input's prompt, decode images, tokenize, pad.
 
         Gives the same ids and pixels as the processor's `apply_chat_template` on the inputs' messages (the
         path sentence-transformers takes), with one template rendering per prompt shape instead of per input.
-        `indices` are the items' positions in the caller's list, used to name a failing input.
+        `instruction` is one for all items or one per item (training rows carry their own). `indices` are the
+        items' positions in the caller's list, used to name a failing input.
         """
         indices = list(indices) if indices is not None else list(range(len(items)))
-        prompts = [self._renderer.render(item, instruction) for item in items]
+        instructions = (
+            [instruction] * len(items) if instruction is None or isinstance(instruction, str) else instruction
+        )
+        prompts = [
+            self._renderer.render(item, item_instruction)
+            for item, item_instruction in zip(items, instructions, strict=True)
+        ]
         images = [
             [load_image(index, item.image)] if item.image is not None else []
             for index, item in zip(indices, items, strict=True)

@@ -1,0 +1,70 @@
+"""Train an embedder through unime's one training loop; the stage is chosen by the config.
+
+Stage 2 of UniME (hard-negative enhanced instruction tuning) on the embedded default (drawn scenes; make the
+data first with `unime synth shapes runs/data/shapes`):
+
+    python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml
+
+Any config value can be overridden with dotted keys (values are YAML):
+
+    python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml \
+        optim.max_steps=500 optim.gradcache_chunk_size=8 model.name_or_path=Qwen/Qwen2-VL-2B-Instruct \
+        model.backbone=auto
+
+On GPUs, the same script under accelerate (the accelerate configs are in recipes/accelerate/):
+
+    accelerate launch --config_file recipes/accelerate/single.yaml recipes/train_embedder.py --config ...
+    accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/train_embedder.py --config ...
+    accelerate launch --config_file recipes/accelerate/zero2.yaml recipes/train_embedder.py --config ... \
+        optim.gradcache_chunk_size=null
+    accelerate launch --config_file recipes/accelerate/zero3.yaml recipes/train_embedder.py --config ... \
+        optim.gradcache_chunk_size=null
+
+or `torchrun --nproc_per_node N recipes/train_embedder.py --config ...` (DDP). GradCache needs DDP or a single
+process: DeepSpeed ZeRO-2/3 refuse it (one backward per chunk breaks their gradient partitioning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from unime.data.dataset import load_examples
+    from unime.train.config import load_train_config
+    from unime.train.evaluation import retrieval_recall
+    from unime.train.loop import train
+    from unime.train.model import load_for_training
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+
+    config = load_train_config(args.config, args.overrides)
+    embedder = load_for_training(config.model)
+    data = config.data
+    examples, report = load_examples(
+        data.train_files,
+        image_root=data.image_root,
+        on_error=data.on_bad_rows,
+        check_images=data.check_images,
+        min_negatives=1 if data.num_negatives else 0,
+    )
+    print(f"training data: {report.summary()}")
+    for message in report.examples_of_errors:
+        print(f"  skipped {message}")
+    eval_hook = None
+    if data.eval_files:
+        held_out, _ = load_examples(data.eval_files, image_root=data.image_root, on_error="raise")
+
+        def eval_hook(model, step):
+            return retrieval_recall(model, held_out)
+
+    return train(config, embedder, examples, eval_hook=eval_hook)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Training data: the example schema, loading and validation, collators and batch samplers."""

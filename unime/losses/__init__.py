@@ -1,0 +1,49 @@
+"""Training losses: pure functions of embedding tensors, looked up by name from a recipe's config.
+
+Each loss takes L2-normalised `query [B, D]`, `positive [B, D]` and optional `negatives [B, K, D]` and returns a
+scalar; any loss can be wrapped in `matryoshka_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from unime.losses.contrastive import global_candidates, info_nce, select_hard_negatives, unime_hard_negative_loss
+from unime.losses.matryoshka import matryoshka_loss, truncate_and_normalize
+from unime.losses.soft_label import soft_label_kl
+
+LossFn = Callable[..., torch.Tensor]
+
+LOSSES: dict[str, LossFn] = {
+    "info_nce": info_nce,
+    "unime_hard_negative": unime_hard_negative_loss,
+    "soft_label_kl": soft_label_kl,
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss function registered under `name`.
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; known losses: {sorted(LOSSES)}") from None
+
+
+__all__ = [
+    "LOSSES",
+    "LossFn",
+    "get_loss",
+    "global_candidates",
+    "info_nce",
+    "matryoshka_loss",
+    "select_hard_negatives",
+    "soft_label_kl",
+    "truncate_and_normalize",
+    "unime_hard_negative_loss",
+]

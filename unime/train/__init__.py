@@ -1,0 +1,1 @@
+"""The training engine: typed configs, GradCache, checkpoints and the one training loop."""

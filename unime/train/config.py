@@ -1,0 +1,218 @@
+"""Typed training configuration: dataclasses with a docstring per field, YAML values, dotted overrides.
+
+    config = load_train_config("recipes/configs/stage2_hardneg_instruct.yaml", ["optim.lr=1e-4"])
+
+Unknown keys and values of the wrong type fail at load time with the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from unime.errors import ConfigError
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = True
+    """Train a LoRA adapter (peft) instead of all weights."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 64
+    """LoRA alpha (VLM2Vec/UniME-V2 use r=16, alpha=64)."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA), as VLM2Vec and UniME-V2 train."""
+    target_modules: str | None = None
+    """peft target regex; default: the backbone's language-model projections from the registry."""
+
+
+@dataclass
+class ModelSettings:
+    name_or_path: str = "tiny:qwen2_vl"
+    """Model directory or hub name to start from; `tiny:<backbone>` builds a tiny offline model in code."""
+    backbone: str | None = None
+    """Only for plain Hugging Face checkpoints: a registry name or `auto`."""
+    dtype: str = "auto"
+    """`auto` (bf16 on GPUs that support it), `float32`, `bfloat16`."""
+    attn_implementation: str = "sdpa"
+    """`sdpa`, `eager` or `flash_attention_2`."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Parameter-efficient training."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen (full fine-tuning only; LoRA targets the language model anyway)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Initialisation seed of a `tiny:` model."""
+
+
+@dataclass
+class DataSettings:
+    train_files: list[str] = field(default_factory=list)
+    """Training files (JSONL or parquet) in unime's schema."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files for the in-training retrieval check (recall@1/5, hard-negative accuracy); optional."""
+    image_root: str | None = None
+    """Where relative image paths point; default: each file's folder."""
+    num_negatives: int = 0
+    """Mined hard negatives per query (0: in-batch negatives only)."""
+    sample_negatives: Literal["first", "random"] = "first"
+    """Which K of a row's mined negatives to use: the first K (the hardest, as mined), or a random K."""
+    same_source_batches: bool = False
+    """Draw every batch from one source dataset (VLM2Vec)."""
+    on_bad_rows: Literal["raise", "skip"] = "raise"
+    """Stop at the first invalid row, or skip invalid rows and report them."""
+    check_images: bool = True
+    """Open every image's header before training."""
+
+
+@dataclass
+class LossSettings:
+    name: Literal["info_nce", "unime_hard_negative", "soft_label_kl"] = "unime_hard_negative"
+    """The objective (see `unime.losses`)."""
+    temperature: float = 0.02
+    """Softmax temperature (UniME, VLM2Vec: 0.02)."""
+    margin: float = 0.1
+    """unime_hard_negative: a candidate scoring above the positive + margin is a false negative."""
+    hard_negatives: int = 8
+    """unime_hard_negative: the k hardest remaining negatives per query."""
+    teacher_temperature: float | None = None
+    """soft_label_kl: temperature of the teacher scores (default: `temperature`)."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Also train truncations to these sizes (summed losses); empty for none."""
+
+
+@dataclass
+class OptimSettings:
+    batch_size: int = 32
+    """Examples per process per micro-step (the contrastive batch is this x processes)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+    gradcache_chunk_size: int | None = None
+    """Encode in chunks of this size with GradCache (memory bound by the chunk, not the batch); None: off."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps, then cosine decay to 0 at `max_steps`."""
+    max_steps: int = 1000
+    """Optimizer steps to train."""
+    max_grad_norm: float | None = 1.0
+    """Gradient clipping (LoRA at high lr without clipping was seen to collapse); None: off."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 on GPUs that support it, none on CPU."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/embedder"
+    """Checkpoints, logs and the final model directory (`<output_dir>/final`)."""
+    seed: int = 0
+    """Seed of data order, sampling and dropout."""
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    log_every: int = 10
+    """Log loss, learning rate and gradient norm every this many steps."""
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """accelerate trackers (`tensorboard`, `wandb`, ...); empty for none."""
+    eval_every: int = 0
+    """Run the evaluation hook every this many steps (0: never)."""
+    save_every: int = 100
+    """Write a resumable checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool = True
+    """Continue from the latest checkpoint in `output_dir` when there is one."""
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML config into `TrainConfig`, then apply `key.sub=value` overrides (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{where}: cannot read ({err})") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping at the top level")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected key.sub=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return build_dataclass(TrainConfig, data, where, "")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
+    """Build `cls` from nested dicts, checking keys and value types against the type hints."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(fields)}")
+    values = {}
+    for name, value in data.items():
+        values[name] = _check_value(hints[name], value, where, prefix + name)
+    return cls(**values)
+
+
+def _check_value(hint: Any, value: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(option, value, where, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key}: expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}: expected a list, got {type(value).__name__}")
+        return [_check_value(item_hint, item, where, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: {key}: unsupported type {hint}")
