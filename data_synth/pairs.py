@@ -13,7 +13,15 @@ import random
 import tempfile
 from pathlib import Path
 
-from unime.data_synth.scenes import alter_one_attribute, describe, draw_scene, random_scene, scene_key
+from unime.data_synth.scenes import (
+    all_one_attribute_alterations,
+    alter_one_attribute,
+    describe,
+    draw_scene,
+    random_scene,
+    scene_key,
+)
+from unime.errors import ConfigError
 
 QUERY_INSTRUCTION = "Find the caption that describes this image."
 
@@ -29,6 +37,8 @@ def write_image_caption_pairs(
     max_shapes: int = 1,
 ) -> dict[str, Path]:
     """Write `train.jsonl`, `held_out.jsonl` and their images under `directory`; returns the two JSONL paths.
+
+    Training rows carry `negatives` random one-attribute alterations; held-out rows carry all of them.
 
     Idempotent: an existing, complete output (same arguments) is reused.
     """
@@ -57,7 +67,7 @@ def write_image_caption_pairs(
             if scene_key(shapes) in seen:
                 tries_left -= 1
                 if tries_left < 0:
-                    raise ValueError(
+                    raise ConfigError(
                         f"found only {len(seen)} distinct scenes of at most {max_shapes} shape(s); asked for "
                         f"{train} + {held_out}"
                     )
@@ -65,12 +75,15 @@ def write_image_caption_pairs(
             seen.add(scene_key(shapes))
             image_name = f"images/{split}-{len(rows):05d}.png"
             draw_scene(shapes, size=image_size).save(directory / image_name)
-            hard = []
-            while len(hard) < negatives:
-                altered = alter_one_attribute(shapes, rng)
-                caption = describe(altered)
-                if caption != describe(shapes) and caption not in hard:
-                    hard.append(caption)
+            if split == "held_out":
+                # Every one-attribute alteration: discrimination accuracy is then measured on all of them.
+                hard = [describe(altered) for altered in all_one_attribute_alterations(shapes)]
+            else:
+                hard = []
+                while len(hard) < negatives:
+                    caption = describe(alter_one_attribute(shapes, rng))
+                    if caption != describe(shapes) and caption not in hard:
+                        hard.append(caption)
             rows.append(
                 {
                     "query": {"image": image_name, "instruction": QUERY_INSTRUCTION},

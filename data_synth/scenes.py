@@ -99,3 +99,15 @@ def alter_one_attribute(shapes: list[Shape], rng: random.Random) -> list[Shape]:
 def scene_key(shapes: list[Shape]) -> tuple:
     """Identity of a scene regardless of the order its shapes are listed in."""
     return tuple(sorted((s.position, s.kind, s.color) for s in shapes))
+
+
+def all_one_attribute_alterations(shapes: list[Shape]) -> list[list[Shape]]:
+    """Every scene that differs from `shapes` in exactly one attribute of one shape."""
+    taken = {s.position for s in shapes}
+    scenes = []
+    for index, shape in enumerate(shapes):
+        variants = [Shape(shape.kind, c, shape.position) for c in sorted(COLORS) if c != shape.color]
+        variants += [Shape(k, shape.color, shape.position) for k in SHAPES if k != shape.kind]
+        variants += [Shape(shape.kind, shape.color, p) for p in sorted(POSITIONS) if p not in taken]
+        scenes += [shapes[:index] + [variant] + shapes[index + 1 :] for variant in variants]
+    return scenes

@@ -37,3 +37,29 @@ def test_errors_are_reported_without_a_traceback(tmp_path, capsys) -> None:
     assert "unime tiny: error: unknown backbone 'nope'" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path)]) == 2
     assert "has no unime_config.json" in capsys.readouterr().err
+
+
+def test_synth_and_convert_write_training_files(tmp_path, capsys) -> None:
+    import datasets
+
+    from unime.data.dataset import load_examples
+
+    assert main(["synth", "shapes", str(tmp_path / "shapes"), "--train", "8", "--held-out", "4"]) == 0
+    train_examples, _ = load_examples([tmp_path / "shapes" / "train.jsonl"], min_negatives=3)
+    held_out, _ = load_examples([tmp_path / "shapes" / "held_out.jsonl"])
+    assert len(train_examples) == 8 and len(held_out) == 4
+    assert not {e.positive.text for e in train_examples} & {e.positive.text for e in held_out}
+
+    row = {
+        "qry": "<|image_1|> What is it?",
+        "qry_image_path": "a.png",
+        "pos_text": "a circle",
+        "pos_image_path": "",
+        "neg_text": "a square",
+        "neg_image_path": "",
+    }
+    datasets.Dataset.from_list([row]).to_parquet(str(tmp_path / "VQA.parquet"))
+    assert main(["convert", "mmeb", str(tmp_path / "VQA.parquet"), str(tmp_path / "vqa.jsonl")]) == 0
+    assert "wrote 1 rows" in capsys.readouterr().out
+    assert main(["synth", "shapes", str(tmp_path / "x"), "--train", "80", "--held-out", "40"]) == 2
+    assert "found only 90 distinct scenes" in capsys.readouterr().err

@@ -80,7 +80,25 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_convert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "layout", choices=["mmeb"], help="mmeb: an MMEB-train subset (qry, qry_image_path, pos_text, ...)"
+    )
+    parser.add_argument("input", help="the subset's parquet (or JSONL) file")
+    parser.add_argument("output", help="the unime training JSONL to write")
+    parser.add_argument("--source", help="source name written on every row (default: the input file's name)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from unime.data.mmeb import convert_mmeb_file
+
+    count = convert_mmeb_file(args.input, args.output, source=args.source)
+    print(f"wrote {count} rows to {args.output}")
+    return 0
+
+
 COMMANDS: list[Command] = [
+    ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),

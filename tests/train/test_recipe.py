@@ -1,0 +1,171 @@
+"""The stage-2 recipe end to end: it learns, it resumes exactly, and it runs under DeepSpeed ZeRO-2/3."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import unime
+from unime.data.dataset import load_examples
+from unime.data_synth.pairs import write_image_caption_pairs
+from unime.train.checkpoint import latest_checkpoint
+from unime.train.config import load_train_config
+from unime.train.evaluation import retrieval_recall
+from unime.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "train_embedder.py"
+CONFIG = ROOT / "recipes" / "configs" / "stage2_hardneg_instruct.yaml"
+
+
+def _recipe_main():
+    spec = importlib.util.spec_from_file_location("train_embedder", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    """60 training and 30 held-out drawn scenes (no scene shared), 3 one-attribute hard negatives each."""
+    return write_image_caption_pairs(tmp_path_factory.mktemp("shapes"), seed=0)
+
+
+def _data_overrides(shapes, output_dir: Path) -> list[str]:
+    return [
+        f"data.train_files=[{shapes['train']}]",
+        f"data.eval_files=[{shapes['held_out']}]",
+        f"output_dir={output_dir}",
+        "log_with=[]",
+        "save_every=0",
+    ]
+
+
+@pytest.mark.slow
+def test_stage2_learns_and_hard_negatives_sharpen_discrimination(shapes, tmp_path: Path) -> None:
+    held_out, _ = load_examples([shapes["held_out"]])
+    before = retrieval_recall(unime.build_tiny("qwen2_vl"), held_out)
+    main = _recipe_main()
+    with_negatives = main(["--config", str(CONFIG), *_data_overrides(shapes, tmp_path / "hard")])
+    without = main(
+        [
+            "--config",
+            str(CONFIG),
+            *_data_overrides(shapes, tmp_path / "plain"),
+            "loss.name=info_nce",
+            "data.num_negatives=0",
+        ]
+    )
+    hard = retrieval_recall(unime.load(with_negatives), held_out)
+    plain = retrieval_recall(unime.load(without), held_out)
+    chance = 1 / len(held_out)
+    # Measured with these seeds: recall@1 0.03 before, 0.80 after; hard-negative accuracy (over all 330
+    # one-attribute alterations of the held-out scenes) 0.88 with mined negatives, 0.83 without. Other seeds
+    # give a smaller or no gap (README): at this size the gap is real but not large.
+    assert before["recall@1"] < 3 * chance
+    assert hard["recall@1"] >= 0.3, hard
+    assert hard["hard_negative_accuracy"] >= plain["hard_negative_accuracy"] + 0.02, (hard, plain)
+    assert hard["hard_negative_accuracy"] >= 0.75
+
+
+def _small_config(shapes, output_dir: Path, *extra: str):
+    return load_train_config(
+        CONFIG,
+        [
+            *_data_overrides(shapes, output_dir),
+            "data.eval_files=[]",
+            "optim.batch_size=8",
+            "optim.max_steps=6",
+            "optim.warmup_steps=2",
+            "optim.gradcache_chunk_size=4",
+            "model.lora.dropout=0.1",  # dropout draws from the RNG: resuming must restore it
+            "save_every=2",
+            *extra,
+        ],
+    )
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path: Path) -> None:
+    examples, _ = load_examples([shapes["train"]])
+    straight = train(_small_config(shapes, tmp_path / "straight"), unime.build_tiny("qwen2_vl"), examples)
+
+    def crash_at_step_3(step: int, logs: dict) -> None:
+        if step == 3:  # after the step-2 checkpoint, before the step-4 one: step 3 is lost and redone
+            raise Interrupted
+
+    config = _small_config(shapes, tmp_path / "resumed")
+    with pytest.raises(Interrupted):
+        train(config, unime.build_tiny("qwen2_vl"), examples, on_step=crash_at_step_3)
+    assert latest_checkpoint(config.output_dir).name == "step-00000002"
+    (Path(config.output_dir) / "checkpoints" / "step-00000003.tmp").mkdir()  # a save cut short: ignored
+    resumed = train(config, unime.build_tiny("qwen2_vl"), examples)
+
+    texts = ["a red circle on the left", "a blue square in the center", "a green triangle on the top"]
+    a, b = unime.load(straight).encode(texts), unime.load(resumed).encode(texts)
+    assert np.abs(a - unime.build_tiny("qwen2_vl").encode(texts)).max() > 1e-3  # training changed the model
+    np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+def _launch(accelerate_config: str, shapes, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / accelerate_config),
+        "--num_processes",
+        "1",
+        str(RECIPE),
+        "--config",
+        str(CONFIG),
+        *_data_overrides(shapes, output_dir),
+        "optim.max_steps=4",
+        "optim.batch_size=8",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_train_like_the_plain_loop_and_refuse_gradcache(shapes, tmp_path: Path) -> None:
+    plain = _recipe_main()(
+        [
+            "--config",
+            str(CONFIG),
+            *_data_overrides(shapes, tmp_path / "plain"),
+            "optim.max_steps=4",
+            "optim.batch_size=8",
+        ]
+    )
+    texts = ["a red circle on the left", "a purple square at the bottom"]
+    expected = unime.load(plain).encode(texts)
+    for stage in ("zero2", "zero3"):
+        done = _launch(f"{stage}.yaml", shapes, tmp_path / stage)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+        assert "backend DEEPSPEED" in done.stdout
+        np.testing.assert_allclose(unime.load(tmp_path / stage / "final").encode(texts), expected, atol=1e-5)
+    # Measured on one process: ZeRO-2 and ZeRO-3 with GradCache end 0.46 away from the correct weights.
+    refused = _launch("zero2.yaml", shapes, tmp_path / "refused", "optim.gradcache_chunk_size=4")
+    assert refused.returncode != 0
+    assert "GradCache (optim.gradcache_chunk_size=4) runs one backward pass per chunk" in refused.stderr
+    assert not (tmp_path / "refused" / "final").exists()
+
+
+def test_too_few_examples_for_a_batch_is_a_clear_error(shapes, tmp_path: Path) -> None:
+    examples, _ = load_examples([shapes["train"]])
+    config = _small_config(shapes, tmp_path / "tiny", "optim.batch_size=128")
+    with pytest.raises(unime.ConfigError, match="60 training examples cannot fill one batch of 128"):
+        train(config, unime.build_tiny("qwen2_vl"), examples)
+    assert torch.get_num_threads() == 1
