@@ -169,3 +169,43 @@ def test_too_few_examples_for_a_batch_is_a_clear_error(shapes, tmp_path: Path) -
     with pytest.raises(unime.ConfigError, match="60 training examples cannot fill one batch of 128"):
         train(config, unime.build_tiny("qwen2_vl"), examples)
     assert torch.get_num_threads() == 1
+
+
+def test_full_fine_tuning_freezes_the_vision_tower_accumulates_and_logs(shapes, tmp_path: Path) -> None:
+    examples, _ = load_examples([shapes["train"]])
+    config = _small_config(
+        shapes,
+        tmp_path / "full",
+        "model.lora.enabled=false",
+        "model.freeze_vision=true",
+        "optim.gradient_accumulation_steps=2",
+        "optim.gradcache_chunk_size=null",
+        "optim.max_steps=2",
+        "save_every=1",
+        "log_with=[tensorboard]",
+        "log_every=1",
+    )
+    embedder = unime.build_tiny("qwen2_vl")
+    before = {name: p.detach().clone() for name, p in embedder.hf_model.named_parameters()}
+    final = train(config, embedder, examples)
+    after = dict(unime.load(final).hf_model.named_parameters())
+    vision = embedder.spec.vision_tower + "."
+    changed = {name for name, p in before.items() if not torch.equal(p, after[name].detach())}
+    assert changed and not any(name.startswith(vision) for name in changed)
+    assert any(".language_model." in name for name in changed)
+    # Two micro-batches per optimizer step: after step 1 the data position is 2 batches into the epoch.
+    import json
+
+    state = json.loads((Path(config.output_dir) / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
+    assert state == {"step": 1, "epoch": 0, "batches_in_epoch": 2}
+    assert list((Path(config.output_dir) / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+
+
+def test_dora_adapters_train(shapes, tmp_path: Path) -> None:
+    examples, _ = load_examples([shapes["train"]])
+    config = _small_config(shapes, tmp_path / "dora", "model.lora.use_dora=true", "optim.max_steps=1", "save_every=0")
+    embedder = unime.build_tiny("qwen2_vl")
+    final = train(config, embedder, examples)
+    assert any("lora_magnitude_vector" in name for name, _ in embedder.model.named_parameters())
+    texts = ["a red circle on the left"]
+    assert np.abs(unime.load(final).encode(texts) - unime.build_tiny("qwen2_vl").encode(texts)).max() > 1e-4
