@@ -67,7 +67,7 @@ BAD_ROWS = [
         r"field 'negatives\[0\]': expected an object",
     ),
     ({"query": {"text": " "}, "positive": {"text": "p"}}, "field 'query': has neither a text nor an image"),
-    ({"query": {"text": "q", "img": "x"}, "positive": {"text": "p"}}, r"unknown key\(s\) \['img'\]"),
+    ({"query": {"text": "q", "img": "x"}, "positive": {"text": "p"}}, r"unknown field\(s\) \['img'\]"),
     ({"query": {"text": 5}, "positive": {"text": "p"}}, "field 'query'.text: expected a string, got int"),
     ({"query": {"text": "q"}, "positive": {"text": "p"}, "scores": [1.0, 2.0]}, "has 2 values, expected 1"),
     ({"query": {"text": "q"}, "positive": {"text": "p"}, "scores": ["x"]}, "expected a list of finite numbers"),

@@ -153,13 +153,7 @@ def _jsonl_with_datasets(path: Path) -> list[dict] | None:
 
 
 def parse_row(row: Any, *, origin: str, image_root: Path) -> TrainExample:
-    if not isinstance(row, dict):
-        raise DataError(f"{origin}: expected a JSON object, got {type(row).__name__}")
-    # A null field is an absent one (Arrow-backed readers also fill in every column any row has, as null).
-    row = {key: value for key, value in row.items() if value is not None}
-    unknown = sorted(set(row) - ROW_KEYS)
-    if unknown:
-        raise DataError(f"{origin}: unknown field(s) {unknown}; expected {sorted(ROW_KEYS)}")
+    row = _present_fields(row, ROW_KEYS, origin, "a JSON object")
     for required in ("query", "positive"):
         if row.get(required) is None:
             raise DataError(f"{origin}: field '{required}' is missing")
@@ -191,13 +185,20 @@ def parse_row(row: Any, *, origin: str, image_root: Path) -> TrainExample:
     return TrainExample(query, positive, negatives, scores, source, origin)
 
 
-def _parse_side(raw: Any, where: str, image_root: Path) -> Side:
+def _present_fields(raw: Any, allowed: frozenset[str], where: str, expected: str) -> dict[str, Any]:
+    """The non-null fields of a mapping, all of them known; a null field is an absent one (Arrow-backed
+    readers also fill in, as null, every column that any row has)."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: expected an object with 'text' and/or 'image', got {type(raw).__name__}")
-    raw = {key: value for key, value in raw.items() if value is not None}
-    unknown = sorted(set(raw) - SIDE_KEYS)
+        raise DataError(f"{where}: expected {expected}, got {type(raw).__name__}")
+    present = {key: value for key, value in raw.items() if value is not None}
+    unknown = sorted(set(present) - allowed)
     if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; expected {sorted(SIDE_KEYS)}")
+        raise DataError(f"{where}: unknown field(s) {unknown}; expected {sorted(allowed)}")
+    return present
+
+
+def _parse_side(raw: Any, where: str, image_root: Path) -> Side:
+    raw = _present_fields(raw, SIDE_KEYS, where, "an object with 'text' and/or 'image'")
     text, image, instruction = raw.get("text"), raw.get("image"), raw.get("instruction")
     for name, value in (("text", text), ("image", image), ("instruction", instruction)):
         if value is not None and not isinstance(value, str):
