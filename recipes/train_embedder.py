@@ -1,9 +1,12 @@
 """Train an embedder through unime's one training loop; the stage is chosen by the config.
 
-Stage 2 of UniME (hard-negative enhanced instruction tuning) on the embedded default (drawn scenes; make the
-data first with `unime synth shapes runs/data/shapes`):
+Stage 1 of UniME (textual discriminative knowledge distillation from a text embedder into the language
+model) and stage 2 (hard-negative enhanced instruction tuning) on the embedded default; make the data first
+with `unime synth text runs/data/text` and `unime synth shapes runs/data/shapes`:
 
-    python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml
+    python recipes/train_embedder.py --config recipes/configs/stage1_text_distill.yaml
+    python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml \
+        model.name_or_path=runs/stage1/final
 
 Any config value can be overridden with dotted keys (values are YAML):
 
@@ -34,7 +37,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> Path:
     from unime.data.dataset import load_examples
     from unime.train.config import load_train_config
-    from unime.train.evaluation import retrieval_recall
+    from unime.train.evaluation import retrieval_recall, teacher_agreement
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
@@ -59,11 +62,28 @@ def main(argv: list[str] | None = None) -> Path:
     eval_hook = None
     if data.eval_files:
         held_out, _ = load_examples(data.eval_files, image_root=data.image_root, on_error="raise")
+        teacher = held_out_teacher(config, held_out) if config.loss.name == "text_distill_kl" else None
 
         def eval_hook(model, step):
-            return retrieval_recall(model, held_out)
+            metrics = retrieval_recall(model, held_out)
+            if teacher is not None:
+                metrics["teacher_spearman"] = teacher_agreement(model, held_out, teacher)
+            return metrics
 
     return train(config, embedder, examples, eval_hook=eval_hook)
+
+
+def held_out_teacher(config, held_out):
+    """The teacher cache, filled with the held-out texts too (by the main process first)."""
+    from accelerate import PartialState
+
+    from unime.data.collator import distill_text
+    from unime.train.teacher import TeacherCache
+
+    cache = TeacherCache(config.distill.cache_dir, config.distill.teacher, batch_size=config.distill.batch_size)
+    with PartialState().main_process_first():
+        cache.ensure([distill_text(e, side) for e in held_out for side in (e.query, e.positive)])
+    return cache
 
 
 if __name__ == "__main__":

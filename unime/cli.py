@@ -55,10 +55,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_synth_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("kind", choices=["shapes"], help="shapes: drawn scenes, captions, one-attribute hard negatives")
+    parser.add_argument(
+        "kind",
+        choices=["shapes", "text"],
+        help="shapes: drawn scenes, captions, one-attribute hard negatives; text: paraphrase pairs (stage 1)",
+    )
     parser.add_argument("out_dir", help="directory to write train.jsonl, held_out.jsonl and images/ to")
-    parser.add_argument("--train", type=int, default=60, help="training rows")
-    parser.add_argument("--held-out", type=int, default=30, help="held-out rows (no scene shared with training)")
+    parser.add_argument("--train", type=int, help="training rows (default: shapes 60, text 400)")
+    parser.add_argument("--held-out", type=int, help="held-out rows, no scene shared (default: shapes 30, text 100)")
     parser.add_argument("--max-shapes", type=int, default=1, help="shapes per scene (1: 90 scenes exist; 2: 3330)")
     parser.add_argument("--negatives", type=int, default=3, help="hard negatives per row")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,15 +70,15 @@ def _add_synth_args(parser: argparse.ArgumentParser) -> None:
 
 def _run_synth(args: argparse.Namespace) -> int:
     from unime.data_synth.pairs import write_image_caption_pairs
+    from unime.data_synth.text_pairs import write_text_pairs
 
-    paths = write_image_caption_pairs(
-        args.out_dir,
-        train=args.train,
-        held_out=args.held_out,
-        negatives=args.negatives,
-        seed=args.seed,
-        max_shapes=args.max_shapes,
-    )
+    sizes = {key: value for key, value in (("train", args.train), ("held_out", args.held_out)) if value is not None}
+    if args.kind == "text":
+        paths = write_text_pairs(args.out_dir, seed=args.seed, **sizes)
+    else:
+        paths = write_image_caption_pairs(
+            args.out_dir, negatives=args.negatives, seed=args.seed, max_shapes=args.max_shapes, **sizes
+        )
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0

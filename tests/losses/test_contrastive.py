@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from unime.losses import LOSSES, get_loss, info_nce, select_hard_negatives, soft_label_kl, unime_hard_negative_loss
+from unime.losses.distill import similarity_kl
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -176,6 +177,7 @@ def test_registry_and_get_loss():
         "info_nce": info_nce,
         "unime_hard_negative": unime_hard_negative_loss,
         "soft_label_kl": soft_label_kl,
+        "text_distill_kl": similarity_kl,
     }
     assert get_loss("unime_hard_negative") is unime_hard_negative_loss
     with pytest.raises(ValueError, match=r"'nope'.*info_nce.*soft_label_kl.*unime_hard_negative"):

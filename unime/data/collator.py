@@ -30,6 +30,8 @@ class TrainBatch:
     scores: torch.Tensor | None = None
     """`[B, 1 + K]` teacher/judge scores of [positive, *negatives], when every example carries them."""
     sources: list[str] = field(default_factory=list)
+    teacher: dict[str, torch.Tensor] | None = None
+    """Teacher embeddings `[B, Dt]` of the query and positive texts (stage-1 distillation), from the cache."""
 
 
 class EmbeddingCollator:
@@ -43,6 +45,8 @@ class EmbeddingCollator:
         chunk_size: inputs per chunk for GradCache; None for one chunk per group.
         seed: for random negative sampling (the collator's RNG is reseeded per batch from it and the batch's
             origins, so a resumed run draws the same negatives).
+        teacher_cache: a filled `TeacherCache`: batches then carry the teacher embeddings of their query and
+            positive texts (text-only rows).
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class EmbeddingCollator:
         chunk_size: int | None = None,
         sample_negatives: str = "first",
         seed: int = 0,
+        teacher_cache=None,
     ):
         if sample_negatives not in ("first", "random"):
             raise ValueError(f"sample_negatives must be 'first' or 'random', got {sample_negatives!r}")
@@ -61,6 +66,7 @@ class EmbeddingCollator:
         self.chunk_size = chunk_size
         self.sample_negatives = sample_negatives
         self.seed = seed
+        self.teacher_cache = teacher_cache
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
         rng = random.Random(f"{self.seed}-{examples[0].origin if examples else ''}")
@@ -78,12 +84,19 @@ class EmbeddingCollator:
         if self.num_negatives:
             chunks["negatives"] = self._encode_group(negatives, "negatives")
         all_scored = len(picked_scores) == len(examples)
+        teacher = None
+        if self.teacher_cache is not None:
+            teacher = {
+                "query": self.teacher_cache.lookup([distill_text(e, e.query) for e in examples]),
+                "positive": self.teacher_cache.lookup([distill_text(e, e.positive) for e in examples]),
+            }
         return TrainBatch(
             chunks=chunks,
             size=len(examples),
             num_negatives=self.num_negatives,
             scores=torch.tensor(picked_scores, dtype=torch.float32) if all_scored and picked_scores else None,
             sources=[e.source for e in examples],
+            teacher=teacher,
         )
 
     def _pick_negatives(self, example: TrainExample, rng: random.Random) -> list[int]:
@@ -111,3 +124,10 @@ class EmbeddingCollator:
                 raise DataError(f"{example.origin}: field '{group}': {err}") from err
             chunks.append(features)
         return chunks
+
+
+def distill_text(example: TrainExample, side: Side) -> str:
+    """The text a teacher embeds for a side; stage-1 distillation is text-only."""
+    if side.text is None or side.image is not None:
+        raise DataError(f"{example.origin}: text distillation needs text-only sides, got an image")
+    return side.text

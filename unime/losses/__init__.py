@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from unime.losses.contrastive import global_candidates, info_nce, select_hard_negatives, unime_hard_negative_loss
+from unime.losses.distill import similarity_kl
 from unime.losses.matryoshka import matryoshka_loss, truncate_and_normalize
 from unime.losses.soft_label import soft_label_kl
 
@@ -20,6 +21,8 @@ LOSSES: dict[str, LossFn] = {
     "info_nce": info_nce,
     "unime_hard_negative": unime_hard_negative_loss,
     "soft_label_kl": soft_label_kl,
+    # UniME stage 1; its signature differs: (query, positive, teacher_query, teacher_positive).
+    "text_distill_kl": similarity_kl,
 }
 
 
@@ -44,6 +47,7 @@ __all__ = [
     "matryoshka_loss",
     "select_hard_negatives",
     "soft_label_kl",
+    "similarity_kl",
     "truncate_and_normalize",
     "unime_hard_negative_loss",
 ]

