@@ -8,11 +8,10 @@ Splits never share a scene, so held-out metrics measure generalisation to unseen
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
+from unime.atomic import write_jsonl_atomic
 from unime.data_synth.scenes import (
     all_one_attribute_alterations,
     alter_one_attribute,
@@ -92,14 +91,6 @@ def write_image_caption_pairs(
                     "source": "shapes_i2t",
                 }
             )
-        _write_jsonl(paths[split], rows)
+        write_jsonl_atomic(paths[split], rows)
     manifest.write_text(json.dumps(arguments))
     return paths
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)

@@ -7,12 +7,10 @@ Splits never share a scene.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
+from unime.atomic import write_jsonl_atomic
 from unime.data_synth.scenes import Shape, random_scene, scene_key
 from unime.errors import ConfigError
 
@@ -72,8 +70,5 @@ def write_text_pairs(
                     "source": "shape_paraphrases",
                 }
             )
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{split}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, paths[split])
+        write_jsonl_atomic(paths[split], rows)
     return paths

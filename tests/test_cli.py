@@ -63,3 +63,19 @@ def test_synth_and_convert_write_training_files(tmp_path, capsys) -> None:
     assert "wrote 1 rows" in capsys.readouterr().out
     assert main(["synth", "shapes", str(tmp_path / "x"), "--train", "80", "--held-out", "40"]) == 2
     assert "found only 90 distinct scenes" in capsys.readouterr().err
+
+
+def test_sentences_convert_into_self_paired_rows(tmp_path, capsys) -> None:
+    from unime.data.dataset import load_examples
+
+    (tmp_path / "corpus.txt").write_text("A man is playing a guitar.\n\nA woman slices an onion.\n")
+    assert main(["convert", "sentences", str(tmp_path / "corpus.txt"), str(tmp_path / "rows.jsonl")]) == 0
+    examples, _ = load_examples([tmp_path / "rows.jsonl"])
+    assert [(e.query.text, e.positive.text) for e in examples] == [
+        ("A man is playing a guitar.", "A man is playing a guitar."),
+        ("A woman slices an onion.", "A woman slices an onion."),
+    ]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "oops"}\n')
+    assert main(["convert", "sentences", str(tmp_path / "bad.jsonl"), str(tmp_path / "x.jsonl")]) == 2
+    assert "bad.jsonl:2: field 'text': expected a non-empty string" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()

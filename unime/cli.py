@@ -86,17 +86,22 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 def _add_convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "layout", choices=["mmeb"], help="mmeb: an MMEB-train subset (qry, qry_image_path, pos_text, ...)"
+        "layout",
+        choices=["mmeb", "sentences"],
+        help="mmeb: an MMEB-train subset (qry, qry_image_path, pos_text, ...); sentences: one sentence per line "
+        "(or JSONL with 'text'), each its own positive, for stage 1",
     )
-    parser.add_argument("input", help="the subset's parquet (or JSONL) file")
+    parser.add_argument("input", help="the input file (parquet or JSONL for mmeb; .txt or JSONL for sentences)")
     parser.add_argument("output", help="the unime training JSONL to write")
     parser.add_argument("--source", help="source name written on every row (default: the input file's name)")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
     from unime.data.mmeb import convert_mmeb_file
+    from unime.data.sentences import convert_sentences_file
 
-    count = convert_mmeb_file(args.input, args.output, source=args.source)
+    convert = convert_mmeb_file if args.layout == "mmeb" else convert_sentences_file
+    count = convert(args.input, args.output, source=args.source)
     print(f"wrote {count} rows to {args.output}")
     return 0
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from unime.atomic import write_json_atomic
 from unime.errors import ConfigError
 from unime.pooling import POOLING_MODES, PoolingMode
 
@@ -116,17 +116,3 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
         return cls(**data)
     except TypeError as err:
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unime.config import write_json_atomic
+from unime.atomic import write_json_atomic
 
 if TYPE_CHECKING:
     from unime.embedder import Embedder

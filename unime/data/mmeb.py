@@ -7,13 +7,11 @@ MMEB-train (TIGER-Lab/MMEB-train) has one parquet per subset with the columns `q
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from unime.atomic import write_jsonl_atomic
 from unime.data.dataset import DataError
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
@@ -54,16 +52,8 @@ def convert_mmeb_file(in_path: str | Path, out_path: str | Path, *, source: str 
         table = datasets.load_dataset(kind, data_files=str(in_path), split="train")
     except Exception as err:  # noqa: BLE001 - any reader failure means the same thing to the user
         raise DataError(f"{in_path}: cannot read it as {kind} ({err})") from err
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for index, row in enumerate(table, start=1):
-                handle.write(json.dumps(convert_mmeb_row(row, source=source, origin=f"{in_path}:{index}")) + "\n")
-                count += 1
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    rows = (
+        convert_mmeb_row(row, source=source, origin=f"{in_path}:{index}") for index, row in enumerate(table, start=1)
+    )
+    count = write_jsonl_atomic(out_path, rows)
     return count

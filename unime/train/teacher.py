@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unime.config import write_json_atomic
+from unime.atomic import write_json_atomic
 from unime.errors import ModelLoadError, UnimeError
 
 META_NAME = "meta.json"
