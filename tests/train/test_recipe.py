@@ -209,3 +209,41 @@ def test_dora_adapters_train(shapes, tmp_path: Path) -> None:
     assert any("lora_magnitude_vector" in name for name, _ in embedder.model.named_parameters())
     texts = ["a red circle on the left"]
     assert np.abs(unime.load(final).encode(texts) - unime.build_tiny("qwen2_vl").encode(texts)).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_killed_recipe_resumes_to_the_same_weights(shapes, tmp_path: Path) -> None:
+    """SIGKILL mid-run (after a checkpoint, at an arbitrary point), rerun the same command: same final weights."""
+    import time
+
+    def command(output_dir: Path) -> list[str]:
+        return [
+            sys.executable, str(RECIPE), "--config", str(CONFIG), *_data_overrides(shapes, output_dir),
+            "data.eval_files=[]", "optim.batch_size=8", "optim.max_steps=40", "save_every=8",
+            "optim.gradcache_chunk_size=4", "model.lora.dropout=0.1",
+        ]  # fmt: skip
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    straight = subprocess.run(command(tmp_path / "straight"), env=env, capture_output=True, text=True, timeout=600)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    resumed_dir = tmp_path / "resumed"
+    victim = subprocess.Popen(command(resumed_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (resumed_dir / "checkpoints" / "step-00000008").is_dir():
+        assert victim.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait(timeout=60)
+    assert not (resumed_dir / "final").exists(), "the run finished before it was killed"
+    killed_at = latest_checkpoint(resumed_dir).name
+    again = subprocess.run(command(resumed_dir), env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {resumed_dir / 'checkpoints' / killed_at}" in again.stdout
+
+    texts = ["a red circle on the left", "a blue square in the center"]
+    np.testing.assert_allclose(
+        unime.load(resumed_dir / "final").encode(texts),
+        unime.load(tmp_path / "straight" / "final").encode(texts),
+        atol=1e-6,
+    )
