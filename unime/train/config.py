@@ -41,8 +41,9 @@ class ModelSettings:
     """Model directory or hub name to start from; `tiny:<backbone>` builds a tiny offline model in code."""
     backbone: str | None = None
     """Only for plain Hugging Face checkpoints: a registry name or `auto`."""
-    dtype: str = "auto"
-    """`auto` (bf16 on GPUs that support it), `float32`, `bfloat16`."""
+    dtype: str = "float32"
+    """Weights dtype while training: float32 keeps full-precision master weights, and `optim.mixed_precision`
+    computes in bf16 where the GPU supports it; `bfloat16` halves weight memory for very large models."""
     attn_implementation: str = "sdpa"
     """`sdpa`, `eager` or `flash_attention_2`."""
     lora: LoraSettings = field(default_factory=LoraSettings)
