@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import unime
+from tests.train.recipes import recipe_main
 from unime.data.dataset import load_examples
 from unime.data_synth.pairs import write_image_caption_pairs
 from unime.train.checkpoint import latest_checkpoint
@@ -23,13 +23,6 @@ from unime.train.loop import train
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "train_embedder.py"
 CONFIG = ROOT / "recipes" / "configs" / "stage2_hardneg_instruct.yaml"
-
-
-def _recipe_main():
-    spec = importlib.util.spec_from_file_location("train_embedder", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +45,7 @@ def _data_overrides(shapes, output_dir: Path) -> list[str]:
 def test_stage2_learns_and_hard_negatives_sharpen_discrimination(shapes, tmp_path: Path) -> None:
     held_out, _ = load_examples([shapes["held_out"]])
     before = retrieval_recall(unime.build_tiny("qwen2_vl"), held_out)
-    main = _recipe_main()
+    main = recipe_main()
     with_negatives = main(["--config", str(CONFIG), *_data_overrides(shapes, tmp_path / "hard")])
     without = main(
         [
@@ -140,7 +133,7 @@ def _launch(accelerate_config: str, shapes, output_dir: Path, *extra: str) -> su
 
 @pytest.mark.slow
 def test_deepspeed_zero2_and_zero3_train_like_the_plain_loop_and_refuse_gradcache(shapes, tmp_path: Path) -> None:
-    plain = _recipe_main()(
+    plain = recipe_main()(
         [
             "--config",
             str(CONFIG),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 import unime
+from tests.train.recipes import recipe_main
 from unime.data.dataset import load_examples
 from unime.data_synth.pairs import write_image_caption_pairs
 from unime.data_synth.text_pairs import write_text_pairs
@@ -21,13 +21,6 @@ STAGE1 = ROOT / "recipes" / "configs" / "stage1_text_distill.yaml"
 STAGE2 = ROOT / "recipes" / "configs" / "stage2_hardneg_instruct.yaml"
 
 
-def _recipe_main():
-    spec = importlib.util.spec_from_file_location("train_embedder", ROOT / "recipes" / "train_embedder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.fixture(scope="module")
 def text_pairs(tmp_path_factory) -> dict[str, Path]:
     return write_text_pairs(tmp_path_factory.mktemp("text"), seed=0)
@@ -38,7 +31,7 @@ def stage1_run(text_pairs, tmp_path_factory) -> tuple[Path, Path]:
     """The stage-1 recipe on the paraphrase corpus with the offline MiniLM teacher; (final dir, cache dir)."""
     out = tmp_path_factory.mktemp("stage1")
     cache = out / "teacher_cache"
-    final = _recipe_main()(
+    final = recipe_main()(
         [
             "--config",
             str(STAGE1),
@@ -82,7 +75,7 @@ def _teacher_recall(cache: TeacherCache, examples) -> float:
 def test_stage2_starts_from_the_stage1_model(stage1_run, tmp_path: Path) -> None:
     final, _ = stage1_run
     shapes = write_image_caption_pairs(tmp_path / "shapes", train=16, held_out=4, seed=0)
-    out = _recipe_main()(
+    out = recipe_main()(
         [
             "--config",
             str(STAGE2),
