@@ -7,6 +7,7 @@ from unime.config import PromptConfig, UnimeConfig
 from unime.embedder import Embedder
 from unime.errors import ConfigError, InvalidInputError, ModelLoadError, UnimeError
 from unime.loading import load
+from unime.reranker import Reranker
 from unime.tiny import build_tiny, save_tiny
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "InvalidInputError",
     "ModelLoadError",
     "PromptConfig",
+    "Reranker",
     "UnimeConfig",
     "UnimeError",
     "build_tiny",

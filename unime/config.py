@@ -43,6 +43,31 @@ class PromptConfig:
     """Closing line for an input with both an image and text."""
 
 
+# The reranking paper's (GMR) judge prompt: a yes/no question whose answer token carries the relevance score.
+GMR_SYSTEM_PROMPT = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".'
+)
+
+
+@dataclass
+class RerankConfig:
+    """How a reranker prompts a (query, document) pair and reads its score (used when `kind` is reranker).
+
+    The prompt is `<system prompt>` `<Instruct>: ...` `<Query>: [images][text]` `<Document>: [images][text]`,
+    then the assistant turn opens; the score is p(yes) = softmax([z_no, z_yes])[yes] at that last position.
+    """
+
+    yes_token: str = "yes"
+    """The token whose logit means relevant (must be one token of the tokenizer)."""
+    no_token: str = "no"
+    """The token whose logit means not relevant (must be one token of the tokenizer)."""
+    system_prompt: str = GMR_SYSTEM_PROMPT
+    """The judge's task statement, at the head of the user turn."""
+    default_instruction: str = "Judge whether the document is relevant to the query."
+    """The instruction when a call gives none."""
+
+
 @dataclass
 class UnimeConfig:
     """The unime part of a saved model directory (`unime_config.json`)."""
@@ -57,6 +82,8 @@ class UnimeConfig:
     """L2-normalise embeddings (cosine similarity becomes a dot product)."""
     prompts: PromptConfig = field(default_factory=PromptConfig)
     """Instruction templates for queries and documents."""
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    """Prompt and score tokens of a reranker (ignored by an embedder)."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Truncation sizes the model was trained for (matryoshka); empty when it was not."""
     similarity_fn_name: Literal["cosine", "dot"] = "cosine"
@@ -69,6 +96,8 @@ class UnimeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.prompts, dict):
             self.prompts = _from_dict(PromptConfig, self.prompts, "prompts")
+        if isinstance(self.rerank, dict):
+            self.rerank = _from_dict(RerankConfig, self.rerank, "rerank")
         if self.kind not in ("embedder", "reranker"):
             raise ConfigError(f"kind: expected 'embedder' or 'reranker', got {self.kind!r}")
         if self.pooling not in POOLING_MODES:

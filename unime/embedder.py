@@ -7,7 +7,6 @@ return types), so code written for one works with the other.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from unime.backbones import get_backbone
+from unime.backbone_module import BackboneModule
 from unime.batching import shape_sorted_batches
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError
@@ -28,18 +27,14 @@ from unime.pooling import finish_embeddings, pool
 from unime.prompts import PromptRenderer, apply_embedding_template
 
 
-class Embedder(nn.Module):
+class Embedder(BackboneModule):
     """A backbone, its processor and the unime config that says how inputs become vectors.
 
     Get one with `unime.load(...)` (or `unime.build_tiny(...)` for a tiny offline model).
     """
 
     def __init__(self, model: nn.Module, processor: Any, config: UnimeConfig):
-        super().__init__()
-        self.model = model
-        self.processor = processor
-        self.config = config
-        self.spec = get_backbone(config.backbone)
+        super().__init__(model, processor, config)
         apply_embedding_template(processor, self.spec.turn_format, config.prompts)
         self._renderer = PromptRenderer(processor)
 
@@ -47,18 +42,8 @@ class Embedder(nn.Module):
     # Tensors in, tensors out (what training uses)
     # ----------------------------------------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
     def embedding_dim(self) -> int:
-        return self.hf_model.config.get_text_config().hidden_size
-
-    @property
-    def hf_model(self) -> nn.Module:
-        """The transformers model, unwrapped from peft when an adapter is attached."""
-        get_base = getattr(self.model, "get_base_model", None)
-        return get_base() if callable(get_base) else self.model
+        return self.hidden_size
 
     def tokenize(
         self,
@@ -94,10 +79,8 @@ class Embedder(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled (not yet normalised) embeddings `[batch, dim]` of tokenized inputs."""
-        features = {key: value.to(self.device) for key, value in features.items()}
-        base = getattr(self.hf_model, self.spec.base_model)
-        hidden = base(**features).last_hidden_state  # [B, T, D]
-        return pool(hidden, features["attention_mask"], self.config.pooling)  # [B, D]
+        hidden = self.last_hidden_state(features)  # [B, T, D]
+        return pool(hidden, features["attention_mask"].to(hidden.device), self.config.pooling)  # [B, D]
 
     def embed(self, features: dict[str, torch.Tensor], truncate_dim: int | None = None) -> torch.Tensor:
         """Final embeddings `[batch, dim]`: pooled, truncated (matryoshka) and normalised as configured."""
@@ -217,16 +200,3 @@ class Embedder(nn.Module):
             a = torch.nn.functional.normalize(a, dim=-1)
             b = torch.nn.functional.normalize(b, dim=-1)
         return a @ b.T  # [n, m]
-
-    # ----------------------------------------------------------------------------------------------------
-    # Saving
-    # ----------------------------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike, *, merge_lora: bool = True) -> None:
-        """Write the model directory: weights, processor, `unime_config.json`, sentence-transformers files.
-
-        With a LoRA adapter attached, `merge_lora=True` writes merged full weights (the live model keeps its
-        adapter); `merge_lora=False` writes the adapter alone, loadable beside its base.
-        """
-        from unime.saving import save_model_directory
-
-        save_model_directory(self, directory, merge_lora=merge_lora)

@@ -6,6 +6,7 @@ their models from `load`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -28,6 +29,7 @@ def load(
     name_or_path: str | os.PathLike,
     *,
     backbone: str | None = None,
+    kind: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
@@ -45,6 +47,9 @@ def load(
         backbone: only for a plain Hugging Face checkpoint (no `unime_config.json`): its registry name, or
             `"auto"` to detect it from `config.json`'s `model_type`. The model is then an embedder with the
             default prompts and last-token pooling.
+        kind: `"embedder"` or `"reranker"`: what to build from the weights; default: the directory's kind
+            (an embedder for a plain checkpoint). Asking for a reranker from an embedder directory starts a
+            reranker from that embedder's weights (to train it).
         dtype: `"auto"` (bfloat16 on a GPU that supports it, float32 otherwise), a name such as
             `"bfloat16"`, or a `torch.dtype`.
         device: where to put the model; default CUDA when available, else CPU.
@@ -67,6 +72,8 @@ def load(
         raise ModelLoadError(
             f"{source}: its {CONFIG_NAME} says backbone {config.backbone!r}, but backbone={backbone!r} was asked"
         )
+    if kind is not None and kind != config.kind:
+        config = dataclasses.replace(config, kind=kind)
     spec = get_backbone(config.backbone)
 
     device = torch.device(device) if device is not None else _default_device()
@@ -90,8 +97,9 @@ def load(
 
 def _model_class(kind: str):
     from unime.embedder import Embedder
+    from unime.reranker import Reranker
 
-    classes = {"embedder": Embedder}
+    classes = {"embedder": Embedder, "reranker": Reranker}
     if kind not in classes:
         raise ModelLoadError(f"models of kind {kind!r} cannot be loaded by this version of unime")
     return classes[kind]

@@ -5,8 +5,11 @@ Layout:
     processor / tokenizer files         with the embedding prompt template as the chat template
     unime_config.json                   kind, backbone, pooling, normalisation, prompts, matryoshka dims
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, 2_Normalize/
-                                        sentence-transformers' own Transformer -> Pooling -> Normalize, so that
-                                        `SentenceTransformer(dir)` works without trust_remote_code
+                                        an embedder: sentence-transformers' own Transformer -> Pooling ->
+                                        Normalize, so that `SentenceTransformer(dir)` works without
+                                        trust_remote_code
+    modules.json, ..., 1_LogitScore/    a reranker: Transformer (any-to-any) -> LogitScore(yes, no), so that
+                                        `CrossEncoder(dir)` gives sigmoid(z_yes - z_no) = p(yes)
 The directory is written beside its target and renamed into place, so a reader never sees half of it.
 """
 
@@ -22,19 +25,19 @@ from typing import TYPE_CHECKING
 from unime.atomic import write_json_atomic
 
 if TYPE_CHECKING:
-    from unime.embedder import Embedder
+    from unime.backbone_module import BackboneModule
 
 # unime pooling name -> sentence-transformers Pooling mode
 _ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 
 
-def save_model_directory(embedder: Embedder, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
     try:
-        config = copy.deepcopy(embedder.config)
-        model = embedder.model
+        config = copy.deepcopy(module.config)
+        model = module.model
         is_peft = callable(getattr(model, "get_base_model", None))
         if is_peft and merge_lora:
             # Merge a copy: the live model keeps training with its adapter.
@@ -42,9 +45,12 @@ def save_model_directory(embedder: Embedder, directory: str | os.PathLike, *, me
         elif is_peft:
             config.base_model = model.peft_config["default"].base_model_name_or_path
         model.save_pretrained(staging, safe_serialization=True)
-        embedder.processor.save_pretrained(staging)
+        module.processor.save_pretrained(staging)
         config.save(staging)
-        write_sentence_transformers_files(staging, config, embedder.embedding_dim)
+        if config.kind == "reranker":
+            write_cross_encoder_files(staging, yes_token_id=module.yes_token_id, no_token_id=module.no_token_id)
+        else:
+            write_sentence_transformers_files(staging, config, module.hidden_size)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -104,6 +110,47 @@ def write_sentence_transformers_files(directory: Path, config, embedding_dim: in
             "prompts": {"query": config.prompts.query_instruction, "document": config.prompts.document_instruction},
             "default_prompt_name": None,
             "similarity_fn_name": config.similarity_fn_name,
+        },
+    )
+
+
+def write_cross_encoder_files(directory: Path, *, yes_token_id: int, no_token_id: int) -> None:
+    """Describe a reranker to sentence-transformers (>= 5.4) as a CrossEncoder of its own modules.
+
+    The Transformer module runs the causal LM over the pair rendered by the processor's chat template (the
+    reranker template, which reads `query` and `document` messages); LogitScore takes z_yes - z_no at the
+    last position, and the Sigmoid activation turns it into p(yes), the score `Reranker.predict` gives.
+    """
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_LogitScore",
+            "type": "sentence_transformers.cross_encoder.modules.logit_score.LogitScore",
+        },
+    ]
+    write_json_atomic(directory / "modules.json", modules)
+    logits = {"method": "forward", "method_output_name": "logits"}
+    write_json_atomic(
+        directory / "sentence_bert_config.json",
+        {
+            "transformer_task": "any-to-any",
+            "modality_config": {"text": logits, "image": logits, "message": {**logits, "format": "structured"}},
+            "module_output_name": "causal_logits",
+        },
+    )
+    write_json_atomic(
+        directory / "1_LogitScore" / "config.json",
+        {"true_token_id": yes_token_id, "false_token_id": no_token_id, "module_input_name": "causal_logits"},
+    )
+    write_json_atomic(
+        directory / "config_sentence_transformers.json",
+        {
+            "model_type": "CrossEncoder",
+            "activation_fn": "torch.nn.modules.activation.Sigmoid",
+            "prompts": {},
+            "default_prompt_name": None,
         },
     )
 

@@ -1,0 +1,53 @@
+"""What the embedder and the reranker share: a backbone, its processor, its unime config, and saving."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from unime.backbones import get_backbone
+from unime.config import UnimeConfig
+
+
+class BackboneModule(nn.Module):
+    """A registered backbone (transformers model, possibly with a peft adapter), its processor and config."""
+
+    def __init__(self, model: nn.Module, processor: Any, config: UnimeConfig):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.config = config
+        self.spec = get_backbone(config.backbone)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The transformers model, unwrapped from peft when an adapter is attached."""
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if callable(get_base) else self.model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hf_model.config.get_text_config().hidden_size
+
+    def last_hidden_state(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's last hidden states `[batch, seq, hidden]`, without computing the LM head over them."""
+        features = {key: value.to(self.device) for key, value in features.items()}
+        base = getattr(self.hf_model, self.spec.base_model)
+        return base(**features).last_hidden_state
+
+    def save(self, directory: str | os.PathLike, *, merge_lora: bool = True) -> None:
+        """Write the model directory: weights, processor, `unime_config.json`, sentence-transformers files.
+
+        With a LoRA adapter attached, `merge_lora=True` writes merged full weights (the live model keeps its
+        adapter); `merge_lora=False` writes the adapter alone, loadable beside its base.
+        """
+        from unime.saving import save_model_directory
+
+        save_model_directory(self, directory, merge_lora=merge_lora)
