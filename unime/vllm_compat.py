@@ -1,0 +1,188 @@
+"""vLLM from a unime model directory: engine and server arguments, and the engine's inputs.
+
+The saved model directory is the contract (DESIGN.md, contract 2). vLLM reads the weights and the processor
+from it, but three things it would get wrong on its own are set here from `unime_config.json`:
+- pooling and normalisation: vLLM's defaults depend on its version and on how it reads sentence-transformers'
+  `modules.json`, so the pooler is configured explicitly (`last` -> `LAST`, `normalize` -> `use_activation`);
+- the prompt: vLLM's `/v1/embeddings` renders one `messages` list into one vector and knows nothing of unime's
+  query/document instructions, so each input's prompt is rendered here, with the same template and renderer
+  as `Embedder.tokenize`, and sent to the engine as `{"prompt", "multi_modal_data"}`;
+- matryoshka: vLLM accepts `dimensions` only for models that declare it, so the directory's dims are declared.
+
+    from vllm import LLM
+    from unime.vllm_compat import EmbeddingPrompts, embedder_engine_kwargs
+
+    llm = LLM(**embedder_engine_kwargs(model_dir), enforce_eager=True)
+    prompts = EmbeddingPrompts(model_dir)
+    outputs = llm.embed(prompts.render(["a red circle", pil_image]), tokenization_kwargs=prompts.tokenization_kwargs)
+
+vLLM itself is imported only by `embedder_engine_kwargs` (for its `PoolerConfig`); everything else here works
+without it, so the server can prepare arguments before it starts an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from unime.backbones import get_backbone
+from unime.config import UnimeConfig
+from unime.errors import ConfigError
+from unime.inputs import EmbedInput, load_image, parse_inputs
+from unime.prompts import PromptRenderer, apply_embedding_template
+
+# unime pooling mode -> vLLM pooling type
+VLLM_POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
+# One image per input is all the embedding prompt holds; videos are never sent.
+EMBEDDER_MM_LIMITS = {"image": 1, "video": 0}
+
+
+def _embedder_config(model_dir: str | os.PathLike) -> UnimeConfig:
+    config = UnimeConfig.load(model_dir)
+    if config.kind != "embedder":
+        raise ConfigError(f"{model_dir}: unime_config.json says kind {config.kind!r}; expected an embedder")
+    if config.base_model is not None:
+        raise ConfigError(
+            f"{model_dir}: holds a LoRA adapter only (base {config.base_model!r}); vLLM needs merged weights: "
+            "save it again with merge_lora=True"
+        )
+    return config
+
+
+def _pooler_fields(config: UnimeConfig) -> dict[str, Any]:
+    return {"pooling_type": VLLM_POOLING[config.pooling], "use_activation": config.normalize}
+
+
+def _hf_overrides(config: UnimeConfig) -> dict[str, Any]:
+    # Without these vLLM answers 400 to any `dimensions`; unime allows any truncation, as the model was
+    # trained (or not) for the listed dims, so any dim is declared valid, the listed ones for documentation.
+    overrides: dict[str, Any] = {"is_matryoshka": True}
+    if config.matryoshka_dims:
+        overrides["matryoshka_dimensions"] = list(config.matryoshka_dims)
+    return overrides
+
+
+def _processor_kwargs(config: UnimeConfig) -> dict[str, Any]:
+    return dict(get_backbone(config.backbone).processor_defaults)
+
+
+def unime_dtype() -> str:
+    """The dtype `unime.load(dir)` picks by default here: bfloat16 on a CUDA GPU that supports it, else float32.
+
+    vLLM's own `auto` differs (on CPU it runs a float32 checkpoint in half precision, about 6e-4 off per
+    coordinate), so the arguments below default to this one.
+    """
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
+def embedder_engine_kwargs(model_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(**kwargs)` that pool and normalise as `unime.load(model_dir)` does.
+
+    Add deployment options yourself (`enforce_eager`, `tensor_parallel_size`, `max_model_len`, ...).
+    `dtype` defaults to `unime_dtype()`, the one `unime.load` uses on this machine.
+    """
+    from vllm.config import PoolerConfig
+
+    config = _embedder_config(model_dir)
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "runner": "pooling",
+        "pooler_config": PoolerConfig(**_pooler_fields(config)),
+        "hf_overrides": _hf_overrides(config),
+        "limit_mm_per_prompt": dict(EMBEDDER_MM_LIMITS),
+        "dtype": dtype or unime_dtype(),
+    }
+    if processor_kwargs := _processor_kwargs(config):
+        kwargs["mm_processor_kwargs"] = processor_kwargs
+    return kwargs
+
+
+def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = None) -> list[str]:
+    """Arguments for `python -m vllm.entrypoints.openai.api_server` serving the embedder as unime pools it.
+
+    The server's `/v1/embeddings` then pools and normalises like `unime.load(model_dir)`, but it applies no
+    instruction and renders a `messages` list into one vector: send prompts rendered by `EmbeddingPrompts`
+    (text-only ones as `input`), or serve through `unime serve`, which does this per item.
+    """
+    config = _embedder_config(model_dir)
+    args = [
+        "--model",
+        str(model_dir),
+        "--runner",
+        "pooling",
+        "--pooler-config",
+        json.dumps(_pooler_fields(config)),
+        "--hf-overrides",
+        json.dumps(_hf_overrides(config)),
+        "--limit-mm-per-prompt",
+        json.dumps(EMBEDDER_MM_LIMITS),
+        "--dtype",
+        dtype or unime_dtype(),
+    ]
+    if processor_kwargs := _processor_kwargs(config):
+        args += ["--mm-processor-kwargs", json.dumps(processor_kwargs)]
+    return args
+
+
+class EmbeddingPrompts:
+    """Renders unime inputs into vLLM prompts, exactly as `Embedder.tokenize` renders them for transformers.
+
+    Loads only the directory's processor (through unime's loading path) to render the chat template; the
+    template is rebuilt from `unime_config.json`, as the `Embedder` does, so the instructions stored there win.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike):
+        from unime.loading import _load_processor
+
+        self.model_dir = Path(model_dir)
+        self.config = _embedder_config(model_dir)
+        spec = get_backbone(self.config.backbone)
+        self.processor = _load_processor(spec, str(model_dir), False, None, {})
+        apply_embedding_template(self.processor, spec.turn_format, self.config.prompts)
+        self._renderer = PromptRenderer(self.processor)
+        # The template writes the BOS itself where the family has one; the tokenizer must not add a second
+        # (Embedder.tokenize makes the same choice).
+        self.template_writes_bos = bool(spec.turn_format.bos)
+
+    @property
+    def tokenization_kwargs(self) -> dict[str, Any]:
+        """Pass to `LLM.embed(..., tokenization_kwargs=...)`."""
+        return {"add_special_tokens": not self.template_writes_bos}
+
+    def instruction_for(self, prompt_name: str | None) -> str | None:
+        """The configured instruction of `"query"` / `"document"` (None for no name, or an empty one)."""
+        if prompt_name is None:
+            return None
+        prompts = {"query": self.config.prompts.query_instruction, "document": self.config.prompts.document_instruction}
+        if prompt_name not in prompts:
+            raise ConfigError(f"unknown prompt_name {prompt_name!r}; expected one of {sorted(prompts)}")
+        return prompts[prompt_name] or None
+
+    def render(
+        self,
+        inputs: Sequence[Any] | Sequence[EmbedInput],
+        instruction: str | Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """vLLM prompts `{"prompt": str, "multi_modal_data": {"image": PIL}}`, one per input, in order.
+
+        `inputs` are anything `Embedder.encode` accepts (or already parsed `EmbedInput`s); `instruction` is
+        one for all or one per input, as in `Embedder.tokenize`.
+        """
+        items = [item if isinstance(item, EmbedInput) else None for item in inputs]
+        if any(item is None for item in items):
+            items = parse_inputs(list(inputs))
+        instructions = (
+            [instruction] * len(items) if instruction is None or isinstance(instruction, str) else list(instruction)
+        )
+        prompts = []
+        for index, (item, item_instruction) in enumerate(zip(items, instructions, strict=True)):
+            prompt: dict[str, Any] = {"prompt": self._renderer.render(item, item_instruction)}
+            if item.image is not None:
+                prompt["multi_modal_data"] = {"image": load_image(index, item.image)}
+            prompts.append(prompt)
+        return prompts
