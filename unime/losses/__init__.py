@@ -1,7 +1,8 @@
-"""Training losses: pure functions of embedding tensors, looked up by name from a recipe's config.
+"""Training losses: pure functions of tensors, looked up by name from a recipe's config.
 
-Each loss takes L2-normalised `query [B, D]`, `positive [B, D]` and optional `negatives [B, K, D]` and returns a
-scalar; any loss can be wrapped in `matryoshka_loss`.
+Each embedding loss takes L2-normalised `query [B, D]`, `positive [B, D]` and optional `negatives [B, K, D]` and
+returns a scalar; any of them can be wrapped in `matryoshka_loss`. The reranker losses (`rerank_*`) take
+answer logits `[B, 1 + N, 2]` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from unime.losses.contrastive import global_candidates, info_nce, select_hard_negatives, unime_hard_negative_loss
 from unime.losses.distill import similarity_kl
 from unime.losses.matryoshka import matryoshka_loss, truncate_and_normalize
+from unime.losses.rerank import rerank_contrastive_loss, rerank_sft_loss, unified_rerank_loss
 from unime.losses.soft_label import soft_label_kl
 
 LossFn = Callable[..., torch.Tensor]
@@ -23,7 +25,12 @@ LOSSES: dict[str, LossFn] = {
     "soft_label_kl": soft_label_kl,
     # UniME stage 1; its signature differs: (query, positive, teacher_query, teacher_positive).
     "text_distill_kl": similarity_kl,
+    # Rerankers: (logits [B, 1 + N, 2], ...).
+    "rerank_sft": rerank_sft_loss,
+    "rerank_contrastive": rerank_contrastive_loss,
+    "rerank_unified": unified_rerank_loss,
 }
+RERANK_LOSSES = frozenset({"rerank_sft", "rerank_contrastive", "rerank_unified"})
 
 
 def get_loss(name: str) -> LossFn:
@@ -40,13 +47,17 @@ def get_loss(name: str) -> LossFn:
 
 __all__ = [
     "LOSSES",
+    "RERANK_LOSSES",
     "LossFn",
     "get_loss",
     "global_candidates",
     "info_nce",
     "matryoshka_loss",
+    "rerank_contrastive_loss",
+    "rerank_sft_loss",
     "select_hard_negatives",
     "soft_label_kl",
+    "unified_rerank_loss",
     "similarity_kl",
     "truncate_and_normalize",
     "unime_hard_negative_loss",
