@@ -106,9 +106,22 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval_args(parser: argparse.ArgumentParser) -> None:
+    from unime.eval.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from unime.eval.cli import run
+
+    return run(args)
+
+
 COMMANDS: list[Command] = [
     ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
+    ("eval", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _add_eval_args, _run_eval),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),
     ("backbones", "list the registered backbone families", _add_backbones_args, _run_backbones),
