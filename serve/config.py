@@ -1,0 +1,79 @@
+"""What an operator sets when starting the server (`unime serve ...`): models, backend, limits, batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+BackendName = Literal["auto", "vllm", "transformers"]
+
+
+@dataclass
+class ServeConfig:
+    """Everything the server process needs; `unime serve` fills it from its flags."""
+
+    embedder_dir: str | None = None
+    """Model directory of the embedder to host (`/v1/embeddings`); None hosts no embedder."""
+    reranker_dir: str | None = None
+    """Model directory of the reranker to host (`/v1/rerank`); None hosts no reranker."""
+    backend: BackendName = "auto"
+    """`vllm`: the vLLM engine; `transformers`: unime's own encode/rerank; `auto`: vLLM where it is installed."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (loopback by default: expose it deliberately, behind a key)."""
+    port: int = 8000
+    """TCP port to listen on."""
+    api_key: str | None = None
+    """When set, every route (health, metrics and the docs included) needs `Authorization: Bearer <key>`."""
+    served_model_name: str | None = None
+    """Name reported in `/v1/models` and responses; default: the embedder's (else reranker's) directory name."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body accepted (413 above it); images count in their base64 form."""
+    max_items: int = 256
+    """Most inputs in one `/v1/embeddings` request, or documents in one `/v1/rerank` request."""
+    max_text_chars: int = 20_000
+    """Longest text accepted in one input."""
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width x height) accepted, checked from its header before decoding (decompression bombs)."""
+    allow_remote_images: bool = False
+    """Accept `http(s)://` image URLs (never to loopback, private, link-local or reserved addresses)."""
+    remote_image_timeout_s: float = 5.0
+    """Timeout of one remote image download."""
+
+    max_queue: int = 256
+    """Requests waiting for the model at most; one more is answered 503 with Retry-After."""
+    batching: bool = True
+    """Merge requests that arrive together into one batch (off: each request runs alone, batch-1 for
+    one-item requests)."""
+    max_batch_items: int = 64
+    """Most inputs (or pairs) in one merged batch."""
+    max_batch_tokens: int = 16_384
+    """Most estimated tokens in one merged batch (texts by length, images by pixel count)."""
+    batch_wait_ms: float = 2.0
+    """How long the batcher waits for more requests after the first one before it runs a batch."""
+    retry_after_s: int = 1
+    """Retry-After sent with a 503 when the queue is full."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits anyway."""
+
+    dtype: str | None = None
+    """Model dtype; default: what `unime.load` picks (bfloat16 on a GPU that supports it, else float32)."""
+    device: str | None = None
+    """transformers backend: device for the models (default: CUDA when available)."""
+    tensor_parallel_size: int = 1
+    """vLLM backend: GPUs to shard each model over."""
+    enforce_eager: bool = False
+    """vLLM backend: skip CUDA graphs / torch.compile (faster start, what tests use)."""
+    gpu_memory_utilization: float | None = None
+    """vLLM backend: fraction of GPU memory per engine (default vLLM's; lower it to host both models)."""
+
+    def __post_init__(self) -> None:
+        if self.embedder_dir is None and self.reranker_dir is None:
+            raise ValueError("give an embedder directory, a reranker directory (--reranker), or both")
+        for name in ("max_body_bytes", "max_items", "max_text_chars", "max_image_pixels", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_items < 1 or self.max_batch_tokens < 1:
+            raise ValueError("max_batch_items and max_batch_tokens must be >= 1")
+        if self.backend not in ("auto", "vllm", "transformers"):
+            raise ValueError(f"backend must be auto, vllm or transformers, got {self.backend!r}")

@@ -1,0 +1,57 @@
+"""Start the server: load the hosted models with the chosen backend, then serve HTTP until a signal.
+
+    unime serve MODEL_DIR [--reranker DIR] [--backend auto|vllm|transformers] [--port 8000] [--api-key KEY]
+
+On SIGTERM or SIGINT the server stops accepting connections, lets the requests in flight finish (up to
+`shutdown_grace_s`), stops its model workers and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from unime.serve.config import ServeConfig
+
+logger = logging.getLogger("unime.serve")
+
+
+def build_app(config: ServeConfig):
+    """Load the models (engines start here) and return the ASGI app and the backend name used."""
+    from unime.serve.app import create_app, hosted_names
+    from unime.serve.backends import load_embedder, load_reranker, resolve_backend
+
+    backend = resolve_backend(config.backend)
+    embedder = load_embedder(backend, config.embedder_dir, config) if config.embedder_dir else None
+    reranker = load_reranker(backend, config.reranker_dir, config) if config.reranker_dir else None
+    embedder_name, reranker_name = hosted_names(config)
+    app = create_app(
+        config, embedder=embedder, reranker=reranker, embedder_name=embedder_name, reranker_name=reranker_name
+    )
+    return app, backend
+
+
+def serve(config: ServeConfig) -> int:
+    import uvicorn
+
+    app, backend = build_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(config.shutdown_grace_s),
+            # The body limit is the guard's job; this bounds the headers uvicorn buffers.
+            h11_max_incomplete_event_size=64 * 1024,
+        )
+    )
+    hosts = ", ".join(name for name in (config.embedder_dir, config.reranker_dir) if name)
+    print(f"unime serve: {hosts} with the {backend} backend on http://{config.host}:{config.port}", flush=True)
+    server.run()
+    print("unime serve: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(ServeConfig(embedder_dir=sys.argv[1])))
