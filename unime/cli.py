@@ -118,6 +118,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _add_generate_args(parser: argparse.ArgumentParser) -> None:
+    from unime.data_synth.mllm.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from unime.data_synth.mllm.command import run
+
+    return run(args)
+
+
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     from unime.serve.config import ServeConfig
 
@@ -195,6 +207,7 @@ COMMANDS: list[Command] = [
     ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
     ("eval", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _add_eval_args, _run_eval),
+    ("generate", "generate training data from photos with an MLLM (mmE5 style)", _add_generate_args, _run_generate),
     ("serve", "serve embeddings and reranking over HTTP (vLLM or transformers)", _add_serve_args, _run_serve),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),

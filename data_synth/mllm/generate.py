@@ -1,0 +1,254 @@
+"""The MLLM generator (mmE5 style): one generation pass per real photo, written as sharded training rows.
+
+For each photo of a folder (in key order, restricted to this `--shard i/N`):
+1. skip it if an earlier run already wrote or rejected its key (resume);
+2. reject it if it cannot be decoded ("unreadable_image") or nearly duplicates an earlier photo
+   ("near_duplicate_image", by dHash over the whole folder);
+3. otherwise send one request: the photo plus the versioned prompt with a suggested task, combination and
+   language; the model describes the photo, picks the plan, writes instruction, query, positive and hard
+   negative, evaluates and revises them, all in one JSON answer;
+4. check the answer against the schema and the combination (`answer.parse_answer`): a bad one is rejected
+   with its reason; a good one becomes a training row (`rows.training_row`), unless its texts duplicate an
+   earlier row's ("near_duplicate").
+
+Results are committed in key order whatever order the backend finishes them in, so a run killed and resumed
+writes exactly what an uninterrupted run writes. Backend failures (timeouts, HTTP errors, a dead engine) are
+counted in the manifest's `details.last_run.failed` and are not recorded as done: the next run retries them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unime.data_synth.manifest import Manifest, ShardedJsonlWriter
+from unime.data_synth.mllm.answer import Rejected, answer_schema, parse_answer
+from unime.data_synth.mllm.backend import Backend, GenerationRequest, GenerationResult
+from unime.data_synth.mllm.images import (
+    Photo,
+    difference_hash,
+    find_near_duplicates,
+    list_photos,
+    open_photo,
+    second_view,
+)
+from unime.data_synth.mllm.plan import PlanChoices, sides_of, suggest_plan
+from unime.data_synth.mllm.prompting import PROMPT_VERSION, chat_messages, image_data_url, load_prompt
+from unime.data_synth.mllm.rows import text_signature, training_row
+from unime.data_synth.sharding import parse_shard
+from unime.errors import ConfigError
+
+UNREADABLE_IMAGE = "unreadable_image"
+NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
+VIEWS_DIR = "views"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """One generation run."""
+
+    image_dir: str
+    """The folder of photos (searched recursively)."""
+    out_dir: str
+    """Where the shards, `manifest.json` and second views go; an existing run there is resumed."""
+    prompt: str = PROMPT_VERSION
+    """A packaged prompt name or a prompt file path."""
+    choices: PlanChoices = field(default_factory=PlanChoices)
+    """Allowed tasks, combinations and languages."""
+    seed: int = 0
+    """Seeds the suggested plans (and the backend's sampling)."""
+    shard: str | None = None
+    """`"i/N"`: generate only the photos whose key this shard owns."""
+    min_score: int = 4
+    """Lowest self-evaluation score (1-5) that is kept."""
+    max_image_side: int = 1024
+    """Photos are downscaled to this longer side before they are sent."""
+    near_duplicate_bits: int = 4
+    """Photos whose dHashes differ in at most this many of 64 bits are near-duplicates (-1: keep all)."""
+    records_per_shard: int = 1000
+    """Kept rows per shard file."""
+    limit: int | None = None
+    """Generate for at most this many of the shard's photos (in key order)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_score <= 5:
+            raise ConfigError(f"min_score must be 1-5, got {self.min_score}")
+        if self.max_image_side < 28:
+            raise ConfigError(f"max_image_side must be >= 28, got {self.max_image_side}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+
+
+def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: str = "") -> Manifest:
+    """Run (or resume) one generation job; returns its manifest (also saved as `out_dir/manifest.json`)."""
+    image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
+    if not image_dir.is_dir():
+        raise ConfigError(f"image folder {str(image_dir)!r} does not exist")
+    photos = list_photos(image_dir)
+    if not photos:
+        raise ConfigError(f"image folder {str(image_dir)!r} holds no image files")
+    shard = parse_shard(config.shard)
+    prompt = load_prompt(config.prompt)
+    schema = answer_schema(config.choices)
+
+    unreadable, hashes = set(), {}
+    for photo in photos:  # every photo, not only this shard's: near-duplicate decisions must agree across shards
+        try:
+            hashes[photo.key] = difference_hash(open_photo(photo.path))
+        except OSError:
+            unreadable.add(photo.key)
+    duplicates = find_near_duplicates(hashes, config.near_duplicate_bits)
+    owned = [photo for photo in photos if shard.owns(photo.key)]
+    if config.limit is not None:
+        owned = owned[: config.limit]
+
+    manifest = Manifest(
+        prompt_version=prompt.version,
+        model=backend.name,
+        seed=config.seed,
+        details={
+            "generator": "mllm",
+            "backend": backend_kind,
+            "shard": str(shard),
+            "photos_in_folder": len(photos),
+            "photos_in_shard": len(owned),
+            "choices": {key: list(value) for key, value in asdict(config.choices).items()},
+            "min_score": config.min_score,
+            "near_duplicate_bits": config.near_duplicate_bits,
+        },
+    )
+    run = _Run(config, out_dir, prompt, schema)
+    with ShardedJsonlWriter(out_dir, manifest=manifest, records_per_shard=config.records_per_shard) as writer:
+        todo: list[Photo] = []
+        for photo in owned:
+            if photo.key in writer:
+                continue
+            if photo.key in unreadable:
+                writer.reject(photo.key, UNREADABLE_IMAGE)
+            elif photo.key in duplicates:
+                writer.reject(photo.key, NEAR_DUPLICATE_IMAGE)
+            else:
+                todo.append(photo)
+        run.generate(todo, backend, writer)
+        manifest.details["last_run"] = run.stats()
+    manifest.details["kept_by_combination"] = _kept_by_combination(writer.shard_paths)
+    manifest.save(out_dir)
+    return manifest
+
+
+class _Run:
+    """One pass over the photos still to do: requests out, results committed in key order."""
+
+    def __init__(self, config: GenerateConfig, out_dir: Path, prompt, schema: dict):
+        self.config = config
+        self.out_dir = out_dir
+        self.prompt = prompt
+        self.schema = schema
+        self.failed: Counter[str] = Counter()
+        self.late_unreadable: set[str] = set()
+        self.requests = 0
+        self.retries = 0
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "retries": self.retries, "failed": dict(sorted(self.failed.items()))}
+
+    def _requests(self, todo: list[Photo]) -> Iterator[GenerationRequest]:
+        for photo in todo:
+            try:
+                image = open_photo(photo.path)
+            except OSError:  # changed since it was checked: counted when its turn comes
+                self.late_unreadable.add(photo.key)
+                continue
+            plan = suggest_plan(photo.key, self.config.seed, self.config.choices)
+            text = self.prompt.render(plan, self.config.choices)
+            url = image_data_url(image, max_side=self.config.max_image_side)
+            self.requests += 1
+            yield GenerationRequest(photo.key, chat_messages(text, url))
+
+    def generate(self, todo: list[Photo], backend: Backend, writer: ShardedJsonlWriter) -> None:
+        arrived: dict[str, GenerationResult] = {}
+        position = 0
+
+        def commit_ready(final: bool) -> None:
+            nonlocal position
+            while position < len(todo):
+                photo = todo[position]
+                if photo.key in self.late_unreadable:
+                    writer.reject(photo.key, UNREADABLE_IMAGE)
+                elif photo.key in arrived:
+                    self._commit(photo, arrived.pop(photo.key), writer)
+                elif final:
+                    self.failed["no_result"] += 1
+                else:
+                    return
+                position += 1
+
+        for result in backend.generate(self._requests(todo), self.schema):
+            self.retries += max(0, result.attempts - 1)
+            arrived[result.key] = result
+            commit_ready(final=False)
+        commit_ready(final=True)
+
+    def _commit(self, photo: Photo, result: GenerationResult, writer: ShardedJsonlWriter) -> None:
+        if result.failure is not None or result.text is None:
+            self.failed[result.failure or "no_answer"] += 1
+            return
+        try:
+            answer = parse_answer(
+                result.text, self.config.choices, min_score=self.config.min_score, truncated=result.truncated
+            )
+        except Rejected as rejected:
+            writer.reject(photo.key, rejected.reason)
+            return
+        sides = sides_of(answer.combination)
+        view = None
+        if sides.query_image and sides.candidate_image:
+            try:
+                view = self._write_view(photo)
+            except OSError:
+                writer.reject(photo.key, UNREADABLE_IMAGE)
+                return
+        photo_ref = Path(os.path.relpath(photo.path.resolve(), self.out_dir.resolve())).as_posix()
+        row = training_row(answer, photo_ref, view)
+        writer.write(photo.key, row, signature=text_signature(row))
+
+    def _write_view(self, photo: Photo) -> str:
+        """Save the photo's second view under `views/` (atomically; the same file on every run)."""
+        name = f"{VIEWS_DIR}/{hashlib.sha256(photo.key.encode('utf-8')).hexdigest()[:20]}.jpg"
+        target = self.out_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        view = second_view(open_photo(photo.path))
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".view-", suffix=".jpg")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                view.save(handle, format="JPEG", quality=95)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return name
+
+
+def _kept_by_combination(shard_paths: list[Path]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for path in shard_paths:
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                counts[json.loads(line)["source"].split("/")[2]] += 1
+    return dict(sorted(counts.items()))
+
+
+def print_summary(manifest: Manifest, out_dir: str | os.PathLike) -> None:
+    rejected = ", ".join(f"{count}x {reason}" for reason, count in manifest.rejected.items()) or "none"
+    failed = manifest.details.get("last_run", {}).get("failed", {})
+    print(f"{out_dir}: {manifest.generated} generated, {manifest.kept} kept, rejected: {rejected}")
+    if failed:
+        retry = ", ".join(f"{count}x {reason}" for reason, count in failed.items())
+        print(f"not done, retried by the next run: {retry}", file=sys.stderr)

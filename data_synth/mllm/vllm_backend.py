@@ -1,0 +1,217 @@
+"""A vLLM engine on a local model, offline and batched, in child processes; data-parallel over devices.
+
+Data parallelism here is `data_parallel_size` independent engines, one per group of
+`tensor_parallel_size` devices, each generating every n-th request (see `vllm_worker.rank_slice`). vLLM's
+own offline data-parallel mode (VLLM_DP_* variables) refuses dense models ("Offline data parallel mode is
+not supported/useful for dense models", vllm/config/parallel.py), and dense models are what generators are,
+so independent engines are how a node's GPUs split one job; `--shard i/N` splits it across nodes.
+
+The engines run in child processes and are judged by the results they write: requests that have no result
+when every engine has exited come back as failures ("engine_exited"), and the next run retries them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unime.data_synth.mllm.backend import GenerationRequest, GenerationResult
+from unime.data_synth.sharding import stable_hash
+from unime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VllmBackendConfig:
+    """Settings of the vLLM backend."""
+
+    model: str
+    """A local model directory (or a name vLLM resolves)."""
+    data_parallel_size: int = 1
+    """Independent engines, each generating every n-th request."""
+    tensor_parallel_size: int = 1
+    """Devices per engine; engine r gets devices r*tp .. r*tp+tp-1 through CUDA_VISIBLE_DEVICES."""
+    batch_size: int = 64
+    """Requests per `LLM.chat` call; results are written after each."""
+    max_tokens: int = 1024
+    """Answer length limit."""
+    temperature: float = 0.7
+    """Sampling temperature (each request is seeded from the run's seed and its key)."""
+    seed: int = 0
+    """The run's seed."""
+    max_model_len: int = 8192
+    """Context length of the engine."""
+    structured_output: bool = True
+    """Constrain decoding to the answer's JSON schema (vLLM structured outputs); answers are checked anyway."""
+    enforce_eager: bool = False
+    """Skip CUDA graphs / torch.compile (faster start, slower generation; use on CPU and in tests)."""
+    single_process: bool = False
+    """Run the engine inside its worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0, executor "uni"): one
+    vLLM import instead of three, which is most of the start-up time on a small CPU machine."""
+    chat_template: str | None = None
+    """A Jinja chat template file to use instead of the model's own."""
+    gpu_memory_utilization: float | None = None
+    """Fraction of each GPU's memory the engine may take (None: vLLM's default)."""
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for `vllm.LLM`."""
+
+    def __post_init__(self) -> None:
+        if self.data_parallel_size < 1 or self.tensor_parallel_size < 1 or self.batch_size < 1:
+            raise ConfigError("data_parallel_size, tensor_parallel_size and batch_size must be >= 1")
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ConfigError(f"chat template {self.chat_template!r} does not exist")
+
+
+class VllmBackend:
+    """Generate with vLLM engines in child processes."""
+
+    def __init__(self, config: VllmBackendConfig, *, work_dir: str | os.PathLike | None = None):
+        self.config = config
+        self.name = Path(config.model).name if Path(config.model).exists() else config.model
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.returncodes: list[int] = []
+        """Exit codes of the last run's engines (informational: results decide, not exit codes)."""
+
+    def _engine_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "tensor_parallel_size": self.config.tensor_parallel_size,
+            "max_model_len": self.config.max_model_len,
+            "enforce_eager": self.config.enforce_eager,
+            "seed": self.config.seed,
+            "limit_mm_per_prompt": {"image": 1, "video": 0},
+        }
+        if self.config.gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = self.config.gpu_memory_utilization
+        args.update(self.config.extra_engine_args)
+        return args
+
+    def generate(self, requests: Iterable[GenerationRequest], schema: dict[str, Any]) -> Iterator[GenerationResult]:
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".vllm-job-", dir=self.work_dir) as tmp:
+            yield from self._generate_in(Path(tmp), requests, schema)
+
+    def _generate_in(
+        self, tmp: Path, requests: Iterable[GenerationRequest], schema: dict[str, Any]
+    ) -> Iterator[GenerationResult]:
+        keys: list[str] = []
+        requests_path = tmp / "requests.jsonl"
+        with requests_path.open("w", encoding="utf-8") as handle:
+            for request in requests:
+                seed = stable_hash(f"{self.config.seed}:{request.key}") % (2**31)
+                handle.write(json.dumps({"key": request.key, "messages": request.messages, "seed": seed}) + "\n")
+                keys.append(request.key)
+        if not keys:
+            return
+        world = min(self.config.data_parallel_size, len(keys))
+        processes, results_paths = [], []
+        for rank in range(world):
+            results_path = tmp / f"results-{rank}.jsonl"
+            results_path.touch()
+            job = {
+                "model": self.config.model,
+                "requests": str(requests_path),
+                "results": str(results_path),
+                "rank": rank,
+                "world": world,
+                "engine": self._engine_args(),
+                "single_process": self.config.single_process,
+                "schema": schema,
+                "structured_output": self.config.structured_output,
+                "chat_template": self.config.chat_template,
+                "batch_size": self.config.batch_size,
+                "max_tokens": self.config.max_tokens,
+                "temperature": self.config.temperature,
+            }
+            job_path = tmp / f"job-{rank}.json"
+            job_path.write_text(json.dumps(job), encoding="utf-8")
+            env = dict(os.environ)
+            if self.config.data_parallel_size > 1:
+                tp = self.config.tensor_parallel_size
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * tp + i) for i in range(tp))
+            if self.config.single_process:
+                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            log = (tmp / f"engine-{rank}.log").open("w", encoding="utf-8")
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "unime.data_synth.mllm.vllm_worker", str(job_path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
+            log.close()
+            results_paths.append(results_path)
+        readers = [_LineReader(path) for path in results_paths]
+        returned: set[str] = set()
+        try:
+            while True:
+                running = [process.poll() is None for process in processes]
+                for reader in readers:
+                    for line in reader.new_lines():
+                        result = _parse_result(line)
+                        if result is not None and result.key not in returned:
+                            returned.add(result.key)
+                            yield result
+                if not any(running) or len(returned) == len(keys):
+                    break
+                time.sleep(0.2)
+        finally:
+            for process in processes:
+                if process.poll() is None and len(returned) < len(keys):
+                    process.kill()  # stopped early, by the caller or a failure: do not leave engines running
+            for process in processes:
+                try:
+                    process.wait(timeout=30)  # a finished engine shuts down by itself within seconds
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            self.returncodes = [process.returncode for process in processes]
+        if len(returned) < len(keys):
+            tails = "; ".join(_tail(tmp / f"engine-{rank}.log") for rank in range(world))
+            missing = len(keys) - len(returned)
+            message = f"vLLM engines exited ({self.returncodes}) with {missing} requests unanswered: {tails}"
+            print(message, file=sys.stderr)
+            for key in keys:
+                if key not in returned:
+                    yield GenerationResult(key, failure="engine_exited")
+
+
+class _LineReader:
+    """Reads the complete lines appended to a file since the last call (a half-written last line waits)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+
+    def new_lines(self) -> list[str]:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return complete.decode("utf-8").splitlines()
+
+
+def _parse_result(line: str) -> GenerationResult | None:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if raw.get("failure"):
+        return GenerationResult(raw["key"], failure=raw["failure"])
+    return GenerationResult(raw["key"], text=raw["text"], truncated=bool(raw.get("truncated")))
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log {path.name})"

@@ -1,0 +1,175 @@
+"""The generator against a scripted OpenAI-compatible server on a loopback port: kept, rejected, retried,
+resumed after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from unime.data.dataset import load_examples
+from unime.data_synth.manifest import Manifest
+from unime.data_synth.mllm.generate import GenerateConfig, generate_dataset
+from unime.data_synth.mllm.images import open_photo
+from unime.data_synth.mllm.openai_backend import OpenAIBackend, OpenAIBackendConfig
+from unime.data_synth.mllm.plan import sides_of
+from unime.data_synth.mllm.prompting import image_data_url
+from unime.data_synth.sharding import parse_shard
+
+from .conftest import make_photo_folder
+from .scripted_server import ScriptedChatServer, photo_digest
+
+MAX_SIDE = 256
+BEHAVIOURS = {
+    "a00.jpg": "valid",
+    "a01.jpg": "invalid_json",
+    "a02.jpg": "missing_field",
+    "a03.jpg": "low_score",
+    "a04.jpg": "slow_once",
+    "a05.jpg": "error_once",
+    "a06.jpg": "rate_limited_once",
+    "a07.jpg": "always_503",
+    "a08.jpg": "duplicate_text",
+    "a09.jpg": "duplicate_text",
+}
+KEPT = ["a00.jpg", "a04.jpg", "a05.jpg", "a06.jpg", "a08.jpg"]
+REJECTED = {
+    "invalid_json": 1,
+    "missing_field:final": 1,
+    "self_evaluation_failed": 1,
+    "near_duplicate": 1,  # a09 says what a08 said
+    "unreadable_image": 1,  # broken.jpg
+    "near_duplicate_image": 1,  # zz-copy-of-a00.png
+}
+RETRY_ARGS = {"timeout_s": 0.5, "max_retries": 2, "backoff_s": 0.05}
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory, ten_photo_paths) -> Path:
+    return make_photo_folder(tmp_path_factory.mktemp("mllm") / "photos", ten_photo_paths)
+
+
+def script_for(folder: Path) -> dict[str, str]:
+    """Digest of each photo as the generator sends it -> its scripted behaviour."""
+    return {
+        photo_digest(image_data_url(open_photo(folder / name), max_side=MAX_SIDE)): behaviour
+        for name, behaviour in BEHAVIOURS.items()
+    }
+
+
+def run(folder: Path, out: Path, server: ScriptedChatServer, **config) -> Manifest:
+    settings = OpenAIBackendConfig(base_url=server.base_url, model="scripted", concurrency=4, **RETRY_ARGS)
+    backend = OpenAIBackend(settings)
+    config = dict(image_dir=str(folder), out_dir=str(out), max_image_side=MAX_SIDE, records_per_shard=2, **config)
+    return generate_dataset(GenerateConfig(**config), backend, backend_kind="openai")
+
+
+def test_valid_answers_are_kept_bad_ones_rejected_failures_retried(photo_folder, tmp_path):
+    with ScriptedChatServer(script_for(photo_folder)) as server:
+        manifest = run(photo_folder, tmp_path / "out", server)
+        attempts = dict(server.attempts)
+
+        assert manifest.kept == len(KEPT)
+        assert manifest.rejected == dict(sorted(REJECTED.items()))
+        assert manifest.generated == len(KEPT) + sum(REJECTED.values())
+        # a07 always answers 503: reported, not written, not counted as done
+        assert manifest.details["last_run"]["failed"] == {"endpoint_http_503": 1}
+        # one retry each for the slow, failing and rate-limited photo, two for the one that always fails
+        assert manifest.details["last_run"]["retries"] == 5
+        assert manifest.prompt_version.startswith("mme5_v1@") and manifest.model == "scripted"
+        assert Manifest.load(tmp_path / "out") == manifest
+
+        rows = [json.loads(line) for path in sorted((tmp_path / "out").glob("shard-*.jsonl")) for line in path.open()]
+        examples, report = load_examples(sorted((tmp_path / "out").glob("shard-*.jsonl")))
+        assert report.kept == len(KEPT) and report.skipped == 0
+        digests = {
+            name: photo_digest(image_data_url(open_photo(photo_folder / name), max_side=MAX_SIDE)) for name in KEPT
+        }
+        for name, row, example in zip(KEPT, rows, examples, strict=True):
+            combination = row["source"].split("/")[2]
+            sides = sides_of(combination)
+            assert bool(example.query.image) == sides.query_image
+            assert bool(example.positive.image) == sides.candidate_image
+            if sides.query_image:
+                assert example.query.image.resolve() == (photo_folder / name).resolve()
+            if sides.candidate_text:
+                assert digests[name] in example.positive.text or name == "a08.jpg"
+                assert example.negatives[0].text != example.positive.text
+        assert sum(manifest.details["kept_by_combination"].values()) == len(KEPT)
+
+        # A second run resumes: only the photo that failed is asked again; nothing is written twice.
+        again = run(photo_folder, tmp_path / "out", server)
+        assert (again.kept, again.rejected, again.generated) == (manifest.kept, manifest.rejected, manifest.generated)
+        asked_again = {digest for digest, count in server.attempts.items() if count != attempts[digest]}
+        assert asked_again == {photo_digest(image_data_url(open_photo(photo_folder / "a07.jpg"), max_side=MAX_SIDE))}
+
+
+def test_another_shard_splits_the_job(photo_folder, tmp_path):
+    """Shards 0/2 and 1/2 together do exactly what one shard does."""
+    with ScriptedChatServer(script_for(photo_folder)) as server:
+        halves = [run(photo_folder, tmp_path / f"out-{i}", server, shard=f"{i}/2") for i in range(2)]
+    keys = [
+        {json.loads(line)["key"] for path in (tmp_path / f"out-{i}").glob("shard-*.keys") for line in path.open()}
+        for i in range(2)
+    ]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    assert keys[0] | keys[1] == set(BEHAVIOURS) - {"a07.jpg"} | {"broken.jpg", "zz-copy-of-a00.png"}
+    # Duplicate photos are found across shards (every shard hashes the whole folder); duplicate texts only
+    # within a shard's folder: a09 repeats a08's texts, and is kept too when another shard owns it.
+    same_shard = parse_shard("0/2").owns("a08.jpg") == parse_shard("0/2").owns("a09.jpg")
+    assert sum(half.kept for half in halves) == len(KEPT) + (0 if same_shard else 1)
+    assert sum(half.rejected.get("near_duplicate_image", 0) for half in halves) == 1
+
+
+def test_a_run_killed_and_resumed_writes_exactly_the_uninterrupted_output(photo_folder, tmp_path):
+    with ScriptedChatServer(script_for(photo_folder), delay_s=0.3) as server:
+        whole = run(photo_folder, tmp_path / "whole", server)
+
+        killed = tmp_path / "killed"
+        command = [
+            sys.executable, "-m", "unime.cli", "generate", str(photo_folder), str(killed),
+            "--backend", "openai", "--base-url", server.base_url, "--model", "scripted",
+            "--concurrency", "4", "--records-per-shard", "2", "--max-image-side", str(MAX_SIDE),
+            "--timeout", "0.5", "--retries", "2", "--backoff", "0.05",
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 90
+        while records_written(killed) < 5:
+            assert child.poll() is None, f"the run ended before it was killed: {child.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "the run wrote nothing within 90 s"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert records_written(killed) < whole.generated  # it really was interrupted
+
+        resumed = run(photo_folder, killed, server)
+
+    assert data_files(killed) == data_files(tmp_path / "whole")
+    for manifest in (whole, resumed):
+        del manifest.details["last_run"]
+    assert resumed == whole
+
+
+def records_written(out: Path) -> int:
+    """Records (kept or rejected) on disk: committed key files plus the open shard's log."""
+    paths = list(out.glob("shard-*.keys")) + list(out.glob(".shard-*.partial"))
+    count = 0
+    for path in paths:
+        try:
+            count += path.read_text().count("\n")
+        except FileNotFoundError:  # committed and removed between glob and read
+            pass
+    return count
+
+
+def data_files(out: Path) -> dict[str, bytes]:
+    """Every shard, key file and second view, by name."""
+    names = [path for path in out.rglob("*") if path.is_file() and path.name != "manifest.json"]
+    return {path.relative_to(out).as_posix(): path.read_bytes() for path in names}
