@@ -595,3 +595,18 @@ def write_task_examples(
             }
             result.manifests[split] = writer.close()
     return result
+
+
+def run_synth_tasks(
+    out_dir: str | Path, shard_spec: str | None, *, max_shapes: int | None = None, **settings: int
+) -> int:
+    """`unime synth tasks`: generate, print where each split went and its counts."""
+    from unime.data_synth.sharding import parse_shard
+
+    config = TaskSynthConfig(**settings, **({"max_shapes": max_shapes} if max_shapes else {}))
+    result = write_task_examples(out_dir, config, parse_shard(shard_spec))
+    for split, manifest in result.manifests.items():
+        rejected = ", ".join(f"{count} {reason}" for reason, count in manifest.rejected.items()) or "none"
+        where = result.directories[split]
+        print(f"{split}: {where} ({manifest.kept} rows in {len(manifest.shards)} shard(s); rejected: {rejected})")
+    return 0

@@ -57,15 +57,19 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "kind",
-        choices=["shapes", "text"],
-        help="shapes: drawn scenes, captions, one-attribute hard negatives; text: paraphrase pairs (stage 1)",
+        choices=["shapes", "text", "tasks"],
+        help="shapes: drawn scenes, captions, one-attribute hard negatives; text: paraphrase pairs (stage 1); "
+        "tasks: classification/VQA/retrieval/grounding over seven modality pairs, sharded JSONL + manifest",
     )
     parser.add_argument("out_dir", help="directory to write train.jsonl, held_out.jsonl and images/ to")
     parser.add_argument("--train", type=int, help="training rows (default: shapes 60, text 400)")
     parser.add_argument("--held-out", type=int, help="held-out rows, no scene shared (default: shapes 30, text 100)")
-    parser.add_argument("--max-shapes", type=int, default=1, help="shapes per scene (1: 90 scenes exist; 2: 3330)")
+    parser.add_argument(
+        "--max-shapes", type=int, help="shapes per scene (default: shapes 1, where 90 scenes exist, 2: 3330; tasks 3)"
+    )
     parser.add_argument("--negatives", type=int, default=3, help="hard negatives per row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard", help="tasks only: i/N, write only the examples this shard owns (0-based i)")
 
 
 def _run_synth(args: argparse.Namespace) -> int:
@@ -73,11 +77,19 @@ def _run_synth(args: argparse.Namespace) -> int:
     from unime.data_synth.text_pairs import write_text_pairs
 
     sizes = {key: value for key, value in (("train", args.train), ("held_out", args.held_out)) if value is not None}
+    if args.kind == "tasks":
+        from unime.data_synth.tasks import run_synth_tasks
+
+        return run_synth_tasks(
+            args.out_dir, args.shard, negatives=args.negatives, seed=args.seed, max_shapes=args.max_shapes, **sizes
+        )
+    if args.shard:
+        raise UnimeError("--shard applies to `unime synth tasks` only")
     if args.kind == "text":
         paths = write_text_pairs(args.out_dir, seed=args.seed, **sizes)
     else:
         paths = write_image_caption_pairs(
-            args.out_dir, negatives=args.negatives, seed=args.seed, max_shapes=args.max_shapes, **sizes
+            args.out_dir, negatives=args.negatives, seed=args.seed, max_shapes=args.max_shapes or 1, **sizes
         )
     for split, path in paths.items():
         print(f"{split}: {path}")
@@ -104,6 +116,18 @@ def _run_convert(args: argparse.Namespace) -> int:
     count = convert(args.input, args.output, source=args.source)
     print(f"wrote {count} rows to {args.output}")
     return 0
+
+
+def _add_mine_args(parser: argparse.ArgumentParser) -> None:
+    from unime.data_synth.mining.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_mine(args: argparse.Namespace) -> int:
+    from unime.data_synth.mining.command import run
+
+    return run(args)
 
 
 def _add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +230,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
+    ("mine", "mine hard negatives for training rows (faiss, false-negative filters)", _add_mine_args, _run_mine),
     ("eval", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _add_eval_args, _run_eval),
     ("generate", "generate training data from photos with an MLLM (mmE5 style)", _add_generate_args, _run_generate),
     ("serve", "serve embeddings and reranking over HTTP (vLLM or transformers)", _add_serve_args, _run_serve),

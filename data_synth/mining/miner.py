@@ -1,0 +1,467 @@
+"""Mine hard negatives for training rows: embed, search, drop false negatives, sample, score, write.
+
+For each row (query, positive): the corpus (all rows' positives, or a given corpus) is searched for the query's
+top-K by the embedder's cosine similarity. A candidate equal to the positive or the query is skipped. A
+candidate is a false negative, and dropped, when its similarity exceeds the positive's minus `margin` (UniME
+masks s > s_pos + 0.1, i.e. margin -0.1; NV-Retriever-style caution is a small positive margin); with a judge
+(our reranker, or an MLLM's p(yes) as UniME-V2 does), also when the judge's score exceeds the positive's minus
+`judge_margin`. Of the rest, in rank order, the `negatives` hardest are kept, or, with a rank `window` (a, b),
+a seeded sample of ranks a..b-1 as mmE5 does. Rows get the negatives and `scores` = [positive, *negatives]: the
+judge's scores when there is a judge (soft labels for the KL loss), else the embedding similarities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from unime.atomic import write_jsonl_atomic
+from unime.data.dataset import DataError, _image_problem, _parse_side, load_examples
+from unime.data.schema import Side, TrainExample
+from unime.data_synth.manifest import Manifest
+from unime.data_synth.mining.cache import EmbeddingCache, content_key
+from unime.data_synth.mining.search import SearchMethod, search
+from unime.data_synth.sharding import ALL, Shard
+from unime.errors import ConfigError
+from unime.retrieval import PairScorer
+
+Judge = PairScorer
+"""A judge scores (query, document) pairs, higher = more relevant: `predict(pairs, batch_size=...,
+show_progress_bar=...)`, as `unime.Reranker` and sentence-transformers' CrossEncoder do. A query or document is
+a str, a PIL image, or a {"text", "image"} dict."""
+
+JUDGE_CHUNK = 512
+"""Pairs per judge call: images are decoded for one chunk at a time, not for the whole job."""
+
+
+@dataclass
+class MiningConfig:
+    """Settings of hard-negative mining (`unime mine`)."""
+
+    top_k: int = 50
+    """Candidates retrieved per query (UniME-V2 retrieves the top 50)."""
+    negatives: int = 8
+    """Negatives kept per row (UniME trains on the 8 hardest)."""
+    margin: float = 0.0
+    """Drop a candidate whose similarity exceeds the positive's minus this (negative: allow above the positive)."""
+    judge_margin: float = 0.0
+    """With a judge: drop a candidate whose judge score exceeds the positive's minus this."""
+    window: tuple[int, int] | None = None
+    """Sample from ranks a..b-1 of the filtered candidates (0-based) instead of taking the hardest."""
+    method: SearchMethod = "auto"
+    """faiss search: exact below `search.EXACT_BELOW` candidates, IVF above, unless forced."""
+    keep_existing: bool = False
+    """Keep a row's own negatives (first) and add mined ones after them; scores cover all."""
+    batch_size: int = 32
+    """Inputs per embedder / judge forward pass."""
+    seed: int = 0
+    """Seed of window sampling and IVF training."""
+
+
+@dataclass
+class MiningReport:
+    """What mining read, dropped and wrote."""
+
+    rows_read: int = 0
+    rows_written: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    """Input rows (and corpus lines) not used, by reason."""
+    candidates_retrieved: int = 0
+    dropped_same_content: int = 0
+    dropped_by_margin: int = 0
+    dropped_by_judge: int = 0
+    rows_short_of_negatives: int = 0
+    """Rows that kept fewer than `negatives` negatives (too few candidates survived)."""
+    search: dict[str, Any] = field(default_factory=dict)
+    """Search method, nlist, nprobe, calibrated recall."""
+    embeddings_cached: int = 0
+    embeddings_computed: int = 0
+
+
+@dataclass
+class MinedRow:
+    """One row's mining result."""
+
+    example: TrainExample
+    negatives: list[Side]
+    scores: list[float]
+    """[positive, *negatives]: judge scores with a judge, else cosine similarities."""
+    mined: list[int]
+    """Corpus indices of the mined negatives (after the existing ones, if kept)."""
+
+
+def side_content(side: Side) -> tuple:
+    """What an embedder reads of a side; equal content = the same candidate."""
+    return (side.text, str(side.image) if side.image is not None else None, side.instruction)
+
+
+def _side_look(side: Side) -> tuple:
+    return (side.text, str(side.image) if side.image is not None else None)
+
+
+def row_key(example: TrainExample) -> str:
+    """The idempotent key of a row (for `--shard`): its query and positive."""
+    return content_key("row", side_content(example.query), side_content(example.positive))
+
+
+class SideEmbedder:
+    """Embeds `Side`s with an `unime.Embedder` through an `EmbeddingCache`, in batches grouped by instruction."""
+
+    def __init__(self, embedder: Any, cache: EmbeddingCache, batch_size: int = 32):
+        self.embedder = embedder
+        self.cache = cache
+        self.batch_size = batch_size
+        self._image_digests: dict[str, str] = {}
+
+    def _digest(self, path: Path) -> str:
+        key = str(path)
+        if key not in self._image_digests:
+            self._image_digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        return self._image_digests[key]
+
+    def _instruction(self, side: Side, role: str) -> str | None:
+        return self.embedder.instruction_for(None if side.instruction else role, side.instruction)
+
+    def embed(self, sides: Sequence[Side], role: str) -> np.ndarray:
+        """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
+        keys = [
+            content_key(
+                role,
+                self._instruction(side, role),
+                side.text,
+                self._digest(side.image) if side.image is not None else None,
+            )
+            for side in sides
+        ]
+
+        def compute(positions: list[int]) -> np.ndarray:
+            out = np.zeros((len(positions), self.embedder.embedding_dim), dtype=np.float32)
+            groups: dict[str | None, list[int]] = {}
+            for slot, position in enumerate(positions):
+                groups.setdefault(sides[position].instruction, []).append(slot)
+            for instruction, slots in groups.items():
+                inputs = [_embed_input(sides[positions[slot]]) for slot in slots]
+                kwargs = {"prompt": instruction} if instruction else {"prompt_name": role}
+                vectors = self.embedder.encode(inputs, batch_size=self.batch_size, normalize_embeddings=True, **kwargs)
+                out[slots] = np.asarray(vectors, dtype=np.float32)
+            return out
+
+        vectors = self.cache.get_or_compute(keys, compute)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else 1.0
+        return vectors / np.maximum(norms, 1e-12)
+
+
+def _embed_input(side: Side) -> dict:
+    item: dict = {}
+    if side.text is not None:
+        item["text"] = side.text
+    if side.image is not None:
+        item["image"] = side.image
+    return item
+
+
+def _judge_input(side: Side, images: dict[str, Image.Image]):
+    image = None
+    if side.image is not None:
+        key = str(side.image)
+        if key not in images:
+            with Image.open(side.image) as opened:
+                images[key] = opened.convert("RGB")
+        image = images[key]
+    if image is None:
+        return side.text
+    if side.text is None:
+        return image
+    return {"text": side.text, "image": image}
+
+
+def judge_scores(judge: Judge, pairs: Sequence[tuple[Side, Side]], batch_size: int = 32) -> np.ndarray:
+    """The judge's score of each (query side, document side) pair, images decoded a chunk at a time."""
+    scores = np.zeros(len(pairs), dtype=np.float64)
+    for start in range(0, len(pairs), JUDGE_CHUNK):
+        images: dict[str, Image.Image] = {}
+        chunk = [(_judge_input(q, images), _judge_input(d, images)) for q, d in pairs[start : start + JUDGE_CHUNK]]
+        predicted = np.asarray(judge.predict(chunk, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
+        if predicted.shape != (len(chunk),):
+            raise ConfigError(f"the judge returned {predicted.shape} scores for {len(chunk)} pairs")
+        scores[start : start + len(chunk)] = predicted
+    return scores
+
+
+def _check(config: MiningConfig) -> None:
+    if config.top_k < 1 or config.negatives < 1:
+        raise ConfigError(f"top_k and negatives must be >= 1, got {config.top_k} and {config.negatives}")
+    if config.window is not None:
+        a, b = config.window
+        if not 0 <= a < b <= config.top_k:
+            raise ConfigError(f"window {a}:{b}: need 0 <= a < b <= top_k ({config.top_k})")
+
+
+def mine_hard_negatives(
+    examples: Sequence[TrainExample],
+    embedder: Any,
+    config: MiningConfig | None = None,
+    *,
+    corpus: Sequence[Side] | None = None,
+    judge: Judge | None = None,
+    cache: EmbeddingCache | None = None,
+    report: MiningReport | None = None,
+) -> tuple[list[MinedRow], MiningReport]:
+    """Mine negatives for `examples` from `corpus` (default: the examples' distinct positives).
+
+    Args:
+        examples: validated training rows (`unime.data.load_examples`).
+        embedder: an `unime.Embedder` (anything with `encode`, `instruction_for` and `embedding_dim`).
+        config: see `MiningConfig`.
+        corpus: candidate documents; default: every distinct positive of `examples`.
+        judge: optional scorer of (query, document) pairs (see `Judge`).
+        cache: where embeddings are kept (default: in memory only).
+    """
+    config = config or MiningConfig()
+    _check(config)
+    report = report or MiningReport()
+    cache = cache or EmbeddingCache(None, "memory")
+    sides = SideEmbedder(embedder, cache, config.batch_size)
+    if corpus is None:
+        unique: dict[tuple, Side] = {}
+        for example in examples:
+            unique.setdefault(side_content(example.positive), example.positive)
+        corpus = list(unique.values())
+    corpus = list(corpus)
+    if not corpus:
+        raise ConfigError("the mining corpus is empty")
+    if not examples:
+        return [], report
+
+    query_vectors = sides.embed([e.query for e in examples], "query")  # [Q, D]
+    positive_vectors = sides.embed([e.positive for e in examples], "document")  # [Q, D]
+    corpus_vectors = sides.embed(corpus, "document")  # [C, D]
+    positive_sims = np.einsum("qd,qd->q", query_vectors, positive_vectors)  # [Q]
+    # One extra: the positive itself (or the query) is usually in the corpus and is skipped.
+    found = search(query_vectors, corpus_vectors, config.top_k + 1, config.method, seed=config.seed)
+    report.search = {
+        key: value for key, value in asdict(found).items() if key not in ("scores", "indices") and value is not None
+    }
+
+    existing_vectors = None
+    if config.keep_existing:
+        flat = [n for e in examples for n in e.negatives]
+        existing_vectors = sides.embed(flat, "document") if flat else None
+
+    # Stage 1: retrieval and the margin filter.
+    survivors: list[list[tuple[int, float]]] = []
+    existing_offset = 0
+    existing_sims: list[list[float]] = []
+    for row, example in enumerate(examples):
+        skip = {_side_look(example.positive), _side_look(example.query)}
+        own = list(example.negatives) if config.keep_existing else []
+        skip |= {_side_look(n) for n in own}
+        sims_own = []
+        if own and existing_vectors is not None:
+            block = existing_vectors[existing_offset : existing_offset + len(own)]  # [n, D]
+            sims_own = [float(s) for s in block @ query_vectors[row]]
+        existing_offset += len(own) if config.keep_existing else 0
+        existing_sims.append(sims_own)
+        kept: list[tuple[int, float]] = []
+        for index, sim in zip(found.indices[row], found.scores[row], strict=True):
+            if index < 0:
+                continue
+            report.candidates_retrieved += 1
+            if _side_look(corpus[index]) in skip:
+                report.dropped_same_content += 1
+                continue
+            if sim > positive_sims[row] - config.margin:
+                report.dropped_by_margin += 1
+                continue
+            kept.append((int(index), float(sim)))
+        survivors.append(kept[: config.top_k])
+
+    # Stage 2: the judge scores the positive, the row's own negatives and every surviving candidate.
+    judged: list[tuple[float, list[float], list[float]]] | None = None
+    if judge is not None:
+        pairs: list[tuple[Side, Side]] = []
+        for example, kept in zip(examples, survivors, strict=True):
+            own = list(example.negatives) if config.keep_existing else []
+            pairs.append((example.query, example.positive))
+            pairs += [(example.query, n) for n in own]
+            pairs += [(example.query, corpus[index]) for index, _ in kept]
+        flat_scores = judge_scores(judge, pairs, config.batch_size)
+        judged = []
+        at = 0
+        for example, kept in zip(examples, survivors, strict=True):
+            n_own = len(example.negatives) if config.keep_existing else 0
+            positive_score = float(flat_scores[at])
+            own_scores = [float(s) for s in flat_scores[at + 1 : at + 1 + n_own]]
+            candidate_scores = [float(s) for s in flat_scores[at + 1 + n_own : at + 1 + n_own + len(kept)]]
+            at += 1 + n_own + len(kept)
+            judged.append((positive_score, own_scores, candidate_scores))
+
+    # Stage 3: sample and score.
+    mined_rows: list[MinedRow] = []
+    for row, (example, kept) in enumerate(zip(examples, survivors, strict=True)):
+        own = list(example.negatives) if config.keep_existing else []
+        candidates = [(index, sim, sim) for index, sim in kept]  # (corpus index, similarity, score to write)
+        positive_score = float(positive_sims[row])
+        own_scores = existing_sims[row]
+        if judged is not None:
+            positive_score, own_scores, candidate_scores = judged[row]
+            filtered = []
+            for (index, sim, _), score in zip(candidates, candidate_scores, strict=True):
+                if score > positive_score - config.judge_margin:
+                    report.dropped_by_judge += 1
+                    continue
+                filtered.append((index, sim, score))
+            candidates = filtered
+        wanted = max(config.negatives - len(own), 0)
+        if config.window is not None:
+            a, b = config.window
+            pool = candidates[a:b]
+            rng = random.Random(f"{config.seed}:{row_key(example)}")
+            picked = sorted(rng.sample(range(len(pool)), min(wanted, len(pool))))
+            chosen = [pool[i] for i in picked]
+        else:
+            chosen = candidates[:wanted]
+        if len(own) + len(chosen) < config.negatives:
+            report.rows_short_of_negatives += 1
+        mined_rows.append(
+            MinedRow(
+                example,
+                own + [corpus[index] for index, _, _ in chosen],
+                [positive_score, *own_scores, *(score for _, _, score in chosen)],
+                [index for index, _, _ in chosen],
+            )
+        )
+    report.embeddings_cached = cache.hits
+    report.embeddings_computed = cache.computed
+    return mined_rows, report
+
+
+def side_to_row(side: Side, out_dir: Path) -> dict:
+    """A side as a row field, its image path relative to the output file's folder."""
+    row: dict = {}
+    if side.text is not None:
+        row["text"] = side.text
+    if side.image is not None:
+        row["image"] = Path(os.path.relpath(Path(side.image).resolve(), out_dir.resolve())).as_posix()
+    if side.instruction:
+        row["instruction"] = side.instruction
+    return row
+
+
+def mined_row_to_dict(mined: MinedRow, out_dir: Path) -> dict:
+    example = mined.example
+    return {
+        "query": side_to_row(example.query, out_dir),
+        "positive": side_to_row(example.positive, out_dir),
+        "negatives": [side_to_row(side, out_dir) for side in mined.negatives],
+        "scores": [round(score, 6) for score in mined.scores],
+        "source": example.source,
+    }
+
+
+def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
+    """Candidate documents from JSONL, one side per line ({"text", "image", "instruction"}; images relative to
+    the file). Bad lines (not JSON, no text or image, unreadable image) are counted by reason and skipped."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: corpus file does not exist")
+    sides: list[Side] = []
+    checked: dict[Path, str | None] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError:
+                report.rejected["corpus: not valid JSON"] += 1
+                continue
+            try:
+                side = _parse_side(raw, f"{path}:{number}", path.parent)
+            except DataError as err:
+                report.rejected[f"corpus: {str(err).split(': ', 2)[-1]}"] += 1
+                continue
+            if side.image is not None:
+                if side.image not in checked:
+                    checked[side.image] = _image_problem(side.image)
+                if checked[side.image] is not None:
+                    report.rejected["corpus: unreadable or missing image"] += 1
+                    continue
+            sides.append(side)
+    return sides
+
+
+def output_path_for(out_path: str | Path, shard: Shard) -> Path:
+    """`out.jsonl`, or `out.part-<i>-of-<N>.jsonl` for one shard of a sharded job."""
+    out_path = Path(out_path)
+    if shard.count == 1:
+        return out_path
+    return out_path.with_name(f"{out_path.stem}.part-{shard.index:05d}-of-{shard.count:05d}{out_path.suffix}")
+
+
+def mine_file(
+    embedder: Any,
+    train_path: str | Path,
+    out_path: str | Path,
+    config: MiningConfig | None = None,
+    *,
+    model_id: str,
+    corpus_path: str | Path | None = None,
+    judge: Judge | None = None,
+    judge_id: str = "",
+    cache_dir: str | Path | None = None,
+    shard: Shard = ALL,
+) -> tuple[Path, Manifest]:
+    """Mine negatives for the rows of `train_path` this shard owns and write them to `out_path` (atomic), with
+    `<out>.manifest.json` beside it. Rows that fail validation (bad fields, unreadable images) are counted by
+    reason in the manifest and not written. Returns the written path and its manifest."""
+    config = config or MiningConfig()
+    report = MiningReport()
+    examples, load_report = load_examples([train_path], on_error="skip", check_images=True)
+    report.rows_read = load_report.kept + load_report.skipped
+    for reason, count in load_report.reasons.items():
+        report.rejected[reason] += count
+    owned = [example for example in examples if shard.owns(row_key(example))]
+    corpus = read_corpus(corpus_path, report) if corpus_path is not None else None
+    if corpus is None:
+        # The corpus is every row's positive, owned or not: shards mine from the same pool.
+        unique: dict[tuple, Side] = {}
+        for example in examples:
+            unique.setdefault(side_content(example.positive), example.positive)
+        corpus = list(unique.values())
+    cache = EmbeddingCache(cache_dir, model_id)
+    mined, report = mine_hard_negatives(owned, embedder, config, corpus=corpus, judge=judge, cache=cache, report=report)
+    out = output_path_for(out_path, shard)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report.rows_written = write_jsonl_atomic(out, (mined_row_to_dict(row, out.parent) for row in mined))
+    manifest = Manifest(
+        generated=len(owned) + sum(load_report.reasons.values()),
+        kept=report.rows_written,
+        rejected=dict(sorted(report.rejected.items())),
+        prompt_version="",
+        model=model_id,
+        seed=config.seed,
+        shards=[out.name],
+        details={
+            "kind": "hard_negative_mining",
+            "input": str(train_path),
+            "shard": str(shard),
+            "judge": judge_id,
+            "config": {**asdict(config), "window": list(config.window) if config.window else None},
+            "corpus_size": len(corpus),
+            **{k: v for k, v in asdict(report).items() if k not in ("rejected", "rows_read", "rows_written")},
+        },
+    )
+    manifest.save(out.with_name(out.stem + ".manifest.json"))
+    return out, manifest
