@@ -126,7 +126,6 @@ def run_rerank(
     for scores, candidate_list, query in zip(first_stage, dataset.lists, dataset.query_rows, strict=True):
         for position in np.argsort(-scores, kind="stable")[:top_k]:
             wanted[(query, candidate_list[position])] = None
-        wanted[(query, candidate_list[0])] = None
     pairs = list(wanted)
     inputs = [
         (reranker_input(dataset.queries.items[query]), reranker_input(dataset.candidates.items[candidate]))

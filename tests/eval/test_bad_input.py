@@ -1,0 +1,97 @@
+"""Bad benchmark data: a clear error naming the dataset and row, or, when asked, skipped rows counted with why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unime.data.dataset import DataError
+from unime.eval.compositional import load_compositional
+from unime.eval.mmeb import list_datasets, load_dataset, run_mmeb
+from unime.eval.retrieval import load_retrieval
+
+GOOD = {
+    "qry_text": "<|image_1|>\nWhat colour?",
+    "qry_img_path": "a.png",
+    "tgt_text": ["red", "blue"],
+    "tgt_img_path": ["", ""],
+}
+
+
+@pytest.fixture
+def root(tmp_path, scenes) -> Path:
+    images, _ = scenes
+    (tmp_path / "images").mkdir()
+    images[0].save(tmp_path / "images" / "a.png")
+    return tmp_path
+
+
+def _write(root: Path, name: str, rows: list[dict]) -> None:
+    (root / name).mkdir(exist_ok=True)
+    (root / name / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({**GOOD, "qry_img_path": "missing.png"}, "missing image: query image 'missing.png'"),
+        ({**GOOD, "tgt_text": [], "tgt_img_path": []}, "query without candidates"),
+        ({**GOOD, "tgt_text": ["", "blue"]}, "candidate list without its positive"),
+        ({**GOOD, "tgt_img_path": [""]}, "candidate lists differ in length"),
+        ({**GOOD, "qry_text": "<|image_1|>", "qry_img_path": ""}, "query has neither text nor image"),
+        ({**GOOD, "tgt_img_path": ["", "nope.jpg"]}, "missing image: candidate 1 image 'nope.jpg'"),
+    ],
+)
+def test_a_bad_row_is_named_with_its_dataset_and_row(root, row, message):
+    _write(root, "Toy", [GOOD, row])
+    with pytest.raises(DataError, match=r"dataset 'Toy', test.jsonl row 1: " + message.replace("(", r"\(")):
+        load_dataset(root, "Toy")
+
+
+def test_skipping_bad_rows_counts_them_with_their_reasons(root, tiny_encoder):
+    _write(root, "Toy", [GOOD, {**GOOD, "qry_img_path": "missing.png"}, {**GOOD, "tgt_text": ["", "x"]}, GOOD])
+    dataset = load_dataset(root, "Toy", on_bad_rows="skip")
+    assert len(dataset.lists) == 2
+    assert dataset.skipped.count == 2
+    assert dict(dataset.skipped.reasons) == {"missing image": 1, "candidate list without its positive": 1}
+    result, _ = run_mmeb(tiny_encoder, root, on_bad_rows="skip", progress=False)
+    assert result["datasets"][0]["skipped"]["count"] == 2
+    assert result["datasets"][0]["queries"] == 2
+
+
+def test_a_folder_in_the_wrong_layout_is_named(root):
+    _write(root, "Wrong", [{"qry": "a question", "pos_text": "an answer"}])
+    with pytest.raises(DataError, match=r"Wrong.*not in the MMEB eval layout: missing column\(s\) \['qry_text'"):
+        load_dataset(root, "Wrong")
+    with pytest.raises(DataError, match="no dataset folders found"):
+        list_datasets(root / "images")
+    (root / "Broken").mkdir()
+    (root / "Broken" / "test.jsonl").write_text('{"qry_text": "x"\n')
+    with pytest.raises(DataError, match=r"Broken/test.jsonl:1: not valid JSON"):
+        load_dataset(root, "Broken")
+
+
+def test_retrieval_and_sugarcrepe_name_their_bad_rows(root):
+    captions = root / "captions.json"
+    captions.write_text(
+        json.dumps([{"image": "images/a.png", "caption": ["x"]}, {"image": "images/b.png", "caption": "y"}])
+    )
+    with pytest.raises(DataError, match=r"captions: row 1: missing image: row image 'images/b.png'"):
+        load_retrieval(captions)
+    assert load_retrieval(captions, on_bad_rows="skip").skipped.count == 1
+    folder = root / "sugar"
+    folder.mkdir()
+    (folder / "swap_att.json").write_text(
+        json.dumps(
+            {
+                "7": {"filename": "a.png", "caption": "a red circle"},
+                "8": {"filename": "a.png", "caption": "x", "negative_caption": "y"},
+            }
+        )
+    )
+    with pytest.raises(DataError, match=r"swap_att.json row 0 \(id '7'\): row without a negative caption"):
+        load_compositional(folder, image_root=root / "images")
+    data = load_compositional(folder, image_root=root / "images", on_bad_rows="skip")
+    assert data.skipped.count == 1 and len(data.rows) == 1
