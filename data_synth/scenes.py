@@ -192,7 +192,8 @@ class Scene:
 
     def key(self) -> tuple:
         """Identity regardless of the order shapes are listed in: equal keys draw equal images."""
-        return (scene_key(list(self.shapes)), self.text)
+        shapes = tuple(sorted((s.position, s.kind, s.color, s.size, s.count) for s in self.shapes))
+        return (shapes, self.text)
 
     def describe(self) -> str:
         caption = describe(list(self.shapes))

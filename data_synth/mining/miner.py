@@ -2,12 +2,13 @@
 
 For each row (query, positive): the corpus (all rows' positives, or a given corpus) is searched for the query's
 top-K by the embedder's cosine similarity. A candidate equal to the positive or the query is skipped. A
-candidate is a false negative, and dropped, when its similarity exceeds the positive's minus `margin` (UniME
-masks s > s_pos + 0.1, i.e. margin -0.1; NV-Retriever-style caution is a small positive margin); with a judge
-(our reranker, or an MLLM's p(yes) as UniME-V2 does), also when the judge's score exceeds the positive's minus
-`judge_margin`. Of the rest, in rank order, the `negatives` hardest are kept, or, with a rank `window` (a, b),
-a seeded sample of ranks a..b-1 as mmE5 does. Rows get the negatives and `scores` = [positive, *negatives]: the
-judge's scores when there is a judge (soft labels for the KL loss), else the embedding similarities.
+candidate is a false negative, and dropped, when its similarity reaches the positive's minus `margin` (s >=
+s_pos - margin; UniME masks s > s_pos + 0.1, about margin -0.1; a small positive margin is NV-Retriever-style
+caution); with a judge (our reranker, or an MLLM's p(yes) as UniME-V2 does), also when the judge's score
+reaches the positive's minus `judge_margin`. Of the rest, in rank order, the `negatives` hardest are kept,
+or, with a rank `window` (a, b), a seeded sample of ranks a..b-1 as mmE5 does. Rows get the negatives and
+`scores` = [positive, *negatives]: the judge's scores when there is a judge (soft labels for the KL loss), else
+the embedding similarities.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ class MiningConfig:
     negatives: int = 8
     """Negatives kept per row (UniME trains on the 8 hardest)."""
     margin: float = 0.0
-    """Drop a candidate whose similarity exceeds the positive's minus this (negative: allow above the positive)."""
+    """Drop a candidate whose similarity is >= the positive's minus this (negative: allow some above it)."""
     judge_margin: float = 0.0
-    """With a judge: drop a candidate whose judge score exceeds the positive's minus this."""
+    """With a judge: drop a candidate whose judge score is >= the positive's minus this."""
     window: tuple[int, int] | None = None
     """Sample from ranks a..b-1 of the filtered candidates (0-based) instead of taking the hardest."""
     method: SearchMethod = "auto"
@@ -114,13 +115,20 @@ def row_key(example: TrainExample) -> str:
 
 
 class SideEmbedder:
-    """Embeds `Side`s with an `unime.Embedder` through an `EmbeddingCache`, in batches grouped by instruction."""
+    """Embeds `Side`s through an `EmbeddingCache`, in batches grouped by instruction.
+
+    The embedder is an `unime.Embedder`, or any sentence-transformers-style model whose `encode(inputs,
+    prompt=..., prompt_name=..., batch_size=..., normalize_embeddings=...)` takes the inputs and an instruction.
+    """
 
     def __init__(self, embedder: Any, cache: EmbeddingCache, batch_size: int = 32):
         self.embedder = embedder
         self.cache = cache
         self.batch_size = batch_size
         self._image_digests: dict[str, str] = {}
+        from unime.embedder import Embedder
+
+        self._unime = isinstance(embedder, Embedder)
 
     def _digest(self, path: Path) -> str:
         key = str(path)
@@ -129,7 +137,13 @@ class SideEmbedder:
         return self._image_digests[key]
 
     def _instruction(self, side: Side, role: str) -> str | None:
-        return self.embedder.instruction_for(None if side.instruction else role, side.instruction)
+        """The instruction the embedder will apply (the side's own, else the model's default for the role)."""
+        if side.instruction:
+            return side.instruction
+        instruction_for = getattr(self.embedder, "instruction_for", None)
+        if instruction_for is not None:
+            return instruction_for(role, None)
+        return getattr(self.embedder, "prompts", {}).get(role)
 
     def embed(self, sides: Sequence[Side], role: str) -> np.ndarray:
         """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
@@ -144,15 +158,21 @@ class SideEmbedder:
         ]
 
         def compute(positions: list[int]) -> np.ndarray:
-            out = np.zeros((len(positions), self.embedder.embedding_dim), dtype=np.float32)
             groups: dict[str | None, list[int]] = {}
             for slot, position in enumerate(positions):
-                groups.setdefault(sides[position].instruction, []).append(slot)
+                groups.setdefault(self._instruction(sides[position], role), []).append(slot)
+            out: np.ndarray | None = None
             for instruction, slots in groups.items():
-                inputs = [_embed_input(sides[positions[slot]]) for slot in slots]
-                kwargs = {"prompt": instruction} if instruction else {"prompt_name": role}
-                vectors = self.embedder.encode(inputs, batch_size=self.batch_size, normalize_embeddings=True, **kwargs)
-                out[slots] = np.asarray(vectors, dtype=np.float32)
+                inputs = [_embed_input(sides[positions[slot]], self._unime) for slot in slots]
+                vectors = np.asarray(
+                    self.embedder.encode(
+                        inputs, prompt=instruction, batch_size=self.batch_size, normalize_embeddings=True
+                    ),
+                    dtype=np.float32,
+                )  # [len(slots), D]
+                if out is None:
+                    out = np.zeros((len(positions), vectors.shape[1]), dtype=np.float32)
+                out[slots] = vectors
             return out
 
         vectors = self.cache.get_or_compute(keys, compute)
@@ -160,13 +180,12 @@ class SideEmbedder:
         return vectors / np.maximum(norms, 1e-12)
 
 
-def _embed_input(side: Side) -> dict:
-    item: dict = {}
-    if side.text is not None:
-        item["text"] = side.text
-    if side.image is not None:
-        item["image"] = side.image
-    return item
+def _embed_input(side: Side, text_as_dict: bool) -> Any:
+    if side.image is None:
+        # unime reads a one-word string ending in ".png" as an image path; a dict's text is always text. Other
+        # (text) embedders take plain strings.
+        return {"text": side.text} if text_as_dict else side.text
+    return {"text": side.text, "image": side.image} if side.text is not None else {"image": side.image}
 
 
 def _judge_input(side: Side, images: dict[str, Image.Image]):
@@ -279,7 +298,7 @@ def mine_hard_negatives(
             if _side_look(corpus[index]) in skip:
                 report.dropped_same_content += 1
                 continue
-            if sim > positive_sims[row] - config.margin:
+            if sim >= positive_sims[row] - config.margin:
                 report.dropped_by_margin += 1
                 continue
             kept.append((int(index), float(sim)))
@@ -316,7 +335,7 @@ def mine_hard_negatives(
             positive_score, own_scores, candidate_scores = judged[row]
             filtered = []
             for (index, sim, _), score in zip(candidates, candidate_scores, strict=True):
-                if score > positive_score - config.judge_margin:
+                if score >= positive_score - config.judge_margin:
                     report.dropped_by_judge += 1
                     continue
                 filtered.append((index, sim, score))
