@@ -15,7 +15,6 @@ from __future__ import annotations
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder, EncoderError, HTTPEncoder, SentenceTransformersEncoder, UnimeEncoder
 from unime.eval.items import Item
-from unime.eval.rerank import PairScorer
 from unime.eval.runner import EvalConfig, run_eval, write_outputs
 from unime.eval.synthetic import write_synthetic_benchmark
 
@@ -27,7 +26,6 @@ __all__ = [
     "HTTPEncoder",
     "Item",
     "ItemTable",
-    "PairScorer",
     "SentenceTransformersEncoder",
     "UnimeEncoder",
     "embed_distinct",

@@ -6,34 +6,29 @@ show_progress_bar=...) -> scores` (higher = more relevant), such as `unime.Reran
 `sentence_transformers.CrossEncoder`. A query or document goes to `predict` as a str (text), a PIL image, or a
 `{"text", "image"}` dict (both).
 
-The reranked order of the top K is by the reranker's score, or, with `fusion_weight` w, by first-stage score +
-w * reranker score. A positive outside the top K keeps its first-stage rank (it is below every reranked
-candidate). Each distinct (query, candidate) pair is scored once.
+Each query's list goes through `unime.retrieval.retrieve_then_rerank` (the one retrieve-then-rerank of the
+toolkit, shared with the server): its top K by embedding similarity, reordered by the reranker's score or, with
+`fusion_weight` w, by first-stage score + w * reranker score (ties keep the first-stage order). A positive
+outside the top K keeps its first-stage rank (below every reranked candidate). Before reranking, ties count
+against the positive, as in the MMEB task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from unime.eval.embedding import EmbedStats, embed_distinct
-from unime.eval.encoders import Encoder, EncoderError
+from unime.eval.encoders import Encoder
 from unime.eval.items import Item
 from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k
 from unime.eval.mmeb import MMEBDataset
-
-
-@runtime_checkable
-class PairScorer(Protocol):
-    """sentence-transformers' CrossEncoder `predict` shape: higher scores = more relevant."""
-
-    def predict(
-        self, pairs: list[tuple[Any, Any]], batch_size: int = 32, show_progress_bar: bool | None = None
-    ) -> Any: ...
+from unime.retrieval import PairScorer, retrieve_then_rerank
 
 
 def reranker_input(item: Item) -> Any:
@@ -45,46 +40,32 @@ def reranker_input(item: Item) -> Any:
     return image if item.text is None else {"text": item.text, "image": image}
 
 
-def rerank_top_k(
-    first_stage: Sequence[np.ndarray],
-    lists: Sequence[Sequence[int]],
-    pair_scores: dict[tuple[int, int], float],
-    query_rows: Sequence[int],
-    *,
-    top_k: int,
-    fusion_weight: float | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks of each list's first candidate before and after reranking its top K.
+class _LazyInputs(Sequence):
+    """A candidate list as reranker inputs, each read (images decoded) only when the reranker needs it."""
+
+    def __init__(self, items: Sequence[Item]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return reranker_input(self.items[index])
+
+
+def rank_after_rerank(reranked: Sequence[int], candidate_ids: Sequence[int], rank_before: int, top_k: int) -> int:
+    """The positive's rank after reranking: its place in the reranked shortlist, else its first-stage rank.
 
     Args:
-        first_stage: per query, the first-stage scores of its list (same order as `lists`).
-        lists: per query, candidate ids, positive first (equal ids are the same item).
-        pair_scores: reranker score of each (query row, candidate id) in a top K.
-        query_rows: per list, its query's row (the key into `pair_scores`).
-        top_k: how many first-stage candidates are reranked.
-        fusion_weight: None: order the top K by reranker score; w: by first-stage + w * reranker score.
-
-    Returns:
-        `[Q]` ranks before and `[Q]` ranks after (1-based; ties count against the positive).
+        reranked: positions in the candidate list, in the reranked order (the shortlist).
+        candidate_ids: the list's candidate ids, positive first (equal ids are the same item).
+        rank_before: the positive's first-stage rank.
+        top_k: the shortlist size; a positive outside it ranks below every shortlisted candidate.
     """
-    before, after = [], []
-    for scores, candidates, query in zip(first_stage, lists, query_rows, strict=True):
-        candidates = np.asarray(candidates)
-        others = candidates != candidates[0]
-        rank_before = 1 + int(np.sum(others & (scores >= scores[0])))
-        before.append(rank_before)
-        order = np.argsort(-scores, kind="stable")
-        # The top K by first-stage score; the positive (or a copy of it) is inside when its rank is <= K.
-        top = order[:top_k]
-        if rank_before > top_k:
-            after.append(rank_before)
-            continue
-        top = [position for position in top if candidates[position] != candidates[0]] + [0]
-        reranked = np.array([pair_scores[(query, int(candidates[position]))] for position in top])
-        if fusion_weight is not None:
-            reranked = np.array([scores[position] for position in top]) + fusion_weight * reranked
-        after.append(1 + int(np.sum(reranked[:-1] >= reranked[-1])))
-    return np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    for place, position in enumerate(reranked):
+        if candidate_ids[position] == candidate_ids[0]:
+            return place + 1
+    return max(rank_before, top_k + 1)
 
 
 def run_rerank(
@@ -118,32 +99,31 @@ def run_rerank(
     )
     stats.add(query_stats)
     stats.add(candidate_stats)
-    first_stage = [
-        candidates[np.asarray(candidate_list)] @ queries[query]  # [L]
-        for query, candidate_list in zip(dataset.query_rows, dataset.lists, strict=True)
-    ]
-    wanted: dict[tuple[int, int], None] = {}
-    for scores, candidate_list, query in zip(first_stage, dataset.lists, dataset.query_rows, strict=True):
-        for position in np.argsort(-scores, kind="stable")[:top_k]:
-            wanted[(query, candidate_list[position])] = None
-    pairs = list(wanted)
-    inputs = [
-        (reranker_input(dataset.queries.items[query]), reranker_input(dataset.candidates.items[candidate]))
-        for query, candidate in pairs
-    ]
-    predicted = np.asarray(
-        reranker.predict(inputs, batch_size=batch_size, show_progress_bar=progress), dtype=np.float64
-    )
-    if predicted.shape != (len(pairs),):
-        raise EncoderError(
-            f"the reranker returned shape {predicted.shape} for {len(pairs)} pairs; expected one score each"
+    before, after, pairs_scored = [], [], 0
+    lists = zip(dataset.query_rows, dataset.lists, strict=True)
+    for query, candidate_list in tqdm(
+        lists, total=len(dataset.lists), desc=f"{dataset.name} rerank", disable=not progress
+    ):
+        ids = np.asarray(candidate_list)
+        vectors = candidates[ids]  # [L, D]
+        scores = vectors @ queries[query]  # [L]
+        rank_before = 1 + int(np.sum((ids != ids[0]) & (scores >= scores[0])))
+        (ranked,) = retrieve_then_rerank(
+            queries[query][None],  # [1, D]
+            vectors,
+            [reranker_input(dataset.queries.items[query])],
+            _LazyInputs([dataset.candidates.items[i] for i in candidate_list]),
+            reranker,
+            top_k_candidates=top_k,
+            fusion_weight=fusion_weight,
+            batch_size=batch_size,
+            show_progress_bar=False,
         )
-    pair_scores = dict(zip(pairs, predicted.tolist(), strict=True))
-    before, after = rerank_top_k(
-        first_stage, dataset.lists, pair_scores, dataset.query_rows, top_k=top_k, fusion_weight=fusion_weight
-    )
+        pairs_scored += len(ranked.indices)
+        before.append(rank_before)
+        after.append(rank_after_rerank(ranked.indices, candidate_list, rank_before, top_k))
 
-    def metrics(ranks: np.ndarray) -> dict[str, float]:
+    def metrics(ranks: list[int]) -> dict[str, float]:
         return {"ndcg@10": ndcg_at_k(ranks, 10), "mrr": mrr(ranks), "recall@1": hit_at_k(ranks, 1)}
 
     return {
@@ -152,7 +132,7 @@ def run_rerank(
         "queries": len(before),
         "top_k": top_k,
         "fusion_weight": fusion_weight,
-        "pairs_scored": len(pairs),
+        "pairs_scored": pairs_scored,
         "scores": {
             **{f"before/{k}": v for k, v in metrics(before).items()},
             **{f"after/{k}": v for k, v in metrics(after).items()},

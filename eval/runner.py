@@ -20,8 +20,9 @@ from unime.eval.data import OnBadRows
 from unime.eval.embedding import EmbedStats
 from unime.eval.encoders import Encoder
 from unime.eval.mmeb import load_dataset, run_mmeb
-from unime.eval.rerank import PairScorer, run_rerank
+from unime.eval.rerank import run_rerank
 from unime.eval.retrieval import Layout, load_retrieval, run_retrieval
+from unime.retrieval import PairScorer
 
 
 @dataclass

@@ -11,7 +11,7 @@ from unime.cli import main
 from unime.eval.encoders import SentenceTransformersEncoder
 from unime.eval.items import Item
 from unime.eval.mmeb import load_dataset, run_mmeb
-from unime.eval.rerank import rerank_top_k, reranker_input, run_rerank
+from unime.eval.rerank import rank_after_rerank, reranker_input, run_rerank
 from unime.eval.runner import EvalConfig, run_eval
 
 
@@ -97,18 +97,42 @@ def cross_encoder(tmp_path_factory):
     return CrossEncoder(str(directory), device="cpu")
 
 
-def test_rerank_top_k_by_hand():
-    # Query 0: first stage puts the positive (id 5) third; the reranker lifts it to the top of the top 3.
-    first_stage = [np.array([0.5, 0.9, 0.7, 0.1])]
-    pair_scores = {(0, 5): 3.0, (0, 6): 1.0, (0, 7): 2.0}
-    before, after = rerank_top_k(first_stage, [[5, 6, 7, 8]], pair_scores, [0], top_k=3)
-    assert before.tolist() == [3] and after.tolist() == [1]
-    # Fusion: first stage + 0.1 * reranker = 0.8, 1.0, 0.9 -> the positive ends third.
-    _, fused = rerank_top_k(first_stage, [[5, 6, 7, 8]], pair_scores, [0], top_k=3, fusion_weight=0.1)
-    assert fused.tolist() == [3]
-    # A positive outside the top K keeps its first-stage rank.
-    _, kept = rerank_top_k(first_stage, [[5, 6, 7, 8]], pair_scores, [0], top_k=2)
-    assert kept.tolist() == [3]
+class TableScorer:
+    """A reranker whose scores are a table written by hand: (query text, document text) -> score."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def predict(self, pairs, batch_size=32, show_progress_bar=None):
+        return np.array([self.table[pair] for pair in pairs])
+
+
+def test_reranking_by_hand(tiny_encoder, tmp_path):
+    """The first stage's top 3 reordered by hand-written reranker scores, with and without fusion."""
+    texts = ["a red circle", "a blue square", "a green triangle", "a purple circle"]
+    row = {"qry_text": "find it", "qry_img_path": "", "tgt_text": texts, "tgt_img_path": [""] * 4}
+    (tmp_path / "Toy").mkdir()
+    (tmp_path / "Toy" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    dataset = load_dataset(tmp_path, "Toy")
+    items = [Item(text="find it")] + [Item(text=text) for text in texts]
+    query, *candidates = tiny_encoder.encode(items)
+    first_stage = np.array(candidates) @ query
+    order = list(np.argsort(-first_stage, kind="stable"))
+    rank_before = 1 + order.index(0)
+    assert 1 < rank_before <= 3, "this case needs a positive inside the top 3 but not first"
+    top3 = order[:3]
+    # The reranker likes the positive best, then the rest in reverse first-stage order.
+    table = {("find it", texts[p]): float(len(top3) - i) for i, p in enumerate(sorted(top3, key=lambda p: p != 0))}
+    result, _ = run_rerank(tiny_encoder, TableScorer(table), dataset, top_k=3, progress=False)
+    assert result["scores"]["before/mrr"] == pytest.approx(1 / rank_before)
+    assert result["scores"]["after/recall@1"] == (1.0 if rank_before <= 3 else 0.0)
+    assert result["pairs_scored"] == 3
+    # Fusion with a tiny weight keeps the first-stage order (cosines differ by far more than 1e-9 * 3).
+    fused, _ = run_rerank(tiny_encoder, TableScorer(table), dataset, top_k=3, fusion_weight=1e-9, progress=False)
+    assert fused["scores"]["after/mrr"] == pytest.approx(1 / rank_before)
+    # A positive outside the shortlist keeps its first-stage rank.
+    assert rank_after_rerank([1, 2], [5, 6, 7, 8], rank_before=3, top_k=2) == 3
+    assert rank_after_rerank([2, 0], [5, 6, 7, 8], rank_before=1, top_k=2) == 2
 
 
 def test_reranking_with_a_real_cross_encoder_matches_a_direct_computation(tiny_encoder, cross_encoder, tmp_path):
