@@ -9,6 +9,7 @@ On SIGTERM or SIGINT the server stops accepting connections, lets the requests i
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from unime.serve.config import ServeConfig
@@ -48,9 +49,17 @@ def serve(config: ServeConfig) -> int:
     )
     hosts = ", ".join(name for name in (config.embedder_dir, config.reranker_dir) if name)
     print(f"unime serve: {hosts} with the {backend} backend on http://{config.host}:{config.port}", flush=True)
+    # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler
+    # that was in place before it started: a no-op here, so that a graceful stop ends with exit status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _after_graceful_stop)
     server.run()
     print("unime serve: stopped", flush=True)
     return 0
+
+
+def _after_graceful_stop(signum: int, frame: object) -> None:
+    del signum, frame  # the server has already stopped
 
 
 if __name__ == "__main__":
