@@ -216,8 +216,9 @@ class HTTPEncoder:
     Args:
         base_url: the server, e.g. `http://127.0.0.1:8000` (a trailing `/v1` is accepted).
         model: the `model` field of requests.
-        server: `"unime"`: one request per batch, `input` a list of strings and `{"text", "image"}` objects
-            (images as data URIs) with `input_type` set from the items' role. `"vllm"`: vLLM's OpenAI server,
+        server: `"unime"` (`unime serve`): one request per batch, `input` a list of strings and `{"text",
+            "image"}` objects (images as data URIs), with `input_type` set from the items' role and `instruction`
+            from their own instruction. `"vllm"`: vLLM's OpenAI server,
             where an image can only travel in a chat-style `messages` request that yields one vector, so every
             item is sent as its own `messages` request (text items too: that is how the server applies the
             model's chat template, which a unime model directory's embedding prompt lives in); an item's
@@ -266,13 +267,10 @@ class HTTPEncoder:
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         if self.server == "unime":
-            # One request per batch of items of one role (the request's input_type applies to all of it).
-            by_role: dict[str | None, list[int]] = defaultdict(list)
-            for index, item in enumerate(items):
-                by_role[item.role].append(index)
+            # One request per batch of items of one prompt (a request's input_type / instruction covers all of it).
             requests = [
                 indices[start : start + batch_size]
-                for indices in by_role.values()
+                for indices in _group_by_prompt(items).values()
                 for start in range(0, len(indices), batch_size)
             ]
         else:
@@ -310,10 +308,6 @@ class HTTPEncoder:
         inputs: list[Any] = []
         for index in indices:
             item = items[index]
-            if item.instruction is not None:
-                raise EncoderError(
-                    f"item {index}: the unime server takes roles (input_type), not per-item instructions"
-                )
             if item.image is None:
                 inputs.append(item.text)
             else:
@@ -321,11 +315,12 @@ class HTTPEncoder:
                 if item.text is not None:
                     entry["text"] = item.text
                 inputs.append(entry)
-        roles = {items[index].role for index in indices}
         body: dict[str, Any] = {"model": self.model, "input": inputs, "encoding_format": "float"}
-        role = roles.pop()  # one role per request (see encode)
-        if role is not None:
-            body["input_type"] = role
+        first = items[indices[0]]  # every item of a request shares its role and instruction (see encode)
+        if first.role is not None:
+            body["input_type"] = first.role
+        if first.instruction is not None:
+            body["instruction"] = first.instruction
         return body
 
     def _vllm_body(self, item: Item) -> dict[str, Any]:
