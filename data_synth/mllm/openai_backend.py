@@ -147,8 +147,12 @@ class OpenAIBackend:
         for attempt in range(1, self.config.max_retries + 2):
             retry_after = None
             try:
-                response = await client.post("chat/completions", json=body)
-            except httpx.TimeoutException:
+                # httpx's timeout bounds each phase (connect, each read); wait_for bounds the whole request,
+                # so an endpoint that trickles its answer slowly times out too.
+                response = await asyncio.wait_for(
+                    client.post("chat/completions", json=body), timeout=self.config.timeout_s
+                )
+            except (httpx.TimeoutException, asyncio.TimeoutError):
                 failure = "endpoint_timeout"
             except httpx.TransportError:
                 failure = "endpoint_connection_error"

@@ -134,8 +134,7 @@ class VllmBackend:
             job_path.write_text(json.dumps(job), encoding="utf-8")
             env = dict(os.environ)
             if self.config.data_parallel_size > 1:
-                tp = self.config.tensor_parallel_size
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(rank * tp + i) for i in range(tp))
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(_devices_of(rank, self.config.tensor_parallel_size, env))
             if self.config.single_process:
                 env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             log = (tmp / f"engine-{rank}.log").open("w", encoding="utf-8")
@@ -182,6 +181,19 @@ class VllmBackend:
             for key in keys:
                 if key not in returned:
                     yield GenerationResult(key, failure="engine_exited")
+
+
+def _devices_of(rank: int, tensor_parallel_size: int, env: dict[str, str]) -> list[str]:
+    """The devices of engine `rank`, taken from the caller's CUDA_VISIBLE_DEVICES when it restricts them."""
+    visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    wanted = range(rank * tensor_parallel_size, (rank + 1) * tensor_parallel_size)
+    if not visible:
+        return [str(index) for index in wanted]
+    if wanted[-1] >= len(visible):
+        raise ConfigError(
+            f"data-parallel engine {rank} needs devices {list(wanted)} but CUDA_VISIBLE_DEVICES lists {len(visible)}"
+        )
+    return [visible[index] for index in wanted]
 
 
 class _LineReader:

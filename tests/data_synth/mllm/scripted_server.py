@@ -10,7 +10,8 @@ that echoes the plan suggested in the prompt. Behaviours:
 - "invalid_json", "missing_field", "low_score": answers the generator must reject;
 - "slow_once": the first attempt answers after `slow_s` (past the client's timeout), later ones at once;
 - "error_once": HTTP 500, then valid; "rate_limited_once": HTTP 429 with Retry-After: 0, then valid;
-- "always_503": HTTP 503 every time.
+- "always_503": HTTP 503 every time; "bad_request": HTTP 400 (not worth retrying);
+- "not_a_completion": HTTP 200 with a body that is not a chat completion.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class ScriptedChatServer:
             time.sleep(self.delay_s)
         if behaviour == "always_503" or (behaviour == "error_once" and attempt == 1):
             return (503 if behaviour == "always_503" else 500), {}, {"error": {"message": "scripted failure"}}
+        if behaviour == "bad_request":
+            return 400, {}, {"error": {"message": "scripted bad request"}}
+        if behaviour == "not_a_completion":
+            return 200, {}, {"status": "ok"}
         if behaviour == "rate_limited_once" and attempt == 1:
             return 429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}
         if behaviour == "slow_once" and attempt == 1:

@@ -11,6 +11,7 @@ from PIL import Image
 from unime.data_synth.mllm.images import difference_hash, find_near_duplicates, list_photos, open_photo, second_view
 from unime.data_synth.mllm.plan import COMBINATIONS, TASKS, PlanChoices, suggest_plan
 from unime.data_synth.mllm.prompting import PROMPT_VERSION, load_prompt
+from unime.data_synth.mllm.vllm_backend import _devices_of
 from unime.data_synth.mllm.vllm_worker import rank_slice
 from unime.errors import ConfigError
 
@@ -111,3 +112,11 @@ def test_data_parallel_ranks_partition_the_requests():
     slices = [rank_slice(items, rank, 3) for rank in range(3)]
     assert sorted(sum(slices, [])) == items
     assert all(len(s) in (3, 4) for s in slices)
+
+
+def test_data_parallel_engines_get_disjoint_devices():
+    assert [_devices_of(rank, 2, {}) for rank in range(2)] == [["0", "1"], ["2", "3"]]
+    restricted = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert [_devices_of(rank, 1, restricted) for rank in range(4)] == [["4"], ["5"], ["6"], ["7"]]
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
+        _devices_of(2, 2, restricted)

@@ -15,11 +15,12 @@ import pytest
 
 from unime.data.dataset import load_examples
 from unime.data_synth.manifest import Manifest
+from unime.data_synth.mllm.backend import GenerationRequest
 from unime.data_synth.mllm.generate import GenerateConfig, generate_dataset
 from unime.data_synth.mllm.images import open_photo
 from unime.data_synth.mllm.openai_backend import OpenAIBackend, OpenAIBackendConfig
 from unime.data_synth.mllm.plan import sides_of
-from unime.data_synth.mllm.prompting import image_data_url
+from unime.data_synth.mllm.prompting import chat_messages, image_data_url
 from unime.data_synth.sharding import parse_shard
 
 from .conftest import make_photo_folder
@@ -108,6 +109,24 @@ def test_valid_answers_are_kept_bad_ones_rejected_failures_retried(photo_folder,
         assert (again.kept, again.rejected, again.generated) == (manifest.kept, manifest.rejected, manifest.generated)
         asked_again = {digest for digest, count in server.attempts.items() if count != attempts[digest]}
         assert asked_again == {photo_digest(image_data_url(open_photo(photo_folder / "a07.jpg"), max_side=MAX_SIDE))}
+
+
+def test_the_backend_does_not_retry_what_retrying_cannot_fix(photo_folder):
+    """400 fails at once; a 200 that is not a chat completion is a failure, not an answer; a closed port is
+    retried, then reported."""
+    names = {"a00.jpg": "bad_request", "a01.jpg": "not_a_completion"}
+    urls = {name: image_data_url(open_photo(photo_folder / name), max_side=MAX_SIDE) for name in names}
+    requests = [GenerationRequest(name, chat_messages("task = vqa, combination = I->T, language = English.", url))
+                for name, url in urls.items()]  # fmt: skip
+    with ScriptedChatServer({photo_digest(urls[name]): behaviour for name, behaviour in names.items()}) as server:
+        backend = OpenAIBackend(OpenAIBackendConfig(base_url=server.base_url, model="scripted", **RETRY_ARGS))
+        results = {result.key: result for result in backend.generate(requests, {})}
+        closed_port = server.base_url
+    assert (results["a00.jpg"].failure, results["a00.jpg"].attempts) == ("endpoint_http_400", 1)
+    assert (results["a01.jpg"].failure, results["a01.jpg"].attempts) == ("endpoint_bad_response", 1)
+    backend = OpenAIBackend(OpenAIBackendConfig(base_url=closed_port, model="scripted", **RETRY_ARGS))
+    [result] = backend.generate(requests[:1], {})
+    assert (result.failure, result.attempts, result.text) == ("endpoint_connection_error", 3, None)
 
 
 def test_another_shard_splits_the_job(photo_folder, tmp_path):
