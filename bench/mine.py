@@ -5,9 +5,11 @@ embeddings, in two kinds (`--data`): topic-clustered vectors, where IVF does wel
 low-dimensional manifold, where it does badly (see `topic_vectors` and `manifold_vectors`); each query is a
 perturbed corpus vector, as a query lies near its positive. Every method searches the same queries for their
 top-K; IVF is timed with its training, adding and nprobe calibration (mining builds one index per job), and its
-recall@K is measured against the exact top-K. Exact search's and brute force's top-K agree (printed).
+recall@K is measured against the exact top-K. Exact search's and brute force's top-K agree (printed). "auto" is
+what `unime mine` does: exact below EXACT_BELOW candidates; above, IVF if its calibrated nprobe scans at most
+MAX_SCAN_FRACTION of the lists, else exact search after all (calibration time included).
 
-    .venv/bin/python bench/mine.py [--sizes 10000 100000] [--queries 5000] [--dim 256] [--top-k 50]
+    .venv/bin/python bench/mine.py [--sizes 10000 100000] [--queries 20000] [--dim 256] [--top-k 50]
         [--threads 1] [--data topics manifold]
 """
 
@@ -63,25 +65,34 @@ def timed(run):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="corpus sizes")
-    parser.add_argument("--queries", type=int, default=5_000)
+    parser.add_argument("--queries", type=int, default=20_000, help="mining has about one query per candidate")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1 is stable here)")
     parser.add_argument("--data", nargs="+", choices=sorted(DATA), default=["topics", "manifold"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--always-ivf", action="store_true", help="search with IVF even where auto would not")
     args = parser.parse_args(argv)
 
     import faiss
 
-    from unime.data_synth.mining.search import build_ivf, calibrate_nprobe, exact_search, recall_at_k
+    from unime.data_synth.mining.search import (
+        EXACT_BELOW,
+        MAX_SCAN_FRACTION,
+        build_ivf,
+        calibrate_nprobe,
+        exact_search,
+        recall_at_k,
+    )
 
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     print(f"dim {args.dim}, top-{args.top_k}, {args.queries} queries, {args.threads} thread(s)")
     header = (
-        f"{'data':>8} {'corpus':>8} {'torch q/s':>10} {'exact q/s':>10} {'ivf q/s':>10} {'exact/torch':>12} "
-        f"{'ivf/torch':>10} {'ivf/exact':>10} {'ivf search/torch':>13} {'recall@K':>9} {'nlist':>6} {'nprobe':>6}"
+        f"{'data':>8} {'corpus':>7} {'torch q/s':>9} {'exact q/s':>9} {'ivf q/s':>8} {'auto q/s':>8} "
+        f"{'exact/torch':>11} {'ivf/torch':>9} {'auto/torch':>10} {'ivf search/torch':>16} {'recall@K':>8} "
+        f"{'nlist':>5} {'nprobe':>6}"
     )
     print(header)
     for data, size in [(data, size) for data in args.data for size in args.sizes]:
@@ -96,16 +107,29 @@ def main(argv: list[str] | None = None) -> None:
         (nprobe, _), calibrate_s = timed(
             lambda i=index, q=queries, c=corpus: calibrate_nprobe(i, c, q, args.top_k, seed=args.seed)
         )
-        (_, ivf_indices), search_s = timed(lambda i=index, q=queries: i.search(q, args.top_k))
+        ivf_pays = nprobe <= MAX_SCAN_FRACTION * index.nlist
+        # IVF is searched in full only where mining's "auto" would use it: elsewhere it scans most lists, one
+        # query at a time, and is many times slower than exact search (see MAX_SCAN_FRACTION).
+        if ivf_pays or args.always_ivf:
+            (_, ivf_indices), search_s = timed(lambda i=index, q=queries: i.search(q, args.top_k))
+            recall = f"{recall_at_k(ivf_indices, exact.indices):.3f}"
+        else:
+            search_s, recall = float("nan"), "-"
         ivf_s = build_s + calibrate_s + search_s
+        if size < EXACT_BELOW:
+            auto_s = exact_s
+        else:
+            auto_s = build_s + calibrate_s + (search_s if ivf_pays else exact_s)
         agreement = recall_at_k(brute, exact.indices)
-        recall = recall_at_k(ivf_indices, exact.indices)
-        rates = [args.queries / s for s in (torch_s, exact_s, ivf_s, search_s)]
+        torch_rate, exact_rate, ivf_rate, auto_rate, search_rate = (
+            args.queries / s for s in (torch_s, exact_s, ivf_s, auto_s, search_s)
+        )
         print(
-            f"{data:>8} {size:>8} {rates[0]:>10.0f} {rates[1]:>10.0f} {rates[2]:>10.0f} {rates[1] / rates[0]:>11.2f}x "
-            f"{rates[2] / rates[0]:>9.2f}x {rates[2] / rates[1]:>9.2f}x {rates[3] / rates[0]:>12.2f}x {recall:>9.3f} "
-            f"{index.nlist:>6} {nprobe:>6}   (IVF build {build_s:.1f}s, calibrate {calibrate_s:.1f}s, search "
-            f"{search_s:.1f}s; torch vs exact top-K overlap {agreement:.4f})"
+            f"{data:>8} {size:>7} {torch_rate:>9.0f} {exact_rate:>9.0f} {ivf_rate:>8.0f} {auto_rate:>8.0f} "
+            f"{exact_rate / torch_rate:>10.2f}x {ivf_rate / torch_rate:>8.2f}x {auto_rate / torch_rate:>9.2f}x "
+            f"{search_rate / torch_rate:>15.2f}x {recall:>8} {index.nlist:>5} {nprobe:>6}"
+            f"   (IVF build {build_s:.1f}s, calibrate {calibrate_s:.1f}s, search {search_s:.1f}s; auto uses "
+            f"{'exact' if size < EXACT_BELOW or not ivf_pays else 'ivf'}; torch vs exact top-K overlap {agreement:.4f})"
         )
 
 

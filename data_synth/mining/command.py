@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = MiningConfig()
     parser.add_argument("model_dir", help="embedder model directory (unime.load)")
-    parser.add_argument("train", help="training JSONL/parquet whose rows (query, positive) get negatives")
+    parser.add_argument("train", help="training JSONL/parquet, or a `synth tasks` folder, whose rows get negatives")
     parser.add_argument("out", help="JSONL to write (with --shard i/N: out.part-i-of-N.jsonl), manifest beside it")
     parser.add_argument("--corpus", help="JSONL of candidate sides ({text, image}); default: all rows' positives")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates retrieved per query")

@@ -421,6 +421,19 @@ def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
     return sides
 
 
+def training_files(path: str | Path) -> list[Path]:
+    """A training file, or a generator's output folder: the shards its manifest lists (else its *.jsonl)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    if (path / "manifest.json").is_file():
+        return [path / name for name in Manifest.load(path).shards]
+    files = sorted(path.glob("*.jsonl"))
+    if not files:
+        raise ConfigError(f"{path}: a folder without manifest.json or .jsonl files")
+    return files
+
+
 def output_path_for(out_path: str | Path, shard: Shard) -> Path:
     """`out.jsonl`, or `out.part-<i>-of-<N>.jsonl` for one shard of a sharded job."""
     out_path = Path(out_path)
@@ -442,12 +455,13 @@ def mine_file(
     cache_dir: str | Path | None = None,
     shard: Shard = ALL,
 ) -> tuple[Path, Manifest]:
-    """Mine negatives for the rows of `train_path` this shard owns and write them to `out_path` (atomic), with
-    `<out>.manifest.json` beside it. Rows that fail validation (bad fields, unreadable images) are counted by
-    reason in the manifest and not written. Returns the written path and its manifest."""
+    """Mine negatives for the rows of `train_path` (a file, or a generated folder) this shard owns and write
+    them to `out_path` (atomic), with `<out>.manifest.json` beside it. Rows that fail validation (bad fields,
+    unreadable images) are counted by reason in the manifest and not written. Returns the written path and its
+    manifest."""
     config = config or MiningConfig()
     report = MiningReport()
-    examples, load_report = load_examples([train_path], on_error="skip", check_images=True)
+    examples, load_report = load_examples(training_files(train_path), on_error="skip", check_images=True)
     report.rows_read = load_report.kept + load_report.skipped
     for reason, count in load_report.reasons.items():
         report.rejected[reason] += count

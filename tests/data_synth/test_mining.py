@@ -206,6 +206,11 @@ def test_mine_command_end_to_end(tiny_dir, data, tmp_path, capsys):
     assert parts[0] and parts[1]
     assert parse_shard("0/2").owns("x") != parse_shard("1/2").owns("x")
 
+    # A generated folder is read through its manifest's shards.
+    from_folder = tmp_path / "from-folder.jsonl"
+    assert main(["mine", str(tiny_dir), str(folder), str(from_folder), *args[3:]]) == 0
+    assert json.loads((tmp_path / "from-folder.manifest.json").read_text())["kept"] == ROWS
+
     # With a judge (a saved tiny reranker): its p(yes) scores are the rows' scores.
     judge_dir = tmp_path / "judge"
     save_tiny("qwen2_vl", judge_dir, kind="reranker")

@@ -236,3 +236,13 @@ def test_grounding_crops_show_one_region(written):
                     assert crop.size == (CONFIG.image_size // 4, CONFIG.image_size // 4)
                     assert crop.getcolors(4096) and len(crop.getcolors(4096)) > 1  # not blank: the shape is in it
     assert Path(directory).is_dir()
+
+
+def test_repeated_scenes_are_rejected_as_near_duplicates_and_counted():
+    """One-shape scenes without words: 1200 exist, so 300 draws repeat some; each repeat is replaced."""
+    config = TaskSynthConfig(train=300, held_out=0, recipes=("classification_i2t",), text_probability=0.0)
+    items = list(plan(config))
+    kept = [item for item in items if item.example is not None]
+    repeats = [item for item in items if item.rejected == "near_duplicate"]
+    assert len(kept) == 300 and len({item.scene_key for item in kept}) == 300
+    assert repeats and all(item.scene_key in {k.scene_key for k in kept} for item in repeats)
