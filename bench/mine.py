@@ -124,11 +124,19 @@ def main(argv: list[str] | None = None) -> None:
         torch_rate, exact_rate, ivf_rate, auto_rate, search_rate = (
             args.queries / s for s in (torch_s, exact_s, ivf_s, auto_s, search_s)
         )
+
+        def rate(value: float, width: int) -> str:
+            return f"{'-':>{width}}" if np.isnan(value) else f"{value:>{width}.0f}"
+
+        def ratio(value: float, width: int) -> str:
+            return f"{'-':>{width + 1}}" if np.isnan(value) else f"{value:>{width}.2f}x"
+
+        searched = "not searched" if np.isnan(search_s) else f"search {search_s:.1f}s"
         print(
-            f"{data:>8} {size:>7} {torch_rate:>9.0f} {exact_rate:>9.0f} {ivf_rate:>8.0f} {auto_rate:>8.0f} "
-            f"{exact_rate / torch_rate:>10.2f}x {ivf_rate / torch_rate:>8.2f}x {auto_rate / torch_rate:>9.2f}x "
-            f"{search_rate / torch_rate:>15.2f}x {recall:>8} {index.nlist:>5} {nprobe:>6}"
-            f"   (IVF build {build_s:.1f}s, calibrate {calibrate_s:.1f}s, search {search_s:.1f}s; auto uses "
+            f"{data:>8} {size:>7} {rate(torch_rate, 9)} {rate(exact_rate, 9)} {rate(ivf_rate, 8)} "
+            f"{rate(auto_rate, 8)} {ratio(exact_rate / torch_rate, 10)} {ratio(ivf_rate / torch_rate, 8)} "
+            f"{ratio(auto_rate / torch_rate, 9)} {ratio(search_rate / torch_rate, 15)} {recall:>8} {index.nlist:>5} "
+            f"{nprobe:>6}   (IVF build {build_s:.1f}s, calibrate {calibrate_s:.1f}s, {searched}; auto uses "
             f"{'exact' if size < EXACT_BELOW or not ivf_pays else 'ivf'}; torch vs exact top-K overlap {agreement:.4f})"
         )
 
