@@ -100,15 +100,7 @@ class EmbeddingCollator:
         )
 
     def _pick_negatives(self, example: TrainExample, rng: random.Random) -> list[int]:
-        k = self.num_negatives
-        if k == 0:
-            return []
-        available = len(example.negatives)
-        if available == 0:
-            raise DataError(f"{example.origin}: field 'negatives': empty, but the recipe uses {k} per query")
-        if available >= k:
-            return list(range(k)) if self.sample_negatives == "first" else sorted(rng.sample(range(available), k))
-        return [i % available for i in range(k)]  # too few: reuse them in turn
+        return pick_negatives(example, self.num_negatives, self.sample_negatives, rng)
 
     def _encode_group(self, sides: list[tuple[TrainExample, Side]], group: str) -> list[Features]:
         size = self.chunk_size or max(len(sides), 1)
@@ -126,8 +118,108 @@ class EmbeddingCollator:
         return chunks
 
 
+def pick_negatives(example: TrainExample, k: int, sample_negatives: str, rng: random.Random) -> list[int]:
+    """Which of a row's mined negatives a batch uses: the first k (the hardest, as mined) or a seeded random k;
+    a row with fewer than k reuses its negatives in turn."""
+    if k == 0:
+        return []
+    available = len(example.negatives)
+    if available == 0:
+        raise DataError(f"{example.origin}: field 'negatives': empty, but the recipe uses {k} per query")
+    if available >= k:
+        return list(range(k)) if sample_negatives == "first" else sorted(rng.sample(range(available), k))
+    return [i % available for i in range(k)]  # too few: reuse them in turn
+
+
 def distill_text(example: TrainExample, side: Side) -> str:
     """The text a teacher embeds for a side; stage-1 distillation is text-only."""
     if side.text is None or side.image is not None:
         raise DataError(f"{example.origin}: text distillation needs text-only sides, got an image")
     return side.text
+
+
+class RerankCollator:
+    """Builds reranker `TrainBatch`es: each query paired with its positive, mined negatives and random documents.
+
+    `chunks["pairs"]` holds B * G pairs, example-major: example i's pairs are rows i*G .. i*G+G-1, its positive
+    first, then `num_negatives` mined negatives (as `EmbeddingCollator` picks them), then `random_negatives`
+    documents drawn from other examples' positives (the reranking paper trains on 16 negatives, half mined and
+    half random). A pair's instruction is its query's.
+
+    Args:
+        reranker: supplies `tokenize` for (query, document) pairs.
+        examples: the training set, whose positives are the pool of random negatives.
+        num_negatives, sample_negatives, seed, chunk_size: as in `EmbeddingCollator`.
+        random_negatives: random documents per query.
+    """
+
+    def __init__(
+        self,
+        reranker,
+        examples: Sequence[TrainExample],
+        *,
+        num_negatives: int = 0,
+        random_negatives: int = 0,
+        chunk_size: int | None = None,
+        sample_negatives: str = "first",
+        seed: int = 0,
+    ):
+        if num_negatives + random_negatives < 1:
+            raise DataError(
+                "a reranker trains on at least one negative per query (data.num_negatives or data.random_negatives)"
+            )
+        self.reranker = reranker
+        self.pool = [example.positive for example in examples]
+        if random_negatives and len(set(self.pool)) < 2:
+            raise DataError("random negatives need at least two distinct positives in the training data")
+        if sample_negatives not in ("first", "random"):
+            raise ValueError(f"sample_negatives must be 'first' or 'random', got {sample_negatives!r}")
+        self.num_negatives = num_negatives
+        self.sample_negatives = sample_negatives
+        self.random_negatives = random_negatives
+        self.chunk_size = chunk_size
+        self.seed = seed
+
+    @property
+    def group_size(self) -> int:
+        return 1 + self.num_negatives + self.random_negatives
+
+    def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
+        rng = random.Random(f"{self.seed}-rerank-{examples[0].origin if examples else ''}")
+        pairs: list[tuple[TrainExample, Side]] = []
+        for example in examples:
+            documents = [example.positive]
+            mined = pick_negatives(example, self.num_negatives, self.sample_negatives, rng)
+            documents += [example.negatives[i] for i in mined]
+            documents += self._random_documents(example, rng)
+            pairs.extend((example, document) for document in documents)
+        return TrainBatch(
+            chunks={"pairs": self._encode_pairs(pairs)},
+            size=len(examples),
+            num_negatives=self.group_size - 1,
+            sources=[e.source for e in examples],
+        )
+
+    def _random_documents(self, example: TrainExample, rng: random.Random) -> list[Side]:
+        chosen: list[Side] = []
+        while len(chosen) < self.random_negatives:
+            document = self.pool[rng.randrange(len(self.pool))]
+            if document != example.positive:  # a random draw of the query's own positive is no negative
+                chosen.append(document)
+        return chosen
+
+    def _encode_pairs(self, pairs: list[tuple[TrainExample, Side]]) -> list[Features]:
+        size = self.chunk_size or max(len(pairs), 1)
+        chunks = []
+        for start in range(0, len(pairs), size):
+            part = pairs[start : start + size]
+            try:
+                features = self.reranker.tokenize(
+                    [(example.query.as_input(), document.as_input()) for example, document in part],
+                    [example.query.instruction for example, _ in part],
+                )
+            except InvalidInputError as err:
+                example = part[err.index][0] if err.index is not None else part[0][0]
+                raise DataError(f"{example.origin}: a (query, document) pair: {err}") from err
+            chunks.append(features)
+        return chunks

@@ -54,6 +54,9 @@ class ModelSettings:
     """Recompute activations in the backward pass to save memory."""
     seed: int = 0
     """Initialisation seed of a `tiny:` model."""
+    kind: Literal["embedder", "reranker"] = "embedder"
+    """What to train: an embedder, or a yes/no reranker (started from any checkpoint of the backbone, an
+    embedder directory included)."""
 
 
 @dataclass
@@ -66,6 +69,8 @@ class DataSettings:
     """Where relative image paths point; default: each file's folder."""
     num_negatives: int = 0
     """Mined hard negatives per query (0: in-batch negatives only)."""
+    random_negatives: int = 0
+    """Reranker only: documents drawn at random from other rows' positives, added to each query's mined ones."""
     sample_negatives: Literal["first", "random"] = "first"
     """Which K of a row's mined negatives to use: the first K (the hardest, as mined), or a random K."""
     same_source_batches: bool = False
@@ -78,8 +83,17 @@ class DataSettings:
 
 @dataclass
 class LossSettings:
-    name: Literal["info_nce", "unime_hard_negative", "soft_label_kl", "text_distill_kl"] = "unime_hard_negative"
-    """The objective (see `unime.losses`); `text_distill_kl` is UniME stage 1 (needs the `distill` section)."""
+    name: Literal[
+        "info_nce",
+        "unime_hard_negative",
+        "soft_label_kl",
+        "text_distill_kl",
+        "rerank_sft",
+        "rerank_contrastive",
+        "rerank_unified",
+    ] = "unime_hard_negative"
+    """The objective (see `unime.losses`); `text_distill_kl` is UniME stage 1 (needs the `distill` section);
+    `rerank_*` train a reranker (`model.kind: reranker`)."""
     temperature: float = 0.02
     """Softmax temperature (UniME, VLM2Vec: 0.02)."""
     margin: float = 0.1
@@ -90,6 +104,10 @@ class LossSettings:
     """soft_label_kl, text_distill_kl: temperature of the teacher's scores (default: `temperature`)."""
     matryoshka_dims: list[int] = field(default_factory=list)
     """Also train truncations to these sizes (summed losses); empty for none."""
+    rerank_weight: Literal["sft", "cl", "one"] = "sft"
+    """rerank_unified: the gradient weight W (SFT's per-pair 1 - p, CL's listwise softmax, or 1)."""
+    rerank_direction: Literal["sft", "cl"] = "sft"
+    """rerank_unified: the gradient direction D (SFT's M_yes - M_no, or CL's M_yes)."""
 
 
 @dataclass

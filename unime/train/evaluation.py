@@ -5,6 +5,7 @@ The full benchmark harness lives in `unime.eval`; this hook only tracks progress
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -78,3 +79,56 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ]
     ra, rb = (r - r.mean() for r in ranks)
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def reranking_metrics(
+    reranker,
+    examples: Sequence[TrainExample],
+    *,
+    random_candidates: int = 8,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """nDCG@10, MRR and recall@1 of reranking each held-out query's shuffled candidate list.
+
+    A query's list is its positive, its mined negatives and `random_candidates` other examples' positives, in
+    a seeded random order (so an untrained reranker scores at chance). `random_mrr` is what a random order
+    scores on the same lists, the chance line to read the others against.
+    """
+    from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k
+
+    rng = random.Random(seed)
+    pairs, spans, positions = [], [], []
+    for index, example in enumerate(examples):
+        others = [e.positive for i, e in enumerate(examples) if i != index and e.positive != example.positive]
+        candidates = [example.positive, *example.negatives, *rng.sample(others, min(random_candidates, len(others)))]
+        order = list(range(len(candidates)))
+        rng.shuffle(order)
+        positions.append(order.index(0))  # where the positive landed
+        spans.append((len(pairs), len(order)))
+        pairs += [(example.query, candidates[i]) for i in order]
+    was_training = reranker.training
+    reranker.eval()
+    logits = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pairs), batch_size):
+                batch = pairs[start : start + batch_size]
+                inputs = [(q.as_input(), d.as_input()) for q, d in batch]
+                features = reranker.tokenize(inputs, [q.instruction for q, _ in batch])
+                logits.append(reranker(features).float().cpu())  # [b, 2]
+    finally:
+        reranker.train(was_training)
+    logits = torch.cat(logits) if logits else torch.empty(0, 2)  # [P, 2]
+    scores = logits[:, 1] - logits[:, 0]  # [P] log-odds: the same order as p(yes)
+    ranks, chance = [], []
+    for (start, size), position in zip(spans, positions, strict=True):
+        group = scores[start : start + size]
+        ranks.append(int((group >= group[position]).sum()))  # ties count against the positive
+        chance.append(sum(1.0 / r for r in range(1, size + 1)) / size)
+    return {
+        "ndcg@10": ndcg_at_k(ranks, 10),
+        "mrr": mrr(ranks),
+        "recall@1": hit_at_k(ranks, 1),
+        "random_mrr": sum(chance) / len(chance) if chance else 0.0,
+    }

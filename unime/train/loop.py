@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from unime.data.collator import EmbeddingCollator, TrainBatch
+from unime.data.collator import EmbeddingCollator, RerankCollator, TrainBatch
 from unime.data.sampler import TrainBatchSampler
 from unime.data.schema import TrainExample
 from unime.errors import ConfigError
@@ -24,7 +24,7 @@ from unime.pooling import finish_embeddings
 from unime.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from unime.train.config import TrainConfig
 from unime.train.gradcache import encode_with_grad_cache, encode_without_cache
-from unime.train.objective import EmbeddingObjective
+from unime.train.objective import EmbeddingObjective, RerankObjective
 from unime.train.trainable import count_parameters, make_trainable
 
 EvalHook = Callable[[Any, int], dict[str, float]]
@@ -74,16 +74,16 @@ def check_backend(accelerator, config: TrainConfig) -> None:
 
 def train(
     config: TrainConfig,
-    embedder,
+    module,
     examples: Sequence[TrainExample],
     *,
     accelerator=None,
     eval_hook: EvalHook | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
-    """Train `embedder` on `examples` as `config` says; returns the final model directory.
+    """Train `module` (an `Embedder` or a `Reranker`) on `examples` as `config` says; returns the final directory.
 
-    `eval_hook(embedder, step) -> metrics` runs every `config.eval_every` steps and at the end; `on_step(step,
+    `eval_hook(module, step) -> metrics` runs every `config.eval_every` steps and at the end; `on_step(step,
     logs)` after every optimizer step (progress reporting; an exception there interrupts training like a crash,
     and the run resumes from the last checkpoint).
     """
@@ -95,21 +95,21 @@ def train(
     optim = config.optim
     output_dir = Path(config.output_dir)
 
-    make_trainable(embedder, config.model)
-    embedder.train()
-    trainable, total = count_parameters(embedder)
+    make_trainable(module, config.model)
+    module.train()
+    trainable, total = count_parameters(module)
     accelerator.print(
         f"training {trainable:,} of {total:,} parameters on {accelerator.num_processes} process(es), "
         f"backend {accelerator.distributed_type.value}"
     )
 
     optimizer = torch.optim.AdamW(
-        [p for p in embedder.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
+        [p for p in module.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, optim.max_steps))
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
     # process, a schedule for a per-process batch. It is registered so checkpoints still carry it.
-    model, optimizer = accelerator.prepare(embedder, optimizer)
+    model, optimizer = accelerator.prepare(module, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
@@ -120,20 +120,8 @@ def train(
     if config.log_with:
         accelerator.init_trackers("unime", config=flat_config(config))
 
-    collator = EmbeddingCollator(
-        embedder,
-        teacher_cache=fill_teacher_cache(config, examples, accelerator),
-        num_negatives=config.data.num_negatives,
-        chunk_size=optim.gradcache_chunk_size,
-        sample_negatives=config.data.sample_negatives,
-        seed=config.seed,
-    )
+    collator, objective, encode = training_task(config, module, model, examples, accelerator)
     batches = micro_batches(examples, collator, config, accelerator, state)
-    objective = EmbeddingObjective(config.loss)
-    normalize = embedder.config.normalize
-
-    def encode(features):
-        return finish_embeddings(model(features), normalize=normalize)  # [n, D]
 
     progress = tqdm(
         total=optim.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
@@ -184,6 +172,43 @@ def train(
     accelerator.end_training()
     accelerator.print(f"model saved to {final_dir}")
     return final_dir
+
+
+def training_task(config: TrainConfig, module, model, examples: Sequence[TrainExample], accelerator):
+    """What differs between an embedder and a reranker: the batches, the objective, and the model's output.
+
+    Returns `(collator, objective, encode)`, where `encode(features)` is what the objective reads: normalised
+    embeddings `[n, D]` of an embedder, answer logits `[n, 2]` of a reranker's pairs.
+    """
+    data, optim = config.data, config.optim
+    if module.config.kind == "reranker":
+        collator = RerankCollator(
+            module,
+            examples,
+            num_negatives=data.num_negatives,
+            random_negatives=data.random_negatives,
+            chunk_size=optim.gradcache_chunk_size,
+            sample_negatives=data.sample_negatives,
+            seed=config.seed,
+        )
+        return collator, RerankObjective(config.loss), lambda features: model(features).float()  # [n, 2]
+
+    if data.random_negatives:
+        raise ConfigError("data.random_negatives applies to rerankers (model.kind: reranker)")
+    collator = EmbeddingCollator(
+        module,
+        teacher_cache=fill_teacher_cache(config, examples, accelerator),
+        num_negatives=data.num_negatives,
+        chunk_size=optim.gradcache_chunk_size,
+        sample_negatives=data.sample_negatives,
+        seed=config.seed,
+    )
+    normalize = module.config.normalize
+
+    def encode(features):
+        return finish_embeddings(model(features), normalize=normalize)  # [n, D]
+
+    return collator, EmbeddingObjective(config.loss), encode
 
 
 def fill_teacher_cache(config: TrainConfig, examples: Sequence[TrainExample], accelerator):

@@ -12,10 +12,11 @@ def load_for_training(settings: ModelSettings):
     import unime
 
     if settings.name_or_path.startswith(TINY_PREFIX):
-        return unime.build_tiny(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed)
+        return unime.build_tiny(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed, kind=settings.kind)
     return unime.load(
         settings.name_or_path,
         backbone=settings.backbone,
+        kind=settings.kind,
         dtype=settings.dtype,
         attn_implementation=settings.attn_implementation,
     )

@@ -1,4 +1,8 @@
-"""The embedding objective: group embeddings of a batch -> the configured loss (a pure tensor function)."""
+"""Training objectives: a batch's named model outputs -> the configured loss (a pure tensor function).
+
+`EmbeddingObjective` reads group embeddings (query, positive, negatives); `RerankObjective` reads the answer
+logits of every (query, document) pair.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import torch
 
 from unime.data.collator import TrainBatch
 from unime.errors import ConfigError
-from unime.losses import get_loss
+from unime.losses import RERANK_LOSSES, get_loss
 from unime.losses.matryoshka import matryoshka_loss
 from unime.train.config import LossSettings
 
@@ -17,6 +21,8 @@ class EmbeddingObjective:
     """Maps a batch's named embeddings onto the loss's arguments; the loss itself holds no model."""
 
     def __init__(self, settings: LossSettings):
+        if settings.name in RERANK_LOSSES:
+            raise ConfigError(f"loss.name {settings.name!r} trains a reranker: set model.kind: reranker")
         if settings.name == "text_distill_kl" and settings.matryoshka_dims:
             raise ConfigError("loss.matryoshka_dims is not supported with text_distill_kl (stage 1)")
         self.settings = settings
@@ -67,3 +73,27 @@ class EmbeddingObjective:
                 **kwargs,
             )
         return self.loss_fn(query, positive, negatives, **kwargs)
+
+
+class RerankObjective:
+    """Maps the answer logits of a batch's pairs onto a reranker loss; the loss itself holds no model."""
+
+    def __init__(self, settings: LossSettings):
+        if settings.name not in RERANK_LOSSES:
+            raise ConfigError(
+                f"loss.name {settings.name!r} trains an embedder, but model.kind is reranker; use one of "
+                f"{sorted(RERANK_LOSSES)}"
+            )
+        if settings.matryoshka_dims:
+            raise ConfigError("loss.matryoshka_dims applies to embedders only")
+        self.settings = settings
+        self.loss_fn = get_loss(settings.name)
+
+    def __call__(self, outputs: dict[str, torch.Tensor], batch: TrainBatch) -> torch.Tensor:
+        logits = outputs["pairs"].view(batch.size, batch.num_negatives + 1, 2)  # [B, G, 2], positive first
+        s = self.settings
+        if s.name == "rerank_sft":
+            return self.loss_fn(logits)
+        if s.name == "rerank_contrastive":
+            return self.loss_fn(logits, temperature=s.temperature)
+        return self.loss_fn(logits, weight=s.rerank_weight, direction=s.rerank_direction, temperature=s.temperature)
