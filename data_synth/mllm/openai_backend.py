@@ -114,11 +114,15 @@ class OpenAIBackend:
                 finally:
                     slots.release()
 
-            # Requests are built lazily (each reads and encodes a photo): at most `concurrency` are in memory.
-            for request in requests:
-                if stop.is_set():
-                    break
+            # Requests are built lazily (each reads and encodes a photo), at most `concurrency` ahead, and in
+            # a worker thread, so that decoding the next photo does not hold up the answers arriving meanwhile.
+            iterator = iter(requests)
+            while not stop.is_set():
                 await slots.acquire()
+                request = await asyncio.to_thread(next, iterator, None)
+                if request is None:
+                    slots.release()
+                    break
                 task = asyncio.create_task(one(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
