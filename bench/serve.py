@@ -1,0 +1,201 @@
+"""Serving throughput and latency: micro-batching against batch-1, and vLLM against transformers, in one run.
+
+Each configuration is a real `unime serve` subprocess on a loopback port, hosting the same tiny Qwen2-VL
+embedder; a closed-loop client keeps `concurrency` one-item requests in flight (mixed texts, images and
+text+image pairs) until `--requests` have been answered. Every request is checked (status 200, one vector),
+so errors and lost requests (sent, never answered) are counted, not hidden. Ratios are against the
+transformers backend without micro-batching (batch-1), measured in the same run.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serve.py [--concurrency 1 8 32] [--requests 256] [--no-vllm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Run:
+    name: str
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    lost: int
+
+
+def payloads(count: int, seed: int = 0) -> list[dict]:
+    """One-item requests: texts of 3..40 words, drawn scenes of 40..160 px, text+image pairs."""
+    from unime.data_synth.scenes import describe, draw_scene, random_scene
+
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        scene = random_scene(rng)
+        caption = describe(scene)
+        if index % 3 == 0:
+            words = ((caption + " ") * 8).split()[: rng.randint(3, 40)]
+            out.append({"input": [" ".join(words)]})
+            continue
+        buffer = io.BytesIO()
+        draw_scene(scene, size=rng.randint(40, 160)).save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        out.append({"input": [{"image": url} if index % 3 == 1 else {"text": caption, "image": url}]})
+    return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(model_dir: Path, extra: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "unime.cli", "serve", str(model_dir), "--port", str(port), *extra]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"server did not start; see {log}")
+
+
+async def load(url: str, requests: list[dict], concurrency: int) -> tuple[float, list[float], int, int]:
+    """Closed loop: `concurrency` workers, each sending its next request when the previous one is answered."""
+    latencies: list[float] = []
+    errors = lost = 0
+    queue = list(reversed(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal errors, lost
+            while queue:
+                payload = queue.pop()
+                start_time = time.perf_counter()
+                try:
+                    response = await client.post("/v1/embeddings", json=payload)
+                except httpx.HTTPError:
+                    lost += 1
+                    continue
+                latencies.append(time.perf_counter() - start_time)
+                if response.status_code != 200 or len(response.json()["data"]) != len(payload["input"]):
+                    errors += 1
+
+        start_time = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start_time
+    return elapsed, latencies, errors, lost
+
+
+def measure(name: str, url: str, requests: list[dict], levels: list[int]) -> list[Run]:
+    asyncio.run(load(url, requests[:16], 4))  # warm-up: first-call costs out of the numbers
+    runs = []
+    for concurrency in levels:
+        elapsed, latencies, errors, lost = asyncio.run(load(url, requests, concurrency))
+        ordered = sorted(latencies) or [float("nan")]
+        runs.append(
+            Run(
+                name=name,
+                concurrency=concurrency,
+                throughput=len(latencies) / elapsed,
+                p50_ms=1000 * statistics.median(ordered),
+                p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+                errors=errors,
+                lost=lost,
+            )
+        )
+        print(f"  {name:28s} c={concurrency:<3d} {runs[-1].throughput:8.1f} req/s", flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM backend")
+    parser.add_argument("--backbone", default="qwen2_vl")
+    args = parser.parse_args(argv)
+
+    import importlib.util
+
+    import unime
+
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    requests = payloads(args.requests)
+    configurations = [
+        ("transformers, batch-1", ["--backend", "transformers", "--no-batching"]),
+        ("transformers, micro-batching", ["--backend", "transformers"]),
+    ]
+    with_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
+    if with_vllm:
+        configurations.append(("vllm", ["--backend", "vllm", "--enforce-eager"]))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        model_dir = unime.save_tiny(args.backbone, tmp_path / "model")
+        env["VLLM_CPU_KVCACHE_SPACE"] = env.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["VLLM_CACHE_ROOT"] = str(tmp_path / "vllm-cache")
+        results: dict[str, list[Run]] = {}
+        for name, extra in configurations:
+            print(f"starting: {name}", flush=True)
+            process, url = start(model_dir, extra, tmp_path / f"{name.split(',')[0]}-{len(results)}.log", env)
+            try:
+                results[name] = measure(name, url, requests, args.concurrency)
+            finally:
+                process.terminate()
+                process.wait(120)
+
+    baseline = results["transformers, batch-1"]
+    batched = results["transformers, micro-batching"]
+    print()
+    print(f"{args.requests} one-item requests per level (texts, images, text+image), tiny {args.backbone}, loopback")
+    print("| backend | concurrency | req/s | p50 ms | p99 ms | errors | lost | throughput vs batch-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for runs in results.values():
+        for run, base in zip(runs, baseline, strict=True):
+            print(
+                f"| {run.name} | {run.concurrency} | {run.throughput:.1f} | {run.p50_ms:.1f} | {run.p99_ms:.1f} | "
+                f"{run.errors} | {run.lost} | {run.throughput / base.throughput:.2f}x |"
+            )
+    if with_vllm:
+        print()
+        for run, base in zip(results["vllm"], batched, strict=True):
+            ratio = run.throughput / base.throughput
+            print(f"vLLM / transformers micro-batching at concurrency {run.concurrency}: {ratio:.2f}x throughput")
+    top = max(args.concurrency)
+    ratio = [b.throughput / a.throughput for a, b in zip(baseline, batched, strict=True) if a.concurrency == top][0]
+    total_errors = sum(run.errors + run.lost for runs in results.values() for run in runs)
+    print(f"micro-batching / batch-1 at concurrency {top}: {ratio:.2f}x (aim >= 4x); errors + lost: {total_errors}")
+
+
+if __name__ == "__main__":
+    main()
