@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -464,7 +465,8 @@ def mine_file(
     examples, load_report = load_examples(training_files(train_path), on_error="skip", check_images=True)
     report.rows_read = load_report.kept + load_report.skipped
     for reason, count in load_report.reasons.items():
-        report.rejected[reason] += count
+        # One count per kind of problem, not per file: the paths are in the loader's messages, not the reason.
+        report.rejected[re.sub(r"image file '[^']*'", "image file", reason)] += count
     owned = [example for example in examples if shard.owns(row_key(example))]
     corpus = read_corpus(corpus_path, report) if corpus_path is not None else None
     if corpus is None:

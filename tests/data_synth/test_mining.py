@@ -187,7 +187,7 @@ def test_mine_command_end_to_end(tiny_dir, data, tmp_path, capsys):
     assert main(["mine", *args]) == 0
     manifest = json.loads((tmp_path / "mined" / "train.manifest.json").read_text())
     assert manifest["kept"] == ROWS and manifest["generated"] == ROWS + 1
-    assert any("image" in reason for reason in manifest["rejected"]), manifest["rejected"]
+    assert manifest["rejected"] == {"field 'positive.image': image file is not a readable image": 1}
     examples, _ = load_examples([out], min_negatives=2)  # image paths relative to the output's folder
     assert len(examples) == ROWS and all(len(e.scores) == 3 for e in examples)
     first_run = out.read_bytes()
@@ -224,3 +224,14 @@ def test_mine_command_end_to_end(tiny_dir, data, tmp_path, capsys):
 
     assert main(["mine", *args, "--window", "5"]) == 2
     assert "window" in capsys.readouterr().err
+
+
+def test_keep_existing_negatives_come_first_and_are_scored(tiny_embedders, data, cache):
+    examples = data["examples"]
+    config = MiningConfig(top_k=6, negatives=3, margin=-10.0, keep_existing=True)
+    mined, _ = mine_hard_negatives(examples, tiny_embedders("qwen2_vl"), config, cache=cache)
+    for row in mined:
+        own = list(row.example.negatives)  # the generator's one-attribute negative
+        assert len(own) == 1 and row.negatives[: len(own)] == own
+        assert len(row.negatives) == 3 and len(row.scores) == 4
+        assert own[0].image not in {side.image for side in row.negatives[1:]}
