@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -220,29 +219,21 @@ def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, written):
         assert resumed.manifests[split].generated == written.manifests[split].generated
 
 
-def test_all_recipes_are_covered_and_documented():
+def test_the_recipes_cover_every_task_kind_and_modality():
     assert {recipe.task for recipe in RECIPES} == {"classification", "vqa", "retrieval", "grounding"}
     assert {recipe.modality for recipe in RECIPES} == ALL_MODALITIES
-    assert all(recipe.build.__doc__ or recipe.name.startswith("retrieval_") for recipe in RECIPES)
 
 
 def test_grounding_crops_show_one_region(written):
     directory = written.directories["train"]
+    crops = 0
     for path in written.shard_paths("train"):
         for line in path.read_text().splitlines():
             row = json.loads(line)
             if row["source"] == "synth_grounding_it2i":
-                with Image.open(directory / row["positive"]["image"]) as crop:
-                    assert crop.size == (CONFIG.image_size // 4, CONFIG.image_size // 4)
-                    assert crop.getcolors(4096) and len(crop.getcolors(4096)) > 1  # not blank: the shape is in it
-    assert Path(directory).is_dir()
-
-
-def test_repeated_scenes_are_rejected_as_near_duplicates_and_counted():
-    """One-shape scenes without words: 1200 exist, so 300 draws repeat some; each repeat is replaced."""
-    config = TaskSynthConfig(train=300, held_out=0, recipes=("classification_i2t",), text_probability=0.0)
-    items = list(plan(config))
-    kept = [item for item in items if item.example is not None]
-    repeats = [item for item in items if item.rejected == "near_duplicate"]
-    assert len(kept) == 300 and len({item.scene_key for item in kept}) == 300
-    assert repeats and all(item.scene_key in {k.scene_key for k in kept} for item in repeats)
+                for side in [row["positive"], *row["negatives"]]:
+                    with Image.open(directory / side["image"]) as crop:
+                        assert crop.size == (CONFIG.image_size // 4, CONFIG.image_size // 4)
+                        assert len(crop.getcolors(4096)) > 1  # not blank: the shape is in it
+                    crops += 1
+    assert crops >= 4 * 6  # 54 rows in round robin over 9 recipes: 6 grounding rows of 1 + 3 crops
