@@ -237,3 +237,16 @@ def test_grounding_crops_show_one_region(written):
                         assert len(crop.getcolors(4096)) > 1  # not blank: the shape is in it
                     crops += 1
     assert crops >= 4 * 6  # 54 rows in round robin over 9 recipes: 6 grounding rows of 1 + 3 crops
+
+
+def test_synth_tasks_command(tmp_path, capsys):
+    from unime.cli import main
+
+    assert main(["synth", "tasks", str(tmp_path), "--train", "9", "--held-out", "9", "--shard", "1/2"]) == 0
+    out = capsys.readouterr().out
+    part = tmp_path / "train" / "part-00001-of-00002"
+    assert str(part) in out and "rows in 1 shard(s)" in out
+    manifest = Manifest.load(part)
+    assert 0 < manifest.kept < 9 and manifest.details["shard"] == "1/2"
+    assert main(["synth", "shapes", str(tmp_path / "shapes"), "--shard", "0/2"]) == 2
+    assert "--shard applies to `unime synth tasks` only" in capsys.readouterr().err
