@@ -1,6 +1,6 @@
 """Embeddings cached on disk, keyed by model and content, so that a rerun (or another shard) reuses them.
 
-Layout: `<cache_dir>/<model id hash>/chunk-XXXXX.npz`, each chunk holding `keys` (content hashes) and `vectors`
+Layout: `<cache_dir>/<model id hash>/chunk-<unique id>.npz`, each chunk holding `keys` (content hashes) and `vectors`
 of one batch of new embeddings; chunks are written beside and renamed (atomic), so an interrupted run leaves
 only whole chunks, and the next run embeds just what is missing.
 """
@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,14 +72,13 @@ class EmbeddingCache:
     def _save_chunk(self, new: dict[str, np.ndarray]) -> None:
         if self.directory is None:
             return
-        index = len(list(self.directory.glob("chunk-*.npz")))
-        while (self.directory / f"chunk-{index:05d}.npz").exists():
-            index += 1
+        # A unique name: shards on several machines may share one cache folder and write at the same time.
+        name = f"chunk-{uuid.uuid4().hex}.npz"
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".chunk.", suffix=".npz.tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
                 np.savez(handle, keys=np.array(list(new)), vectors=np.stack(list(new.values())))
-            os.replace(tmp, self.directory / f"chunk-{index:05d}.npz")
+            os.replace(tmp, self.directory / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
