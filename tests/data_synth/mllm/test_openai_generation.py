@@ -4,15 +4,15 @@ resumed after a kill."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from unime.cli import main as cli_main
 from unime.data.dataset import load_examples
 from unime.data_synth.manifest import Manifest
 from unime.data_synth.mllm.backend import GenerationRequest
@@ -48,7 +48,9 @@ REJECTED = {
     "unreadable_image": 1,  # broken.jpg
     "near_duplicate_image": 1,  # zz-copy-of-a00.png
 }
-RETRY_ARGS = {"timeout_s": 0.5, "max_retries": 2, "backoff_s": 0.05}
+# The timeout is well above the server's answer time even on a loaded machine, and well below slow_s.
+RETRY_ARGS = {"timeout_s": 2.0, "max_retries": 2, "backoff_s": 0.05}
+SLOW_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def run(folder: Path, out: Path, server: ScriptedChatServer, **config) -> Manife
 
 
 def test_valid_answers_are_kept_bad_ones_rejected_failures_retried(photo_folder, tmp_path):
-    with ScriptedChatServer(script_for(photo_folder)) as server:
+    with ScriptedChatServer(script_for(photo_folder), slow_s=SLOW_S) as server:
         manifest = run(photo_folder, tmp_path / "out", server)
         attempts = dict(server.attempts)
 
@@ -131,7 +133,7 @@ def test_the_backend_does_not_retry_what_retrying_cannot_fix(photo_folder):
 
 def test_another_shard_splits_the_job(photo_folder, tmp_path):
     """Shards 0/2 and 1/2 together do exactly what one shard does."""
-    with ScriptedChatServer(script_for(photo_folder)) as server:
+    with ScriptedChatServer(script_for(photo_folder), slow_s=SLOW_S) as server:
         halves = [run(photo_folder, tmp_path / f"out-{i}", server, shard=f"{i}/2") for i in range(2)]
     keys = [
         {json.loads(line)["key"] for path in (tmp_path / f"out-{i}").glob("shard-*.keys") for line in path.open()}
@@ -146,31 +148,40 @@ def test_another_shard_splits_the_job(photo_folder, tmp_path):
     assert sum(half.rejected.get("near_duplicate_image", 0) for half in halves) == 1
 
 
-def test_a_run_killed_and_resumed_writes_exactly_the_uninterrupted_output(photo_folder, tmp_path):
-    with ScriptedChatServer(script_for(photo_folder), delay_s=0.3) as server:
-        whole = run(photo_folder, tmp_path / "whole", server)
-
-        killed = tmp_path / "killed"
+def test_a_run_killed_and_resumed_writes_exactly_the_uninterrupted_output(photo_folder, tmp_path, capsys):
+    """The uninterrupted run goes through the command line; the interrupted one is a forked copy of this
+    process (a fresh interpreter would spend most of this test importing torch), killed with SIGKILL once it
+    has written a few records, then resumed."""
+    with ScriptedChatServer(script_for(photo_folder), slow_s=SLOW_S, delay_s=0.3) as server:
+        whole_dir = tmp_path / "whole"
         command = [
-            sys.executable, "-m", "unime.cli", "generate", str(photo_folder), str(killed),
+            "generate", str(photo_folder), str(whole_dir),
             "--backend", "openai", "--base-url", server.base_url, "--model", "scripted",
             "--concurrency", "4", "--records-per-shard", "2", "--max-image-side", str(MAX_SIDE),
-            "--timeout", "0.5", "--retries", "2", "--backoff", "0.05",
+            "--timeout", "2", "--retries", "2", "--backoff", "0.05",
         ]  # fmt: skip
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
+        assert cli_main(command) == 0
+        printed = capsys.readouterr()
+        assert "11 generated, 5 kept" in printed.out and "1x endpoint_http_503" in printed.err
+        whole = Manifest.load(whole_dir)
+
+        killed = tmp_path / "killed"
+        child = multiprocessing.get_context("fork").Process(target=run, args=(photo_folder, killed, server))
+        child.start()
+        deadline = time.monotonic() + 60
         while records_written(killed) < 5:
-            assert child.poll() is None, f"the run ended before it was killed: {child.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "the run wrote nothing within 90 s"
+            assert child.is_alive(), "the run ended before it was killed"
+            assert time.monotonic() < deadline, "the run wrote nothing within 60 s"
             time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        assert child.exitcode == -signal.SIGKILL
         assert records_written(killed) < whole.generated  # it really was interrupted
 
         resumed = run(photo_folder, killed, server)
 
-    assert data_files(killed) == data_files(tmp_path / "whole")
+    assert resumed.details["last_run"]["failed"] == {"endpoint_http_503": 1}
+    assert data_files(killed) == data_files(whole_dir)
     for manifest in (whole, resumed):
         del manifest.details["last_run"]
     assert resumed == whole
