@@ -175,3 +175,44 @@ def test_reranking_with_a_real_cross_encoder_matches_a_direct_computation(tiny_e
         hits.append(top[int(np.argmax(reranked))] == 0)
     assert result["scores"]["after/recall@1"] == pytest.approx(np.mean(hits))
     assert result["pairs_scored"] <= 4 * 3
+
+
+def test_cli_reranks_with_a_unime_reranker_on_image_and_text_pairs(tiny_dir, synthetic_root, tmp_path):
+    """unime's own reranker (a tiny Qwen2-VL yes/no judge) through `unime eval run --reranker DIR`."""
+    import unime
+
+    reranker = unime.build_tiny("qwen2_vl", kind="reranker", seed=0)
+    reranker.save(tmp_path / "reranker")
+    out = tmp_path / "run"
+    command = ["eval", "run", "--model", str(tiny_dir), "--mmeb", str(synthetic_root), "--quiet", "--no-plots"]
+    command += ["--datasets", "Synthetic-I2T", "--reranker", str(tmp_path / "reranker")]
+    command += ["--rerank", "Synthetic-I2T,Synthetic-T2I", "--rerank-top-k", "3", "--out", str(out)]
+    assert main(command) == 0
+    results = json.loads((out / "results.json").read_text())
+    rerank = {r["dataset"]: r for r in results["tasks"]["rerank"]}
+    assert set(rerank) == {"Synthetic-I2T", "Synthetic-T2I"}
+    # The first stage is the MMEB task's own ranking; the shortlist is 3 per query.
+    mmeb = results["tasks"]["mmeb"]["datasets"][0]["scores"]
+    assert rerank["Synthetic-I2T"]["scores"]["before/recall@1"] == mmeb["hit@1"]
+    assert rerank["Synthetic-I2T"]["pairs_scored"] == 3 * rerank["Synthetic-I2T"]["queries"]
+    # After reranking, recall@1 is the share of queries whose positive the reranker puts first among the top 3.
+    dataset = load_dataset(synthetic_root, "Synthetic-T2I")
+    from unime.eval.encoders import UnimeEncoder
+
+    encoder = UnimeEncoder(tiny_dir)
+    loaded = unime.load(tmp_path / "reranker")
+    hits = []
+    for query_row, candidate_list in zip(dataset.query_rows, dataset.lists, strict=True):
+        query = encoder.encode([dataset.queries.items[query_row]])[0]
+        scores = encoder.encode([dataset.candidates.items[c] for c in candidate_list]) @ query
+        top = list(np.argsort(-scores, kind="stable")[:3])
+        pairs = [
+            (
+                reranker_input(dataset.queries.items[query_row]),
+                reranker_input(dataset.candidates.items[candidate_list[p]]),
+            )
+            for p in top
+        ]
+        hits.append(0 in top and top[int(np.argmax(loaded.predict(pairs)))] == 0)
+    assert rerank["Synthetic-T2I"]["scores"]["after/recall@1"] == pytest.approx(np.mean(hits))
+    assert "## Reranking" in (out / "results.md").read_text()
