@@ -183,6 +183,45 @@ class VllmEmbedder:
         return BatchResult(values=vectors, tokens=[len(output.prompt_token_ids) for output in outputs])
 
 
+class VllmReranker:
+    """The vLLM engine as a yes/no scorer (`unime.vllm_compat.reranker_engine_kwargs`), one prompt per pair."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        dtype: str | None,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+        gpu_memory_utilization: float | None = None,
+    ):
+        from vllm import LLM
+
+        from unime.vllm_compat import RerankPrompts, reranker_engine_kwargs
+
+        self.prompts = RerankPrompts(model_dir)
+        kwargs = reranker_engine_kwargs(model_dir, dtype=dtype)
+        kwargs.update(_engine_options(dtype, tensor_parallel_size, enforce_eager, gpu_memory_utilization))
+        self.llm = LLM(**kwargs)
+        self.name = "vllm"
+
+    def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
+        outputs = self.llm.classify(
+            self.prompts.render(list(pairs), list(instructions)),
+            tokenization_kwargs=self.prompts.tokenization_kwargs,
+            use_tqdm=False,
+        )
+        scores = np.asarray([output.outputs.probs[0] for output in outputs], dtype=np.float32)  # [n] p(yes)
+        return BatchResult(values=scores, tokens=[len(output.prompt_token_ids) for output in outputs])
+
+
+def vllm_can_score() -> bool:
+    """Whether `unime.vllm_compat` has the reranker's engine arguments (else rerankers run on transformers)."""
+    import unime.vllm_compat as compat
+
+    return hasattr(compat, "reranker_engine_kwargs") and hasattr(compat, "RerankPrompts")
+
+
 def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
     if backend == "vllm":
         return VllmEmbedder(
@@ -198,6 +237,14 @@ def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
 
 
 def load_reranker(backend: str, model_dir: str, config: Any) -> RerankerBackend:
+    if backend == "vllm" and vllm_can_score():
+        return VllmReranker(
+            model_dir,
+            dtype=config.dtype,
+            tensor_parallel_size=config.tensor_parallel_size,
+            enforce_eager=config.enforce_eager,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+        )
     return TransformersReranker(
         model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
     )

@@ -18,6 +18,9 @@ class ServeConfig:
     """Model directory of the reranker to host (`/v1/rerank`); None hosts no reranker."""
     backend: BackendName = "auto"
     """`vllm`: the vLLM engine; `transformers`: unime's own encode/rerank; `auto`: vLLM where it is installed."""
+    reranker_backend: BackendName | None = None
+    """Backend of the reranker when it should differ from `backend` (e.g. embedder on vLLM, reranker on
+    transformers); None: the same as `backend`."""
     host: str = "127.0.0.1"
     """Interface to listen on (loopback by default: expose it deliberately, behind a key)."""
     port: int = 8000
@@ -75,5 +78,6 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_items < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_batch_items and max_batch_tokens must be >= 1")
-        if self.backend not in ("auto", "vllm", "transformers"):
-            raise ValueError(f"backend must be auto, vllm or transformers, got {self.backend!r}")
+        for name in ("backend", "reranker_backend"):
+            if getattr(self, name) not in ("auto", "vllm", "transformers", None):
+                raise ValueError(f"{name} must be auto, vllm or transformers, got {getattr(self, name)!r}")

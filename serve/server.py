@@ -23,8 +23,9 @@ def build_app(config: ServeConfig):
     from unime.serve.backends import load_embedder, load_reranker, resolve_backend
 
     backend = resolve_backend(config.backend)
+    reranker_backend = resolve_backend(config.reranker_backend or config.backend)
     embedder = load_embedder(backend, config.embedder_dir, config) if config.embedder_dir else None
-    reranker = load_reranker(backend, config.reranker_dir, config) if config.reranker_dir else None
+    reranker = load_reranker(reranker_backend, config.reranker_dir, config) if config.reranker_dir else None
     embedder_name, reranker_name = hosted_names(config)
     app = create_app(
         config, embedder=embedder, reranker=reranker, embedder_name=embedder_name, reranker_name=reranker_name

@@ -163,6 +163,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", choices=["auto", "vllm", "transformers"], default="auto", help="auto: vLLM where installed"
     )
+    parser.add_argument(
+        "--reranker-backend", choices=["auto", "vllm", "transformers"], help="the reranker's, if not --backend's"
+    )
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument(
@@ -200,6 +203,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             embedder_dir=args.model_dir,
             reranker_dir=args.reranker,
             backend=args.backend,
+            reranker_backend=args.reranker_backend,
             host=args.host,
             port=args.port,
             api_key=args.api_key or os.environ.get("UNIME_API_KEY") or None,
