@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--retrieval-layout", choices=["auto", "captions", "sharegpt4v", "urban1k"], default="auto")
     data.add_argument("--retrieval-image-root", help="image root of the retrieval files (default: beside each)")
     data.add_argument("--retrieval-limit", type=int, help="keep the first N rows of each retrieval file")
+    data.add_argument(
+        "--visdoc", action="append", default=[], help="visual-document set in the BEIR layout (corpus, queries, qrels)"
+    )
     data.add_argument("--sugarcrepe", help="SugarCrepe folder (one JSON per category)")
     data.add_argument("--sugarcrepe-image-root", help="SugarCrepe image root (COCO val2017)")
     data.add_argument("--seed", type=int, default=0, help="seed of the synthetic benchmark")
@@ -157,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         retrieval_image_root=args.retrieval_image_root,
         retrieval_limit=args.retrieval_limit,
         sugarcrepe=args.sugarcrepe,
+        visdoc=list(args.visdoc),
         sugarcrepe_image_root=args.sugarcrepe_image_root,
         rerank_datasets=args.rerank.split(",") if args.rerank else [],
         rerank_top_k=args.rerank_top_k,
@@ -166,13 +170,14 @@ def _run(args: argparse.Namespace) -> int:
         on_bad_rows="skip" if args.skip_bad_rows else "error",
         progress=not args.quiet,
     )
-    if config.mmeb_root is None and not config.retrieval and config.sugarcrepe is None:
+    if config.mmeb_root is None and not config.retrieval and not config.visdoc and config.sugarcrepe is None:
         from unime.eval.synthetic import write_synthetic_benchmark
 
         root = write_synthetic_benchmark(out / "synthetic-benchmark", seed=args.seed)
         config.mmeb_root = str(root)
         config.retrieval = [str(root / "retrieval" / "test.json")]
         config.sugarcrepe = str(root / "sugarcrepe")
+        config.visdoc = [str(root / "visdoc")]
         print(f"no benchmark given: evaluating on the synthetic benchmark in {root}")
     reranker = _reranker(args)
     if config.rerank_datasets and reranker is None:

@@ -43,23 +43,31 @@ def ndcg_at_k(ranks: Sequence[float] | np.ndarray, k: int) -> float:
     return float(np.mean(gains))
 
 
-def ndcg_at_k_multi(relevant_ranks: Sequence[Sequence[int]], k: int) -> float:
-    """nDCG@k with binary relevance and any number of relevant candidates per query.
+def ndcg_at_k_multi(
+    relevant_ranks: Sequence[Sequence[float]], k: int, *, gains: Sequence[Sequence[float]] | None = None
+) -> float:
+    """nDCG@k with any number of relevant candidates per query, binary or graded ("linear" gains).
 
     Args:
-        relevant_ranks: for each query, the 1-based ranks of all its relevant candidates (in the whole list,
-            not only the top k: the ideal DCG counts every relevant candidate up to k).
+        relevant_ranks: for each query, the 1-based positions of all its relevant candidates in its ranked list
+            (not only the top k: the ideal DCG counts every relevant candidate up to k).
         k: the cut-off.
+        gains: for each query, the relevance of each of those candidates (default 1 each); DCG adds
+            gain / log2(position + 1), as MMEB-V2's `ndcg_linear` and BEIR do.
     """
     if not len(relevant_ranks):
         return 0.0
     scores = []
-    for ranks in relevant_ranks:
+    for index, ranks in enumerate(relevant_ranks):
         ranks = _as_ranks(ranks)
         if not len(ranks):
             raise ValueError("a query without relevant candidates has no nDCG")
-        dcg = float(np.sum(np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)))
-        ideal = float(np.sum(1.0 / np.log2(np.arange(1, min(len(ranks), k) + 1) + 1.0)))
+        gain = np.ones(len(ranks)) if gains is None else np.asarray(gains[index], dtype=np.float64)
+        if gain.shape != ranks.shape:
+            raise ValueError(f"query {index}: {len(gain)} gains for {len(ranks)} relevant candidates")
+        dcg = float(np.sum(np.where(ranks <= k, gain / np.log2(ranks + 1.0), 0.0)))
+        best = np.sort(gain)[::-1][:k]
+        ideal = float(np.sum(best / np.log2(np.arange(1, len(best) + 1) + 1.0)))
         scores.append(dcg / ideal)
     return float(np.mean(scores))
 

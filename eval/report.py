@@ -37,6 +37,8 @@ def task_rows(results: dict[str, Any]) -> dict[str, dict[str, float]]:
         groups[f"retrieval {result['dataset']}"] = dict(result["scores"])
     if "compositional" in tasks:
         groups[f"compositional {tasks['compositional']['dataset']}"] = dict(tasks["compositional"]["scores"])
+    for result in tasks.get("visdoc", []):
+        groups[f"visdoc {result['dataset']}"] = dict(result["scores"])
     for result in tasks.get("rerank", []):
         groups[f"rerank {result['dataset']}"] = dict(result["scores"])
     return groups
@@ -83,6 +85,14 @@ def to_markdown(results: dict[str, Any]) -> str:
         result = tasks["compositional"]
         lines += ["## Compositional (SugarCrepe)", ""]
         lines += _table(list(result["scores"]), [[_pct(v) for v in result["scores"].values()]]) + [""]
+    if tasks.get("visdoc"):
+        lines += ["## Visual-document retrieval", ""]
+        keys = list(tasks["visdoc"][0]["scores"])
+        rows = [
+            [r["dataset"], str(r["queries"]), str(r["pages"]), *(_pct(r["scores"][k]) for k in keys)]
+            for r in tasks["visdoc"]
+        ]
+        lines += _table(("dataset", "queries", "pages", *keys), rows) + [""]
     if tasks.get("rerank"):
         lines += ["## Reranking", ""]
         keys = list(tasks["rerank"][0]["scores"])
@@ -101,7 +111,7 @@ def _skipped(results: dict[str, Any]) -> list[tuple[str, int, str]]:
     entries = []
     for row in tasks.get("mmeb", {}).get("datasets", []):
         entries.append((f"MMEB {row['dataset']}", row["skipped"]))
-    for key in ("retrieval", "rerank"):
+    for key in ("retrieval", "visdoc", "rerank"):
         entries += [(f"{key} {r['dataset']}", r["skipped"]) for r in tasks.get(key, [])]
     if "compositional" in tasks:
         entries.append(("compositional", tasks["compositional"]["skipped"]))

@@ -22,6 +22,7 @@ from unime.eval.encoders import Encoder
 from unime.eval.mmeb import load_dataset, run_mmeb
 from unime.eval.rerank import run_rerank
 from unime.eval.retrieval import Layout, load_retrieval, run_retrieval
+from unime.eval.visdoc import run_visdoc
 from unime.retrieval import PairScorer
 
 
@@ -47,6 +48,8 @@ class EvalConfig:
     """A SugarCrepe folder (one JSON file per category); None: no compositional task."""
     sugarcrepe_image_root: str | None = None
     """Its image root (COCO val2017; default `<sugarcrepe>/images`)."""
+    visdoc: list[str] = field(default_factory=list)
+    """Visual-document retrieval sets in the BEIR layout (corpus, queries, qrels; MMEB-V2 visdoc, ViDoRe)."""
     rerank_datasets: list[str] = field(default_factory=list)
     """MMEB datasets (under `mmeb_root`) whose first-stage top K the reranker reorders."""
     rerank_top_k: int = 10
@@ -103,6 +106,12 @@ def run_eval(encoder: Encoder, config: EvalConfig, *, reranker: PairScorer | Non
         tasks["compositional"], task_stats = run_compositional(encoder, data, **common)
         tasks["compositional"]["path"] = str(config.sugarcrepe)
         stats.add(task_stats)
+    for path in config.visdoc:
+        result, task_stats = run_visdoc(
+            encoder, path, on_bad_rows=config.on_bad_rows, faiss_min_corpus=config.faiss_min_corpus, **common
+        )
+        tasks.setdefault("visdoc", []).append({**result, "path": str(path)})
+        stats.add(task_stats)
     for name in config.rerank_datasets:
         assert config.mmeb_root is not None and reranker is not None
         dataset = load_dataset(config.mmeb_root, name, image_root=config.image_root, on_bad_rows=config.on_bad_rows)
@@ -117,7 +126,9 @@ def run_eval(encoder: Encoder, config: EvalConfig, *, reranker: PairScorer | Non
         tasks.setdefault("rerank", []).append(result)
         stats.add(task_stats)
     if not tasks:
-        raise ValueError("nothing to evaluate: give an MMEB root, retrieval benchmarks or a SugarCrepe folder")
+        raise ValueError(
+            "nothing to evaluate: give an MMEB root, retrieval or visdoc benchmarks, or a SugarCrepe folder"
+        )
     import unime
 
     return {

@@ -128,3 +128,17 @@ def _faiss_ranks(
                 irrelevant_seen += 1
         out.append(np.array([float(ranks.get(int(entry), np.inf)) for entry in entries]))
     return out
+
+
+def positions_in_list(ranks_among_irrelevant: np.ndarray) -> np.ndarray:
+    """Positions of a query's relevant entries in its full ranked list, from their ranks among irrelevant ones.
+
+    `corpus_ranks` ranks each relevant entry against the irrelevant entries only; in the full list the
+    relevant entries ranked above it push it down too: the m-th best (0-based) sits at its rank + m. Returned
+    in the order given (an entry beyond a faiss search depth stays at infinity).
+    """
+    ranks = np.asarray(ranks_among_irrelevant, dtype=np.float64)
+    order = np.argsort(ranks, kind="stable")
+    positions = np.empty_like(ranks)
+    positions[order] = ranks[order] + np.arange(len(ranks))
+    return positions

@@ -16,6 +16,8 @@
                                                   compositional: image, its caption, and the caption with one
                                                   attribute of one shape changed (category = the attribute)
     <dir>/retrieval/test.json (+ images/)         Flickr30K-style retrieval: each image with two captions
+    <dir>/visdoc/{corpus,queries,qrels}.parquet   MMEB-V2 visdoc / ViDoRe (BEIR) layout: each query's scene
+                                                  drawn large (relevance 2) and small (1), images as bytes
 
 Every MMEB file has exactly the columns of `TIGER-Lab/MMEB-eval` (`qry_text`, `qry_img_path`, `tgt_text`,
 `tgt_img_path`; positive first; `<|image_1|>` placeholders; image paths relative to `<dir>/images`), so the
@@ -151,7 +153,7 @@ def write_synthetic_benchmark(
         "candidates": candidates,
         "pool": pool,
         "image_size": image_size,
-        "version": 1,
+        "version": 2,
     }
     manifest = target / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()) == arguments:
@@ -272,6 +274,7 @@ def _write(root: Path, rng: random.Random, queries: int, candidates: int, pool: 
     write_json_atomic(root / "categories.json", CATEGORIES)
     _write_sugarcrepe(root / "sugarcrepe", rng, queries, size)
     _write_retrieval(root / "retrieval", rng, queries, size)
+    _write_visdoc(root / "visdoc", rng, queries, size)
 
 
 def _write_sugarcrepe(folder: Path, rng: random.Random, rows_per_category: int, size: int) -> None:
@@ -301,3 +304,31 @@ def _write_retrieval(folder: Path, rng: random.Random, images: int, size: int) -
         caption = describe(scene)
         rows.append({"image": store.add(draw_scene(scene, size)), "caption": [caption, f"a picture of {caption}"]})
     write_json_atomic(folder / "test.json", rows)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_visdoc(folder: Path, rng: random.Random, queries: int, size: int) -> None:
+    """A BEIR-layout page set: each query's scene drawn large (relevance 2) and small (relevance 1), images as
+    bytes in the corpus table, as the Hugging Face ViDoRe dumps store them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus, query_rows, qrels = [], [], []
+    for number, scene in enumerate(_distinct_scenes(rng, queries, max_shapes=2, min_shapes=2)):
+        for variant, (side, score) in enumerate(((size, 2), (size // 2, 1))):
+            page_id = f"page-{number}-{variant}"
+            image = {"bytes": _png_bytes(draw_scene(scene, side)), "path": f"{page_id}.png"}
+            corpus.append({"corpus-id": page_id, "image": image})
+            qrels.append({"query-id": f"q-{number}", "corpus-id": page_id, "score": score})
+        query_rows.append({"query-id": f"q-{number}", "query": f"Find the page that shows {describe(scene)}."})
+    rng.shuffle(corpus)
+    folder.mkdir(parents=True)
+    for name, rows in (("corpus", corpus), ("queries", query_rows), ("qrels", qrels)):
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{name}.parquet")

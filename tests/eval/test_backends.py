@@ -41,7 +41,7 @@ def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys)
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"]["backend"] == "unime" and results["encoder"]["model"] == str(tiny_dir)
     assert results["config"]["mmeb_root"] == str(out / "synthetic-benchmark")
-    assert set(results["tasks"]) == {"mmeb", "retrieval", "compositional"}
+    assert set(results["tasks"]) == {"mmeb", "retrieval", "compositional", "visdoc"}
     assert len(results["tasks"]["mmeb"]["datasets"]) == 6
     board = results["tasks"]["mmeb"]["leaderboard"]
     assert all(0.0 <= board[key] <= 1.0 for key in ("classification", "vqa", "retrieval", "grounding", "overall"))

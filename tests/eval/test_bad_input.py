@@ -95,3 +95,26 @@ def test_retrieval_and_sugarcrepe_name_their_bad_rows(root):
         load_compositional(folder, image_root=root / "images")
     data = load_compositional(folder, image_root=root / "images", on_bad_rows="skip")
     assert data.skipped.count == 1 and len(data.rows) == 1
+
+
+def test_visdoc_names_bad_judgements_and_counts_unjudged_queries(tmp_path, scenes):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unime.eval.visdoc import load_visdoc
+
+    images, _ = scenes
+    images[0].save(tmp_path / "p.png")
+    pq.write_table(pa.Table.from_pylist([{"corpus-id": "p1", "image": "p.png"}]), tmp_path / "corpus.parquet")
+    queries = [{"query-id": "q1", "query": "a circle"}, {"query-id": "q2", "query": "unjudged"}]
+    pq.write_table(pa.Table.from_pylist(queries), tmp_path / "queries.parquet")
+    qrels = [{"query-id": "q1", "corpus-id": "p1", "score": 1}, {"query-id": "q1", "corpus-id": "p9", "score": 1}]
+    pq.write_table(pa.Table.from_pylist(qrels), tmp_path / "qrels.parquet")
+    with pytest.raises(DataError, match=r"qrels row 1: judgement of an unknown page: corpus-id 'p9'"):
+        load_visdoc(tmp_path, image_dir=tmp_path / "img")
+    data = load_visdoc(tmp_path, image_dir=tmp_path / "img", on_bad_rows="skip")
+    assert len(data.queries) == 1
+    assert dict(data.skipped.reasons) == {"judgement of an unknown page": 1, "query without a relevant page": 1}
+    (tmp_path / "qrels.parquet").unlink()
+    with pytest.raises(DataError, match="no 'qrels' table"):
+        load_visdoc(tmp_path, image_dir=tmp_path / "img")

@@ -117,3 +117,23 @@ def test_items_are_keyed_by_content_not_by_path(tmp_path, synthetic_root):
     copy.write_bytes(image.read_bytes())
     assert content_key(Item(image=image)) == content_key(Item(image=copy))
     assert content_key(Item(image=image)) != content_key(Item(image=image, role="query"))
+
+
+def test_visdoc_scores_match_a_full_sort_of_the_corpus(tiny_encoder, synthetic_root, tmp_path):
+    import math
+
+    from unime.eval.visdoc import load_visdoc, run_visdoc
+
+    result, _ = run_visdoc(tiny_encoder, synthetic_root / "visdoc", progress=False)
+    dataset = load_visdoc(synthetic_root / "visdoc", image_dir=tmp_path)
+    pages = tiny_encoder.encode(dataset.pages)
+    ndcgs, hits = [], []
+    for query, judged in zip(tiny_encoder.encode(dataset.queries), dataset.relevant, strict=True):
+        order = list(np.argsort(-(pages @ query), kind="stable"))
+        dcg = sum(gain / math.log2(order.index(page) + 2) for page, gain in judged.items() if order.index(page) < 5)
+        ideal = sum(gain / math.log2(i + 2) for i, gain in enumerate(sorted(judged.values(), reverse=True)[:5]))
+        ndcgs.append(dcg / ideal)
+        hits.append(order[0] in judged)
+    assert result["scores"]["ndcg_linear@5"] == pytest.approx(np.mean(ndcgs))
+    assert result["scores"]["hit@1"] == pytest.approx(np.mean(hits))
+    assert result["queries"] == 6 and result["pages"] == 12

@@ -58,3 +58,11 @@ def test_bad_ranks_are_rejected():
     with pytest.raises(ValueError, match="no nDCG"):
         ndcg_at_k_multi([[]], 5)
     assert hit_at_k([], 1) == 0.0
+
+
+def test_graded_ndcg_uses_linear_gains():
+    # Gains 2 (at position 2) and 1 (at position 1): DCG = 1/log2(2) + 2/log2(3); ideal = 2/log2(2) + 1/log2(3).
+    expected = (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    assert ndcg_at_k_multi([[2, 1]], 5, gains=[[2.0, 1.0]]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="gains for"):
+        ndcg_at_k_multi([[1, 2]], 5, gains=[[1.0]])

@@ -60,3 +60,15 @@ def test_scorers_reject_queries_without_candidates():
         candidate_list_ranks(np.ones((1, 2)), np.ones((1, 2)), [[]])
     with pytest.raises(ValueError, match="at least one relevant"):
         corpus_ranks(np.ones((1, 2)), np.ones((3, 2)), [[]])
+
+
+def test_positions_in_the_full_list_from_ranks_among_irrelevant_entries():
+    from unime.eval.scoring import positions_in_list
+
+    rng = np.random.default_rng(2)
+    query = rng.normal(size=8).astype(np.float32)
+    corpus = rng.normal(size=(50, 8)).astype(np.float32)
+    relevant = [4, 17, 30, 41]
+    (ranks,) = corpus_ranks(query[None], corpus, [relevant])
+    order = list(np.argsort(-(corpus @ query)))
+    np.testing.assert_array_equal(positions_in_list(ranks), [1 + order.index(entry) for entry in relevant])
