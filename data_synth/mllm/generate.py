@@ -14,6 +14,7 @@ For each photo of a folder (in key order, restricted to this `--shard i/N`):
 Results are committed in key order whatever order the backend finishes them in, so a run killed and resumed
 writes exactly what an uninterrupted run writes. Backend failures (timeouts, HTTP errors, a dead engine) are
 counted in the manifest's `details.last_run.failed` and are not recorded as done: the next run retries them.
+`details.last_run.rejection_examples` shows the start of the first rejected answer of each reason.
 """
 
 from __future__ import annotations
@@ -155,9 +156,16 @@ class _Run:
         self.late_unreadable: set[str] = set()
         self.requests = 0
         self.retries = 0
+        self.examples: dict[str, dict[str, str]] = {}
+        """The first rejected answer of each reason in this run: what the model said, to see why."""
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "retries": self.retries, "failed": dict(sorted(self.failed.items()))}
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "failed": dict(sorted(self.failed.items())),
+            "rejection_examples": dict(sorted(self.examples.items())),
+        }
 
     def _requests(self, todo: list[Photo]) -> Iterator[GenerationRequest]:
         for photo in todo:
@@ -205,7 +213,12 @@ class _Run:
                 result.text, self.config.choices, min_score=self.config.min_score, truncated=result.truncated
             )
         except Rejected as rejected:
-            writer.reject(photo.key, rejected.reason)
+            if writer.reject(photo.key, rejected.reason) and rejected.reason not in self.examples:
+                self.examples[rejected.reason] = {
+                    "key": photo.key,
+                    "detail": rejected.detail[:200],
+                    "answer_start": result.text[:200],
+                }
             return
         sides = sides_of(answer.combination)
         view = None

@@ -85,6 +85,9 @@ def test_valid_answers_are_kept_bad_ones_rejected_failures_retried(photo_folder,
         assert manifest.details["last_run"]["failed"] == {"endpoint_http_503": 1}
         # one retry each for the slow, failing and rate-limited photo, two for the one that always fails
         assert manifest.details["last_run"]["retries"] == 5
+        examples = manifest.details["last_run"]["rejection_examples"]
+        assert examples["invalid_json"]["key"] == "a01.jpg"
+        assert examples["invalid_json"]["answer_start"].startswith("Here is the example")
         assert manifest.prompt_version.startswith("mme5_v1@") and manifest.model == "scripted"
         assert Manifest.load(tmp_path / "out") == manifest
 

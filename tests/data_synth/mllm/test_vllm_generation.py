@@ -64,6 +64,9 @@ def test_junk_answers_of_a_tiny_model_are_rejected_with_reasons(tiny_dir, real_p
     assert manifest.rejected.pop("near_duplicate_image") == 1
     assert sum(manifest.rejected.values()) == photos
     assert all(reason.startswith(ANSWER_REJECTIONS) for reason in manifest.rejected), manifest.rejected
+    # Structured outputs work on the CPU build: even a random model's answers are JSON until the token limit.
+    examples = manifest.details["last_run"]["rejection_examples"]
+    assert examples and all(example["answer_start"].startswith("{") for example in examples.values()), examples
     assert manifest.model == tiny_dir.name and manifest.details["backend"] == "vllm"
     assert manifest.prompt_version.startswith("mme5_v1@")
     # nothing written as data; every photo accounted for by key
