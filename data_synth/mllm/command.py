@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vllm.add_argument("--data-parallel-size", type=int, default=1, help="independent engines splitting the job")
     vllm.add_argument("--tensor-parallel-size", type=int, default=1)
     vllm.add_argument("--batch-size", type=int, default=64)
+    vllm.add_argument("--stage-size", type=int, default=1024, help="requests per staged chunk file")
     vllm.add_argument("--max-model-len", type=int, default=8192)
     vllm.add_argument("--enforce-eager", action="store_true")
     vllm.add_argument("--single-process", action="store_true", help="engine inside its worker (faster CPU start)")
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 data_parallel_size=args.data_parallel_size,
                 tensor_parallel_size=args.tensor_parallel_size,
                 batch_size=args.batch_size,
+                stage_size=args.stage_size,
                 max_tokens=args.max_tokens,
                 temperature=args.temperature,
                 seed=args.seed,

@@ -12,6 +12,7 @@ when every engine has exited come back as failures ("engine_exited"), and the ne
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unime.atomic import write_jsonl_atomic
 from unime.data_synth.mllm.backend import GenerationRequest, GenerationResult
+from unime.data_synth.mllm.vllm_worker import END_OF_REQUESTS, chunk_name
 from unime.data_synth.sharding import stable_hash
 from unime.errors import ConfigError
 
@@ -40,6 +43,8 @@ class VllmBackendConfig:
     """Devices per engine; engine r gets devices r*tp .. r*tp+tp-1 through CUDA_VISIBLE_DEVICES."""
     batch_size: int = 64
     """Requests per `LLM.chat` call; results are written after each."""
+    stage_size: int = 1024
+    """Requests per staged chunk file (photos as data URLs): the disk holds about two chunks at a time."""
     max_tokens: int = 1024
     """Answer length limit."""
     temperature: float = 0.7
@@ -63,8 +68,13 @@ class VllmBackendConfig:
     """Further keyword arguments for `vllm.LLM`."""
 
     def __post_init__(self) -> None:
-        if self.data_parallel_size < 1 or self.tensor_parallel_size < 1 or self.batch_size < 1:
-            raise ConfigError("data_parallel_size, tensor_parallel_size and batch_size must be >= 1")
+        if min(self.data_parallel_size, self.tensor_parallel_size, self.batch_size, self.stage_size) < 1:
+            raise ConfigError("data_parallel_size, tensor_parallel_size, batch_size and stage_size must be >= 1")
+        if self.stage_size < self.data_parallel_size:
+            # Every engine must read every chunk before it is answered and deleted: each needs a share.
+            raise ConfigError(
+                f"stage_size ({self.stage_size}) must be >= data_parallel_size ({self.data_parallel_size})"
+            )
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ConfigError(f"chat template {self.chat_template!r} does not exist")
 
@@ -98,58 +108,68 @@ class VllmBackend:
         with tempfile.TemporaryDirectory(prefix=".vllm-job-", dir=self.work_dir) as tmp:
             yield from self._generate_in(Path(tmp), requests, schema)
 
+    def _start_engine(self, tmp: Path, rank: int, world: int, schema: dict[str, Any]) -> subprocess.Popen:
+        results_path = tmp / f"results-{rank}.jsonl"
+        results_path.touch()
+        job = {
+            "model": self.config.model,
+            "requests_dir": str(tmp),
+            "results": str(results_path),
+            "rank": rank,
+            "world": world,
+            "engine": self._engine_args(),
+            "single_process": self.config.single_process,
+            "schema": schema,
+            "structured_output": self.config.structured_output,
+            "chat_template": self.config.chat_template,
+            "batch_size": self.config.batch_size,
+            "max_tokens": self.config.max_tokens,
+            "temperature": self.config.temperature,
+        }
+        job_path = tmp / f"job-{rank}.json"
+        job_path.write_text(json.dumps(job), encoding="utf-8")
+        env = dict(os.environ)
+        if self.config.data_parallel_size > 1:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(_devices_of(rank, self.config.tensor_parallel_size, env))
+        if self.config.single_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        with (tmp / f"engine-{rank}.log").open("w", encoding="utf-8") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "unime.data_synth.mllm.vllm_worker", str(job_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
     def _generate_in(
         self, tmp: Path, requests: Iterable[GenerationRequest], schema: dict[str, Any]
     ) -> Iterator[GenerationResult]:
-        keys: list[str] = []
-        requests_path = tmp / "requests.jsonl"
-        with requests_path.open("w", encoding="utf-8") as handle:
-            for request in requests:
-                seed = stable_hash(f"{self.config.seed}:{request.key}") % (2**31)
-                handle.write(json.dumps({"key": request.key, "messages": request.messages, "seed": seed}) + "\n")
-                keys.append(request.key)
-        if not keys:
+        # Requests (photos as data URLs) are staged in chunk files, one chunk ahead of the engines, and each
+        # chunk is deleted once answered: the disk holds about two chunks, not the whole job.
+        iterator = iter(requests)
+        stage = self.config.stage_size
+        chunks: list[list[str]] = []  # keys of each chunk written
+        first = list(itertools.islice(iterator, stage))
+        if not first:
             return
-        world = min(self.config.data_parallel_size, len(keys))
-        processes, results_paths = [], []
-        for rank in range(world):
-            results_path = tmp / f"results-{rank}.jsonl"
-            results_path.touch()
-            job = {
-                "model": self.config.model,
-                "requests": str(requests_path),
-                "results": str(results_path),
-                "rank": rank,
-                "world": world,
-                "engine": self._engine_args(),
-                "single_process": self.config.single_process,
-                "schema": schema,
-                "structured_output": self.config.structured_output,
-                "chat_template": self.config.chat_template,
-                "batch_size": self.config.batch_size,
-                "max_tokens": self.config.max_tokens,
-                "temperature": self.config.temperature,
-            }
-            job_path = tmp / f"job-{rank}.json"
-            job_path.write_text(json.dumps(job), encoding="utf-8")
-            env = dict(os.environ)
-            if self.config.data_parallel_size > 1:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(_devices_of(rank, self.config.tensor_parallel_size, env))
-            if self.config.single_process:
-                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            log = (tmp / f"engine-{rank}.log").open("w", encoding="utf-8")
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "unime.data_synth.mllm.vllm_worker", str(job_path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
+        exhausted = len(first) < stage
+
+        def write_chunk(batch: list[GenerationRequest]) -> None:
+            rows = (
+                {"key": r.key, "messages": r.messages, "seed": stable_hash(f"{self.config.seed}:{r.key}") % 2**31}
+                for r in batch
             )
-            log.close()
-            results_paths.append(results_path)
-        readers = [_LineReader(path) for path in results_paths]
+            write_jsonl_atomic(tmp / chunk_name(len(chunks)), rows)  # the engine never sees half a chunk
+            chunks.append([r.key for r in batch])
+
+        write_chunk(first)
+        if exhausted:
+            (tmp / END_OF_REQUESTS).touch()
+        world = min(self.config.data_parallel_size, len(first)) if exhausted else self.config.data_parallel_size
+        processes = [self._start_engine(tmp, rank, world, schema) for rank in range(world)]
+        readers = [_LineReader(tmp / f"results-{rank}.jsonl") for rank in range(world)]
         returned: set[str] = set()
+        deleted = 0
         try:
             while True:
                 running = [process.poll() is None for process in processes]
@@ -159,10 +179,22 @@ class VllmBackend:
                         if result is not None and result.key not in returned:
                             returned.add(result.key)
                             yield result
-                if not any(running) or len(returned) == len(keys):
+                written = sum(len(keys) for keys in chunks)
+                if not exhausted and written - len(returned) < stage:  # the engines are on the last chunk
+                    batch = list(itertools.islice(iterator, stage))
+                    if batch:
+                        write_chunk(batch)
+                    if len(batch) < stage:
+                        exhausted = True
+                        (tmp / END_OF_REQUESTS).touch()
+                while deleted < len(chunks) and returned.issuperset(chunks[deleted]):
+                    (tmp / chunk_name(deleted)).unlink(missing_ok=True)
+                    deleted += 1
+                if not any(running) or (exhausted and deleted == len(chunks)):
                     break
                 time.sleep(0.2)
         finally:
+            keys = [key for chunk in chunks for key in chunk]
             for process in processes:
                 if process.poll() is None and len(returned) < len(keys):
                     process.kill()  # stopped early, by the caller or a failure: do not leave engines running
@@ -174,7 +206,7 @@ class VllmBackend:
                     process.wait()
             self.returncodes = [process.returncode for process in processes]
         if len(returned) < len(keys):
-            tails = "; ".join(_tail(tmp / f"engine-{rank}.log") for rank in range(world))
+            tails = "; ".join(_tail(tmp / f"engine-{rank}.log") for rank in range(len(processes)))
             missing = len(keys) - len(returned)
             message = f"vLLM engines exited ({self.returncodes}) with {missing} requests unanswered: {tails}"
             print(message, file=sys.stderr)

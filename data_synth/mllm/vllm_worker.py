@@ -2,8 +2,9 @@
 
 vLLM runs here, never in the caller's process (an offline engine sometimes aborts at interpreter exit after
 finishing its work, see ENVIRONMENT.md): the caller judges this process by the results file it writes, not by
-its exit code. The job file names the requests file (JSONL of {"key", "messages"}), this rank's results file,
-the engine and sampling settings. Rank r of a data-parallel job of size n takes requests r, r+n, r+2n, ...
+its exit code. The job file names the folder where the caller stages request chunks (JSONL of {"key",
+"messages", "seed"}), this rank's results file, the engine and sampling settings. Rank r of a data-parallel
+job of size n takes requests r, r+n, r+2n, ... of each chunk.
 Results are appended one line per request after each batch, flushed, so the caller streams them as they come
 and a killed engine loses at most one batch.
 """
@@ -15,8 +16,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+END_OF_REQUESTS = "requests.end"
+"""Created by the caller after its last request chunk."""
 
 
 def rank_slice(items: list, rank: int, world: int) -> list:
@@ -37,12 +42,34 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def chunk_name(index: int) -> str:
+    """The file name of staged request chunk `index`."""
+    return f"requests-{index:06d}.jsonl"
+
+
+def staged_chunks(directory: Path, poll_s: float = 0.2) -> Iterator[list[dict[str, Any]]]:
+    """The request chunks the caller stages in `directory`, in order, until it marks the end of requests.
+
+    The caller renames each chunk into place whole and creates the end marker after the last chunk, so a chunk
+    seen is complete, and once the marker exists no chunk is still to come.
+    """
+    index = 0
+    while True:
+        path = directory / chunk_name(index)
+        if path.is_file():
+            yield [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            index += 1
+        elif (directory / END_OF_REQUESTS).is_file():
+            if not path.is_file():  # looked at again: it may have been renamed into place just before the marker
+                return
+        else:
+            time.sleep(poll_s)
+
+
 def run_job(job: dict[str, Any]) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.sampling_params import StructuredOutputsParams
 
-    requests = [json.loads(line) for line in Path(job["requests"]).read_text(encoding="utf-8").splitlines()]
-    mine = rank_slice(requests, job["rank"], job["world"])
     engine: dict[str, Any] = dict(job["engine"])
     if job.get("single_process"):
         # One process instead of three (front end, engine core, worker): each imports vLLM, and on a
@@ -52,35 +79,44 @@ def run_job(job: dict[str, Any]) -> None:
     structured = StructuredOutputsParams(json=job["schema"]) if job["structured_output"] else None
     chat_template = Path(job["chat_template"]).read_text(encoding="utf-8") if job.get("chat_template") else None
     with Path(job["results"]).open("a", encoding="utf-8") as out:
-        for start in range(0, len(mine), job["batch_size"]):
-            batch = mine[start : start + job["batch_size"]]
-            params = [
-                SamplingParams(
-                    max_tokens=job["max_tokens"],
-                    temperature=job["temperature"],
-                    seed=request["seed"],  # per request: the same answer whatever the batch
-                    structured_outputs=structured,
+        for chunk in staged_chunks(Path(job["requests_dir"])):
+            mine = rank_slice(chunk, job["rank"], job["world"])
+            for start in range(0, len(mine), job["batch_size"]):
+                batch = mine[start : start + job["batch_size"]]
+                out.write(
+                    "".join(json.dumps(line) + "\n" for line in _generate(llm, batch, job, structured, chat_template))
                 )
-                for request in batch
-            ]
-            try:
-                outputs = llm.chat(
-                    [request["messages"] for request in batch], params, use_tqdm=False, chat_template=chat_template
-                )
-                lines = [
-                    {
-                        "key": request["key"],
-                        "text": output.outputs[0].text,
-                        "truncated": output.outputs[0].finish_reason == "length",
-                    }
-                    for request, output in zip(batch, outputs, strict=True)
-                ]
-            except Exception as err:  # noqa: BLE001 - a failed batch is reported per request; the run goes on
-                print(f"batch at {start} failed: {err!r}", file=sys.stderr, flush=True)
-                lines = [{"key": request["key"], "failure": "engine_error"} for request in batch]
-            out.write("".join(json.dumps(line) + "\n" for line in lines))
-            out.flush()
+                out.flush()
     print("vllm worker: done", flush=True)
+
+
+def _generate(llm, batch: list[dict[str, Any]], job: dict[str, Any], structured, chat_template) -> list[dict]:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            max_tokens=job["max_tokens"],
+            temperature=job["temperature"],
+            seed=request["seed"],  # per request: the same answer whatever the batch
+            structured_outputs=structured,
+        )
+        for request in batch
+    ]
+    try:
+        outputs = llm.chat(
+            [request["messages"] for request in batch], params, use_tqdm=False, chat_template=chat_template
+        )
+    except Exception as err:  # noqa: BLE001 - a failed batch is reported per request; the run goes on
+        print(f"a batch failed: {err!r}", file=sys.stderr, flush=True)
+        return [{"key": request["key"], "failure": "engine_error"} for request in batch]
+    return [
+        {
+            "key": request["key"],
+            "text": output.outputs[0].text,
+            "truncated": output.outputs[0].finish_reason == "length",
+        }
+        for request, output in zip(batch, outputs, strict=True)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 
 import pytest
 from PIL import Image
 
+from unime.atomic import write_jsonl_atomic
 from unime.data_synth.mllm.images import difference_hash, find_near_duplicates, list_photos, open_photo, second_view
 from unime.data_synth.mllm.plan import COMBINATIONS, TASKS, PlanChoices, suggest_plan
 from unime.data_synth.mllm.prompting import PROMPT_VERSION, load_prompt
 from unime.data_synth.mllm.vllm_backend import _devices_of
-from unime.data_synth.mllm.vllm_worker import rank_slice
+from unime.data_synth.mllm.vllm_worker import END_OF_REQUESTS, chunk_name, rank_slice, staged_chunks
 from unime.errors import ConfigError
 
 from .conftest import make_photo_folder
@@ -112,6 +115,20 @@ def test_data_parallel_ranks_partition_the_requests():
     slices = [rank_slice(items, rank, 3) for rank in range(3)]
     assert sorted(sum(slices, [])) == items
     assert all(len(s) in (3, 4) for s in slices)
+
+
+def test_engines_read_staged_chunks_in_order_until_the_end_marker(tmp_path):
+    def stage() -> None:
+        for index in range(3):
+            time.sleep(0.05)
+            write_jsonl_atomic(tmp_path / chunk_name(index), [{"key": f"k{index}-{i}"} for i in range(2)])
+        (tmp_path / END_OF_REQUESTS).touch()
+
+    writer = threading.Thread(target=stage)
+    writer.start()
+    chunks = list(staged_chunks(tmp_path, poll_s=0.01))
+    writer.join()
+    assert [[row["key"] for row in chunk] for chunk in chunks] == [[f"k{i}-0", f"k{i}-1"] for i in range(3)]
 
 
 def test_data_parallel_engines_get_disjoint_devices():

@@ -41,6 +41,7 @@ def test_junk_answers_of_a_tiny_model_are_rejected_with_reasons(tiny_dir, real_p
             max_tokens=48,
             max_model_len=2048,
             batch_size=2,
+            stage_size=2,  # three photos: two staged chunks
             temperature=1.0,
             enforce_eager=True,
             single_process=True,
