@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ from unime.serve.protocol import (
     parse_embedding_request,
     parse_rerank_request,
 )
+
+logger = logging.getLogger("unime.serve")
 
 ROUTES = ("/health", "/v1/models", "/metrics", "/v1/embeddings", "/v1/rerank", "/docs", "/openapi.json")
 
@@ -218,6 +221,15 @@ def create_app(
     @app.exception_handler(InvalidInputError)
     async def on_invalid_input(request: Request, err: InvalidInputError) -> JSONResponse:
         return error_response(RequestError(str(err), index=err.index))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
+        # A model-side failure (e.g. an engine refusing a prompt longer than its context): JSON, logged, and the
+        # server keeps serving; the batcher has already isolated the request at fault.
+        logger.exception("request to %s failed", request.url.path)
+        body = {"error": {"message": f"{type(err).__name__}: {err}", "type": "server_error", "param": None}}
+        body["error"].update(index=None, code=500)
+        return JSONResponse(body, status_code=500)
 
     def model_for(kind: str, asked: str | None) -> HostedModel:
         model = hosted.get(kind)

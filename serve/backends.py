@@ -8,8 +8,9 @@ reranker scores p(yes).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from unime.batching import shape_sorted_batches
+from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput
 from unime.pooling import finish_embeddings
 
@@ -145,6 +147,17 @@ def _engine_options(dtype: str | None, tensor_parallel_size: int, enforce_eager:
     return options
 
 
+@contextlib.contextmanager
+def engine_refusals_as_input_errors() -> Iterator[None]:
+    """vLLM's refusals of a request (e.g. a prompt longer than the model's context) are the client's fault: a 400."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except (VLLMClientError, ValueError) as err:
+        raise InvalidInputError(None, f"the engine refused the input ({err})") from err
+
+
 class VllmEmbedder:
     """The vLLM engine configured from the directory (`unime.vllm_compat`), one prompt per input."""
 
@@ -174,11 +187,12 @@ class VllmEmbedder:
         return _instruction_for(self.config, input_type)
 
     def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
-        outputs = self.llm.embed(
-            self.prompts.render(items, list(instructions)),
-            tokenization_kwargs=self.prompts.tokenization_kwargs,
-            use_tqdm=False,
-        )
+        with engine_refusals_as_input_errors():
+            outputs = self.llm.embed(
+                self.prompts.render(items, list(instructions)),
+                tokenization_kwargs=self.prompts.tokenization_kwargs,
+                use_tqdm=False,
+            )
         vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)  # [n, D]
         return BatchResult(values=vectors, tokens=[len(output.prompt_token_ids) for output in outputs])
 
@@ -206,11 +220,12 @@ class VllmReranker:
         self.name = "vllm"
 
     def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
-        outputs = self.llm.classify(
-            self.prompts.render(list(pairs), list(instructions)),
-            tokenization_kwargs=self.prompts.tokenization_kwargs,
-            use_tqdm=False,
-        )
+        with engine_refusals_as_input_errors():
+            outputs = self.llm.classify(
+                self.prompts.render(list(pairs), list(instructions)),
+                tokenization_kwargs=self.prompts.tokenization_kwargs,
+                use_tqdm=False,
+            )
         scores = np.asarray([output.outputs.probs[0] for output in outputs], dtype=np.float32)  # [n] p(yes)
         return BatchResult(values=scores, tokens=[len(output.prompt_token_ids) for output in outputs])
 

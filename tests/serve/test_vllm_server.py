@@ -121,3 +121,14 @@ def test_bad_input_and_concurrency_on_vllm(server, reference, serve_inputs):
             rows = list(pool.map(lambda t: http.post("/v1/embeddings", json={"input": t}).json()["data"][0], texts))
     got = np.array([row["embedding"] for row in rows], dtype=np.float32)
     assert cosines(got, reference[0].encode(texts)).min() >= 0.9999
+
+
+def test_a_prompt_longer_than_the_context_fails_alone(server, reference):
+    long_text = "a b " * 4000  # about 8000 tokens: past the tiny model's 4096 positions, under the 20000-char limit
+    with server.client() as http:
+        too_long = http.post("/v1/embeddings", json={"input": ["fine", long_text]})
+        assert too_long.status_code == 400, too_long.text
+        assert "refused" in too_long.json()["error"]["message"]
+        fine = http.post("/v1/embeddings", json={"input": ["fine"]}).json()
+    got = np.array([fine["data"][0]["embedding"]], dtype=np.float32)
+    assert cosines(got, reference[0].encode(["fine"])).min() >= 0.9999
