@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from unime.atomic import write_jsonl_atomic
-from unime.data.dataset import DataError, _image_problem, _parse_side, load_examples
+from unime.data.dataset import DataError, image_problem, load_examples, parse_side
 from unime.data.schema import Side, TrainExample
 from unime.data_synth.manifest import Manifest
 from unime.data_synth.mining.cache import EmbeddingCache, content_key
@@ -408,13 +408,13 @@ def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
                 report.rejected["corpus: not valid JSON"] += 1
                 continue
             try:
-                side = _parse_side(raw, f"{path}:{number}", path.parent)
+                side = parse_side(raw, f"{path}:{number}", path.parent)
             except DataError as err:
                 report.rejected[f"corpus: {str(err).split(': ', 2)[-1]}"] += 1
                 continue
             if side.image is not None:
                 if side.image not in checked:
-                    checked[side.image] = _image_problem(side.image)
+                    checked[side.image] = image_problem(side.image)
                 if checked[side.image] is not None:
                     report.rejected["corpus: unreadable or missing image"] += 1
                     continue

@@ -157,15 +157,15 @@ def parse_row(row: Any, *, origin: str, image_root: Path) -> TrainExample:
     for required in ("query", "positive"):
         if row.get(required) is None:
             raise DataError(f"{origin}: field '{required}' is missing")
-    query = _parse_side(row["query"], f"{origin}: field 'query'", image_root)
-    positive = _parse_side(row["positive"], f"{origin}: field 'positive'", image_root)
+    query = parse_side(row["query"], f"{origin}: field 'query'", image_root)
+    positive = parse_side(row["positive"], f"{origin}: field 'positive'", image_root)
     raw_negatives = row.get("negatives")
     if raw_negatives is None:
         raw_negatives = []
     if not isinstance(raw_negatives, list):
         raise DataError(f"{origin}: field 'negatives': expected a list of sides, got {type(raw_negatives).__name__}")
     negatives = tuple(
-        _parse_side(side, f"{origin}: field 'negatives[{i}]'", image_root) for i, side in enumerate(raw_negatives)
+        parse_side(side, f"{origin}: field 'negatives[{i}]'", image_root) for i, side in enumerate(raw_negatives)
     )
     scores = row.get("scores")
     if scores is not None:
@@ -197,7 +197,7 @@ def _present_fields(raw: Any, allowed: frozenset[str], where: str, expected: str
     return present
 
 
-def _parse_side(raw: Any, where: str, image_root: Path) -> Side:
+def parse_side(raw: Any, where: str, image_root: Path) -> Side:
     raw = _present_fields(raw, SIDE_KEYS, where, "an object with 'text' and/or 'image'")
     text, image, instruction = raw.get("text"), raw.get("image"), raw.get("instruction")
     for name, value in (("text", text), ("image", image), ("instruction", instruction)):
@@ -219,13 +219,13 @@ def _check_images(example: TrainExample, origin: str, checked: dict[Path, str | 
         if side.image is None:
             continue
         if side.image not in checked:
-            checked[side.image] = _image_problem(side.image)
+            checked[side.image] = image_problem(side.image)
         problem = checked[side.image]
         if problem is not None:
             raise DataError(f"{origin}: field '{name}.image': {problem}")
 
 
-def _image_problem(path: Path) -> str | None:
+def image_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"image file {str(path)!r} does not exist"
     try:
