@@ -198,6 +198,7 @@ def _present_fields(raw: Any, allowed: frozenset[str], where: str, expected: str
 
 
 def parse_side(raw: Any, where: str, image_root: Path) -> Side:
+    """Validate one side (`{"text", "image", "instruction"}`); errors start with `where` (file:row: field)."""
     raw = _present_fields(raw, SIDE_KEYS, where, "an object with 'text' and/or 'image'")
     text, image, instruction = raw.get("text"), raw.get("image"), raw.get("instruction")
     for name, value in (("text", text), ("image", image), ("instruction", instruction)):
@@ -226,6 +227,7 @@ def _check_images(example: TrainExample, origin: str, checked: dict[Path, str | 
 
 
 def image_problem(path: Path) -> str | None:
+    """Why an image file cannot be used (missing, unreadable, not an image), or None when it opens."""
     if not path.is_file():
         return f"image file {str(path)!r} does not exist"
     try:
