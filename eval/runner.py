@@ -8,6 +8,7 @@ encoded, and the wall time. `write_outputs` adds the markdown table and the plot
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -138,10 +139,47 @@ def run_eval(encoder: Encoder, config: EvalConfig, *, reranker: PairScorer | Non
         "encoder": encoder.describe(),
         "reranker": _describe_reranker(reranker),
         "config": dataclasses.asdict(config),
+        "data": data_fingerprints(config),
         "tasks": tasks,
         "embedding": dataclasses.asdict(stats),
         "wall_seconds": round(time.perf_counter() - started, 3),
     }
+
+
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")
+
+
+def data_fingerprints(config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """The data a run read: every table file under each benchmark path, with its size and sha256.
+
+    Images are not hashed here (the embedding cache keys them by content); the tables say which rows and
+    candidates were scored.
+    """
+    paths = [config.mmeb_root, *config.retrieval, config.sugarcrepe, *config.visdoc]
+    out: dict[str, dict[str, Any]] = {}
+    for path in (Path(p) for p in paths if p is not None):
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix in DATA_SUFFIXES and f.is_file() and "images" not in f.relative_to(path).parts
+            )
+        )
+        out[str(path)] = {
+            str(f.relative_to(path) if f != path else f.name): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in files
+        }
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _describe_reranker(reranker: PairScorer | None) -> dict[str, Any] | None:

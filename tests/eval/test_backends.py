@@ -41,6 +41,8 @@ def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys)
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"]["backend"] == "unime" and results["encoder"]["model"] == str(tiny_dir)
     assert results["config"]["mmeb_root"] == str(out / "synthetic-benchmark")
+    tables = results["data"][str(out / "synthetic-benchmark")]
+    assert "Synthetic-VQA/test-00000.parquet" in tables and len(tables["categories.json"]["sha256"]) == 64
     assert set(results["tasks"]) == {"mmeb", "retrieval", "compositional", "visdoc"}
     assert len(results["tasks"]["mmeb"]["datasets"]) == 6
     board = results["tasks"]["mmeb"]["leaderboard"]
