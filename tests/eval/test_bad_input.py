@@ -118,3 +118,20 @@ def test_visdoc_names_bad_judgements_and_counts_unjudged_queries(tmp_path, scene
     (tmp_path / "qrels.parquet").unlink()
     with pytest.raises(DataError, match="no 'qrels' table"):
         load_visdoc(tmp_path, image_dir=tmp_path / "img")
+
+
+def test_retrieval_layouts_of_sharegpt4v_and_urban1k_are_read(root):
+    sharegpt = root / "share.json"
+    turns = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "a red circle"}]
+    sharegpt.write_text(json.dumps([{"id": "1", "image": "images/a.png", "conversations": turns}]))
+    dataset = load_retrieval(sharegpt)
+    assert dataset.captions == ["a red circle"] and dataset.images == [(root / "images" / "a.png").resolve()]
+    urban = root / "Urban1k"
+    (urban / "image").mkdir(parents=True)
+    (urban / "caption").mkdir()
+    (urban / "image" / "7.png").write_bytes((root / "images" / "a.png").read_bytes())
+    (urban / "caption" / "7.txt").write_text("a long caption\n")
+    (urban / "image" / "8.png").write_bytes((root / "images" / "a.png").read_bytes())
+    with pytest.raises(DataError, match=r"Urban1k: row 1: image without a caption: 8.txt is missing"):
+        load_retrieval(urban)
+    assert load_retrieval(urban, on_bad_rows="skip").captions == ["a long caption"]
