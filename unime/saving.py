@@ -44,6 +44,7 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
             model = copy.deepcopy(model).merge_and_unload()
         elif is_peft:
             config.base_model = model.peft_config["default"].base_model_name_or_path
+        _declare_tied_embeddings(model.config)
         model.save_pretrained(staging, safe_serialization=True)
         module.processor.save_pretrained(staging)
         config.save(staging)
@@ -56,6 +57,14 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _declare_tied_embeddings(config) -> None:
+    """Write `tie_word_embeddings` into the text config too: vLLM's yes/no score head reads it from there, and
+    some composite configs (Qwen2-VL's) keep it on the top level only."""
+    text_config = config.get_text_config()
+    if text_config is not config and not hasattr(text_config, "tie_word_embeddings"):
+        text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
 
 
 def write_sentence_transformers_files(directory: Path, config, embedding_dim: int) -> None:

@@ -40,16 +40,21 @@ VLLM_POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
 EMBEDDER_MM_LIMITS = {"image": 1, "video": 0}
 
 
-def _embedder_config(model_dir: str | os.PathLike) -> UnimeConfig:
+def _directory_config(model_dir: str | os.PathLike, kind: str) -> UnimeConfig:
+    """The directory's unime config, checked to be of `kind` and to hold full weights (vLLM merges no adapter)."""
     config = UnimeConfig.load(model_dir)
-    if config.kind != "embedder":
-        raise ConfigError(f"{model_dir}: unime_config.json says kind {config.kind!r}; expected an embedder")
+    if config.kind != kind:
+        raise ConfigError(f"{model_dir}: unime_config.json says kind {config.kind!r}; expected {kind!r}")
     if config.base_model is not None:
         raise ConfigError(
             f"{model_dir}: holds a LoRA adapter only (base {config.base_model!r}); vLLM needs merged weights: "
             "save it again with merge_lora=True"
         )
     return config
+
+
+def _embedder_config(model_dir: str | os.PathLike) -> UnimeConfig:
+    return _directory_config(model_dir, "embedder")
 
 
 def _pooler_fields(config: UnimeConfig) -> dict[str, Any]:
@@ -115,6 +120,10 @@ def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
         str(model_dir),
         "--runner",
         "pooling",
+        # unime's templates read content parts: left to detect the format, vLLM picks "string", pastes the
+        # image placeholder into the text, and an image is embedded as text (seen: cosine 0.9985, not 1).
+        "--chat-template-content-format",
+        "openai",
         "--pooler-config",
         json.dumps(_pooler_fields(config)),
         "--hf-overrides",
@@ -129,30 +138,41 @@ def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
     return args
 
 
-class EmbeddingPrompts:
-    """Renders unime inputs into vLLM prompts, exactly as `Embedder.tokenize` renders them for transformers.
+class _DirectoryPrompts:
+    """Loads only a directory's processor (through unime's loading path) to render its chat template, rebuilt
+    from `unime_config.json` as the model class does, so that the prompts stored there win."""
 
-    Loads only the directory's processor (through unime's loading path) to render the chat template; the
-    template is rebuilt from `unime_config.json`, as the `Embedder` does, so the instructions stored there win.
-    """
+    kind = "embedder"
 
     def __init__(self, model_dir: str | os.PathLike):
         from unime.loading import _load_processor
 
         self.model_dir = Path(model_dir)
-        self.config = _embedder_config(model_dir)
+        self.config = _directory_config(model_dir, self.kind)
         spec = get_backbone(self.config.backbone)
         self.processor = _load_processor(spec, str(model_dir), False, None, {})
-        apply_embedding_template(self.processor, spec.turn_format, self.config.prompts)
+        self._apply_template(spec)
         self._renderer = PromptRenderer(self.processor)
         # The template writes the BOS itself where the family has one; the tokenizer must not add a second
-        # (Embedder.tokenize makes the same choice).
+        # (the model's `tokenize` makes the same choice).
         self.template_writes_bos = bool(spec.turn_format.bos)
+
+    def _apply_template(self, spec) -> None:
+        raise NotImplementedError
 
     @property
     def tokenization_kwargs(self) -> dict[str, Any]:
-        """Pass to `LLM.embed(..., tokenization_kwargs=...)`."""
+        """Pass to `LLM.embed(...)` / `LLM.classify(...)` as `tokenization_kwargs`."""
         return {"add_special_tokens": not self.template_writes_bos}
+
+
+class EmbeddingPrompts(_DirectoryPrompts):
+    """Renders unime inputs into vLLM prompts, exactly as `Embedder.tokenize` renders them for transformers."""
+
+    kind = "embedder"
+
+    def _apply_template(self, spec) -> None:
+        apply_embedding_template(self.processor, spec.turn_format, self.config.prompts)
 
     def instruction_for(self, prompt_name: str | None) -> str | None:
         """The configured instruction of `"query"` / `"document"` (None for no name, or an empty one)."""
@@ -184,5 +204,118 @@ class EmbeddingPrompts:
             prompt: dict[str, Any] = {"prompt": self._renderer.render(item, item_instruction)}
             if item.image is not None:
                 prompt["multi_modal_data"] = {"image": load_image(index, item.image)}
+            prompts.append(prompt)
+        return prompts
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rerankers
+# --------------------------------------------------------------------------------------------------------
+# A pair shows the query's images, then the document's: at most one each.
+RERANKER_MM_LIMITS = {"image": 2, "video": 0}
+
+
+def _reranker_config(model_dir: str | os.PathLike) -> UnimeConfig:
+    return _directory_config(model_dir, "reranker")
+
+
+def reranker_hf_overrides(config: UnimeConfig) -> dict[str, Any]:
+    """vLLM's yes/no conversion: a one-row score head W[yes] - W[no], whose sigmoid is p(yes).
+
+    The `*ForSequenceClassification` architecture makes vLLM build the family's model as a classifier, and
+    `from_2_way_softmax` turns the LM head's two answer rows into that classifier, so that the score is
+    softmax([z_no, z_yes])[yes], the `Reranker`'s.
+    """
+    model_class = get_backbone(config.backbone).model_class
+    architecture = model_class.replace("ForConditionalGeneration", "ForSequenceClassification")
+    return {
+        "architectures": [architecture],
+        "classifier_from_token": [config.rerank.no_token, config.rerank.yes_token],
+        "method": "from_2_way_softmax",
+    }
+
+
+def reranker_engine_kwargs(model_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(**kwargs)` that score pairs as `unime.load(model_dir).predict` does.
+
+    Send it prompts rendered by `RerankPrompts` through `LLM.classify` (`outputs.probs[0]` is p(yes)).
+    """
+    from vllm.config import PoolerConfig
+
+    config = _reranker_config(model_dir)
+    kwargs: dict[str, Any] = {
+        "model": str(model_dir),
+        "runner": "pooling",
+        "hf_overrides": reranker_hf_overrides(config),
+        "pooler_config": PoolerConfig(pooling_type="LAST", use_activation=True),
+        "limit_mm_per_prompt": dict(RERANKER_MM_LIMITS),
+        "dtype": dtype or unime_dtype(),
+    }
+    if processor_kwargs := _processor_kwargs(config):
+        kwargs["mm_processor_kwargs"] = processor_kwargs
+    return kwargs
+
+
+def reranker_server_args(model_dir: str | os.PathLike, *, dtype: str | None = None) -> list[str]:
+    """Arguments for `python -m vllm.entrypoints.openai.api_server` serving the reranker on its `/v1/rerank`.
+
+    The directory's chat template is the reranker's judge template, which reads vLLM's `query` and `document`
+    messages and its `instruction` variable, so vLLM's own `/v1/rerank` and `/score` give the same p(yes).
+    """
+    config = _reranker_config(model_dir)
+    args = [
+        "--model",
+        str(model_dir),
+        "--runner",
+        "pooling",
+        "--chat-template-content-format",
+        "openai",
+        "--hf-overrides",
+        json.dumps(reranker_hf_overrides(config)),
+        "--pooler-config",
+        json.dumps({"pooling_type": "LAST", "use_activation": True}),
+        "--limit-mm-per-prompt",
+        json.dumps(RERANKER_MM_LIMITS),
+        "--chat-template",
+        str(Path(model_dir) / "chat_template.jinja"),
+        "--dtype",
+        dtype or unime_dtype(),
+    ]
+    if processor_kwargs := _processor_kwargs(config):
+        args += ["--mm-processor-kwargs", json.dumps(processor_kwargs)]
+    return args
+
+
+class RerankPrompts(_DirectoryPrompts):
+    """Renders (query, document) pairs into vLLM prompts, exactly as `Reranker.tokenize` renders them."""
+
+    kind = "reranker"
+
+    def _apply_template(self, spec) -> None:
+        from unime.prompts import reranker_chat_template, set_chat_template
+
+        set_chat_template(self.processor, reranker_chat_template(spec.turn_format, self.config.rerank))
+
+    def render(self, pairs: Sequence[Any], instruction: str | Sequence[str | None] | None = None) -> list[dict]:
+        """vLLM prompts `{"prompt", "multi_modal_data": {"image": [query image, document image]}}`, in order.
+
+        `pairs` are anything `Reranker.predict` accepts (or already parsed pairs of `EmbedInput`s).
+        """
+        from unime.reranker import parse_pairs
+
+        parsed = (
+            list(pairs)
+            if all(isinstance(side, EmbedInput) for pair in pairs for side in pair)
+            else parse_pairs(list(pairs))
+        )
+        instructions = (
+            [instruction] * len(parsed) if instruction is None or isinstance(instruction, str) else list(instruction)
+        )
+        prompts = []
+        for index, ((query, document), pair_instruction) in enumerate(zip(parsed, instructions, strict=True)):
+            prompt: dict[str, Any] = {"prompt": self._renderer.render_pair(query, document, pair_instruction)}
+            images = [load_image(index, side.image) for side in (query, document) if side.image is not None]
+            if images:
+                prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             prompts.append(prompt)
         return prompts

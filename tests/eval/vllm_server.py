@@ -27,10 +27,8 @@ def free_port() -> int:
 class VLLMServer:
     """Starts at construction (returns at once); `wait_ready` blocks until it answers; `stop` ends its group.
 
-    The arguments come from `unime.vllm_compat.embedder_server_args` (pooling, normalisation, dtype) plus
-    `--chat-template-content-format openai`: without it vLLM detects the "string" content format for unime's
-    template, pastes the image placeholder into the text, and an image input is rendered as a text one (seen
-    here: cosine 0.9985 instead of 1). The engine and its worker run inside the server process
+    The arguments come from `unime.vllm_compat.embedder_server_args` (pooling, normalisation, dtype, content
+    format). The engine and its worker run inside the server process
     (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, `--distributed-executor-backend uni`): each extra process re-imports
     vLLM and torch, which took 45 s apiece on the loaded 2-core machine (start-up 200 s -> 80 s).
     """
@@ -41,7 +39,6 @@ class VLLMServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = embedder_server_args(model_dir, dtype="float32") + [
-            "--chat-template-content-format", "openai",
             "--enforce-eager", "--distributed-executor-backend", "uni", "--max-model-len", "2048",
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", API_KEY,
         ]  # fmt: skip
