@@ -27,11 +27,6 @@ def server(serve_models, tmp_path_factory):
         str(serve_models["reranker"]),
         "--backend",
         "vllm",
-        # The vLLM scorer of `unime.vllm_compat` does not start on the tiny Qwen2-VL reranker yet (vLLM's
-        # sequence-classification conversion reads `text_config.tie_word_embeddings`, which the tiny config lacks):
-        # the reranker runs on transformers here, the embedder on vLLM.
-        "--reranker-backend",
-        "transformers",
         "--enforce-eager",
         "--batch-wait-ms",
         "20",
@@ -56,7 +51,7 @@ def test_the_embedder_runs_on_vllm(server):
     with server.client() as http:
         health = http.get("/health").json()
     assert health["models"]["embedder"]["backend"] == "vllm"
-    assert health["models"]["reranker"]["backend"] == "transformers"
+    assert health["models"]["reranker"]["backend"] == "vllm"
 
 
 @pytest.mark.parametrize("input_type", [None, "query"])
