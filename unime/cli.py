@@ -19,13 +19,14 @@ def _add_tiny_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("backbone", help="registered backbone name (see `unime backbones`)")
     parser.add_argument("out_dir", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    parser.add_argument("--kind", choices=["embedder", "reranker"], default="embedder", help="what to build")
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
     from unime.tiny import save_tiny
 
-    path = save_tiny(args.backbone, args.out_dir, seed=args.seed)
-    print(f"wrote a tiny {args.backbone} embedder to {path}")
+    path = save_tiny(args.backbone, args.out_dir, seed=args.seed, kind=args.kind)
+    print(f"wrote a tiny {args.backbone} {args.kind} to {path}")
     return 0
 
 
