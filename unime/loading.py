@@ -90,7 +90,7 @@ def load(
         if path is not None:
             model = _apply_adapter(model, str(path), merge_adapter, hub)
 
-    processor = _load_processor(spec, source, trust_remote_code, processor_kwargs, hub)
+    processor = load_processor(spec, source, trust_remote_code, processor_kwargs, hub)
     model.to(device).eval()
     return _model_class(config.kind)(model, processor, config)
 
@@ -149,9 +149,10 @@ def _load_weights(spec: BackboneSpec, source: str, dtype: torch.dtype, attn: str
         raise ModelLoadError(f"{source}: cannot load {spec.model_class} weights ({err})") from err
 
 
-def _load_processor(
+def load_processor(
     spec: BackboneSpec, source: str, trust_remote_code: bool, overrides: dict[str, Any] | None, hub: dict
 ):
+    """A directory's processor alone (what vLLM prompt rendering needs), with the family's defaults."""
     processor_class = getattr(transformers, spec.processor_class)
     kwargs = {**spec.processor_defaults, **(overrides or {})}
     try:

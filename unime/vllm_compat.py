@@ -145,12 +145,12 @@ class _DirectoryPrompts:
     kind = "embedder"
 
     def __init__(self, model_dir: str | os.PathLike):
-        from unime.loading import _load_processor
+        from unime.loading import load_processor
 
         self.model_dir = Path(model_dir)
         self.config = _directory_config(model_dir, self.kind)
         spec = get_backbone(self.config.backbone)
-        self.processor = _load_processor(spec, str(model_dir), False, None, {})
+        self.processor = load_processor(spec, str(model_dir), False, None, {})
         self._apply_template(spec)
         self._renderer = PromptRenderer(self.processor)
         # The template writes the BOS itself where the family has one; the tokenizer must not add a second
