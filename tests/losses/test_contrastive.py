@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from unime.losses import LOSSES, get_loss, info_nce, select_hard_negatives, soft_label_kl, unime_hard_negative_loss
 from unime.losses.distill import similarity_kl
+from unime.losses.rerank import rerank_contrastive_loss, rerank_sft_loss, unified_rerank_loss
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -178,6 +179,9 @@ def test_registry_and_get_loss():
         "unime_hard_negative": unime_hard_negative_loss,
         "soft_label_kl": soft_label_kl,
         "text_distill_kl": similarity_kl,
+        "rerank_sft": rerank_sft_loss,
+        "rerank_contrastive": rerank_contrastive_loss,
+        "rerank_unified": unified_rerank_loss,
     }
     assert get_loss("unime_hard_negative") is unime_hard_negative_loss
     with pytest.raises(ValueError, match=r"'nope'.*info_nce.*soft_label_kl.*unime_hard_negative"):
