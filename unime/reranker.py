@@ -11,6 +11,7 @@ return shapes), so code written for one works with the other; the saved director
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -44,6 +45,14 @@ class Reranker(BackboneModule):
         self._renderer = PromptRenderer(processor)
         self.no_token_id = single_token_id(processor.tokenizer, config.rerank.no_token, "rerank.no_token")
         self.yes_token_id = single_token_id(processor.tokenizer, config.rerank.yes_token, "rerank.yes_token")
+
+    def set_rerank_prompt(self, **changes: str) -> None:
+        """Change the judge prompt or the default instruction (fields of `RerankConfig`); the template follows."""
+        unknown = set(changes) - {"system_prompt", "default_instruction"}
+        if unknown:
+            raise ValueError(f"set_rerank_prompt changes system_prompt and default_instruction, not {sorted(unknown)}")
+        self.config.rerank = dataclasses.replace(self.config.rerank, **changes)
+        set_chat_template(self.processor, reranker_chat_template(self.spec.turn_format, self.config.rerank))
 
     # ----------------------------------------------------------------------------------------------------
     # Tensors in, tensors out (what training uses)

@@ -106,3 +106,24 @@ def test_an_answer_word_that_is_several_tokens_is_refused(tiny_embedders):
     config = unime.UnimeConfig(backbone="qwen2_vl", kind="reranker")
     with pytest.raises(ModelLoadError, match="rerank.no_token: 'no' is 2 tokens"):
         unime.Reranker(base.model, copy.deepcopy(base.processor), config)
+
+
+def test_a_changed_judge_prompt_is_saved_and_used_by_every_consumer(tiny_reranker, tmp_path, mixed_pairs):
+    from sentence_transformers import CrossEncoder
+
+    reranker = unime.Reranker(
+        tiny_reranker.model, copy.deepcopy(tiny_reranker.processor), copy.deepcopy(tiny_reranker.config)
+    )
+    reranker.set_rerank_prompt(system_prompt="Relevant?", default_instruction="match")
+    prompt = reranker._renderer.render_pair(parse_input(0, "q"), parse_input(0, "d"), None)
+    assert prompt.startswith("<|im_start|>user\nRelevant?\n<Instruct>: match\n<Query>:q\n<Document>:d")
+    assert not np.allclose(reranker.predict(mixed_pairs), tiny_reranker.predict(mixed_pairs))
+    reranker.save(tmp_path / "short")
+    loaded = unime.load(tmp_path / "short")
+    assert loaded.config.rerank.system_prompt == "Relevant?"
+    assert np.allclose(loaded.predict(mixed_pairs), reranker.predict(mixed_pairs), atol=1e-6)
+    assert np.allclose(
+        CrossEncoder(str(tmp_path / "short")).predict(mixed_pairs), reranker.predict(mixed_pairs), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="not \\['yes_token'\\]"):
+        reranker.set_rerank_prompt(yes_token="ok")

@@ -57,6 +57,11 @@ class ModelSettings:
     kind: Literal["embedder", "reranker"] = "embedder"
     """What to train: an embedder, or a yes/no reranker (started from any checkpoint of the backbone, an
     embedder directory included)."""
+    rerank_system_prompt: str | None = None
+    """Reranker only: the judge's task statement at the head of every pair's prompt; None keeps the model's
+    (the GMR prompt for a new reranker). Saved with the model, so every consumer prompts the same way."""
+    rerank_instruction: str | None = None
+    """Reranker only: the instruction of pairs whose row gives none; None keeps the model's."""
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from unime.errors import ConfigError
 from unime.train.config import ModelSettings
 
 TINY_PREFIX = "tiny:"
@@ -12,11 +13,25 @@ def load_for_training(settings: ModelSettings):
     import unime
 
     if settings.name_or_path.startswith(TINY_PREFIX):
-        return unime.build_tiny(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed, kind=settings.kind)
-    return unime.load(
-        settings.name_or_path,
-        backbone=settings.backbone,
-        kind=settings.kind,
-        dtype=settings.dtype,
-        attn_implementation=settings.attn_implementation,
-    )
+        model = unime.build_tiny(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed, kind=settings.kind)
+    else:
+        model = unime.load(
+            settings.name_or_path,
+            backbone=settings.backbone,
+            kind=settings.kind,
+            dtype=settings.dtype,
+            attn_implementation=settings.attn_implementation,
+        )
+    prompt_changes = {
+        name: value
+        for name, value in (
+            ("system_prompt", settings.rerank_system_prompt),
+            ("default_instruction", settings.rerank_instruction),
+        )
+        if value is not None
+    }
+    if prompt_changes:
+        if settings.kind != "reranker":
+            raise ConfigError("model.rerank_system_prompt / model.rerank_instruction apply to rerankers only")
+        model.set_rerank_prompt(**prompt_changes)
+    return model
