@@ -18,11 +18,22 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+# Every variant scores with the raw logits (temperature 1), as the paper does.
 VARIANTS: dict[str, list[str]] = {
     "SFT (W_SFT + D_SFT)": ["loss.name=rerank_sft"],
-    "CL (W_CL + D_CL)": ["loss.name=rerank_contrastive"],
-    "W_SFT + D_CL": ["loss.name=rerank_unified", "loss.rerank_weight=sft", "loss.rerank_direction=cl"],
-    "W_CL + D_SFT": ["loss.name=rerank_unified", "loss.rerank_weight=cl", "loss.rerank_direction=sft"],
+    "CL (W_CL + D_CL)": ["loss.name=rerank_contrastive", "loss.temperature=1.0"],
+    "W_SFT + D_CL": [
+        "loss.name=rerank_unified",
+        "loss.rerank_weight=sft",
+        "loss.rerank_direction=cl",
+        "loss.temperature=1.0",
+    ],
+    "W_CL + D_SFT": [
+        "loss.name=rerank_unified",
+        "loss.rerank_weight=cl",
+        "loss.rerank_direction=sft",
+        "loss.temperature=1.0",
+    ],
     "W = 1 + D_SFT": ["loss.name=rerank_unified", "loss.rerank_weight=one", "loss.rerank_direction=sft"],
 }
 
