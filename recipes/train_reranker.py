@@ -28,8 +28,8 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from unime.data.dataset import load_examples
     from unime.train.config import load_train_config
+    from unime.train.data import load_recipe_data
     from unime.train.evaluation import reranking_metrics
     from unime.train.loop import train
     from unime.train.model import load_for_training
@@ -42,20 +42,9 @@ def main(argv: list[str] | None = None) -> Path:
     config = load_train_config(args.config, args.overrides)
     config.model.kind = "reranker"
     reranker = load_for_training(config.model)
-    data = config.data
-    examples, report = load_examples(
-        data.train_files,
-        image_root=data.image_root,
-        on_error=data.on_bad_rows,
-        check_images=data.check_images,
-        min_negatives=1 if data.num_negatives else 0,
-    )
-    print(f"training data: {report.summary()}")
-    for message in report.examples_of_errors:
-        print(f"  skipped {message}")
+    examples, held_out = load_recipe_data(config.data)
     eval_hook = None
-    if data.eval_files:
-        held_out, _ = load_examples(data.eval_files, image_root=data.image_root, on_error="raise")
+    if config.data.eval_files:
 
         def eval_hook(model, step):
             return reranking_metrics(model, held_out, seed=config.seed)
