@@ -72,6 +72,7 @@ def load(
         raise ModelLoadError(
             f"{source}: its {CONFIG_NAME} says backbone {config.backbone!r}, but backbone={backbone!r} was asked"
         )
+    converting_to_reranker = kind == "reranker" and config.kind != "reranker"
     if kind is not None and kind != config.kind:
         config = dataclasses.replace(config, kind=kind)
     spec = get_backbone(config.backbone)
@@ -91,6 +92,12 @@ def load(
             model = _apply_adapter(model, str(path), merge_adapter, hub)
 
     processor = load_processor(spec, source, trust_remote_code, processor_kwargs, hub)
+    if converting_to_reranker:
+        # An embedder's (or a base checkpoint's) weights start a reranker: a tiny tokenizer lacks the answer
+        # words as single tokens (real ones have them, and then nothing changes).
+        from unime.reranker import add_answer_tokens
+
+        add_answer_tokens(model, processor, (config.rerank.no_token, config.rerank.yes_token), seed=0)
     model.to(device).eval()
     return _model_class(config.kind)(model, processor, config)
 

@@ -239,3 +239,21 @@ def parse_pairs(pairs: Any) -> list[Pair]:
 def _is_single_pair(pairs: Any) -> bool:
     """One pair (not in a list) gives one score, as in sentence-transformers."""
     return isinstance(pairs, (tuple, list)) and len(pairs) == 2 and all(is_single_input(side) for side in pairs)
+
+
+def add_answer_tokens(model, processor, tokens: tuple[str, ...], seed: int) -> None:
+    """Make the reranker's answer words single tokens of a tiny tokenizer (real ones have them already).
+
+    The tiny BPE vocabulary splits "yes" and "no"; they are added as whole words (so "know" or "nothing" still
+    tokenize as before) and the embedding and LM-head rows grow to match, seeded like the rest of the model.
+    """
+    from tokenizers import AddedToken
+
+    tokenizer = processor.tokenizer
+    missing = [token for token in tokens if len(tokenizer.encode(token, add_special_tokens=False)) != 1]
+    if not missing:
+        return
+    tokenizer.add_tokens([AddedToken(token, single_word=True, normalized=False) for token in missing])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the new rows are initialised like the model's: same seed, same rows
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -7,12 +7,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
 from unime.embedder import Embedder
-from unime.reranker import Reranker
+from unime.reranker import Reranker, add_answer_tokens
 
 DEFAULT_BACKBONE = "qwen2_vl"
 
@@ -36,24 +34,6 @@ def build_tiny(
         add_answer_tokens(model, processor, (config.rerank.no_token, config.rerank.yes_token), seed)
         return Reranker(model, processor, config)
     return Embedder(model, processor, config)
-
-
-def add_answer_tokens(model, processor, tokens: tuple[str, ...], seed: int) -> None:
-    """Make the reranker's answer words single tokens of a tiny tokenizer (real ones have them already).
-
-    The tiny BPE vocabulary splits "yes" and "no"; they are added as whole words (so "know" or "nothing" still
-    tokenize as before) and the embedding and LM-head rows grow to match, seeded like the rest of the model.
-    """
-    from tokenizers import AddedToken
-
-    tokenizer = processor.tokenizer
-    missing = [token for token in tokens if len(tokenizer.encode(token, add_special_tokens=False)) != 1]
-    if not missing:
-        return
-    tokenizer.add_tokens([AddedToken(token, single_word=True, normalized=False) for token in missing])
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # the new rows are initialised like the model's: same seed, same rows
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
 
 
 def save_tiny(

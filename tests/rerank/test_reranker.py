@@ -108,6 +108,24 @@ def test_an_answer_word_that_is_several_tokens_is_refused(tiny_embedders):
         unime.Reranker(base.model, copy.deepcopy(base.processor), config)
 
 
+def test_an_embedder_directory_starts_a_reranker_with_its_weights(tiny_embedders, tmp_path, mixed_pairs):
+    embedder = tiny_embedders("qwen2_vl")
+    embedder.save(tmp_path / "embedder")
+    reranker = unime.load(tmp_path / "embedder", kind="reranker")
+    assert isinstance(reranker, unime.Reranker)
+    tokenizer = reranker.processor.tokenizer
+    assert len(tokenizer.encode("yes", add_special_tokens=False)) == 1
+    # The embedder's weights carry over: every row the answer tokens did not add is unchanged.
+    before = embedder.hf_model.get_input_embeddings().weight
+    after = reranker.hf_model.get_input_embeddings().weight
+    assert after.shape[0] == before.shape[0] + 2
+    assert torch.equal(after[: before.shape[0]], before)
+    # The converted reranker saves and reloads as a reranker with the same scores.
+    reranker.save(tmp_path / "reranker")
+    again = unime.load(tmp_path / "reranker")
+    np.testing.assert_allclose(again.predict(mixed_pairs), reranker.predict(mixed_pairs), atol=1e-6)
+
+
 def test_a_changed_judge_prompt_is_saved_and_used_by_every_consumer(tiny_reranker, tmp_path, mixed_pairs):
     from sentence_transformers import CrossEncoder
 
