@@ -122,7 +122,8 @@ def _skipped(results: dict[str, Any]) -> list[tuple[str, int, str]]:
     ]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display needed)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
@@ -138,7 +139,7 @@ def _slug(text: str) -> str:
 
 def plot_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """One bar chart per task group (per-dataset hit@1, leaderboard, each retrieval set, ...)."""
-    plt = _pyplot()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -151,7 +152,7 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
         axes.set_title(group)
         figure.tight_layout()
         path = out_dir / f"{_slug(group)}.png"
-        _save(figure, path)
+        save_figure(figure, path)
         plt.close(figure)
         paths[group] = path
     return paths
@@ -159,7 +160,7 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 def plot_comparison(runs: Sequence[dict[str, Any]], labels: Sequence[str], path: str | Path) -> Path:
     """Several runs side by side: one panel per task group, one bar per run for each number."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = [task_rows(run) for run in runs]
     names = list(dict.fromkeys(name for group in groups for name in group))
     figure, axes_list = plt.subplots(len(names), 1, figsize=(10, 3.2 * len(names)), squeeze=False)
@@ -178,12 +179,12 @@ def plot_comparison(runs: Sequence[dict[str, Any]], labels: Sequence[str], path:
         axes.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    _save(figure, path)
+    save_figure(figure, path)
     plt.close(figure)
     return path
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     """Write a figure beside its target and rename it into place (a reader never sees half a PNG)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

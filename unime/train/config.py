@@ -184,6 +184,12 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             raise ConfigError(f"{where}: cannot read ({err})") from err
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping at the top level")
+    apply_overrides(data, overrides)
+    return build_dataclass(TrainConfig, data, where, "")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted `key.sub=value` override (value parsed as YAML) in the nested dict `data`, in place."""
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
@@ -195,7 +201,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
             if not isinstance(node, dict):
                 raise ConfigError(f"override {override!r}: {part} is not a section")
         node[parts[-1]] = yaml.safe_load(raw)
-    return build_dataclass(TrainConfig, data, where, "")
+    return data
 
 
 def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
