@@ -7,9 +7,10 @@ PY := .venv/bin/python
 setup:
 	bash scripts/setup.sh
 
-# The main job on the embedded default (a tiny Qwen2-VL built in code, drawn scenes and captions).
+# The main job on the embedded default: synthetic data, stage 1, mining, stage 2, reranker, evaluation, serving
+# and a report (runs/quickstart/report.md); running it again resumes where it stopped.
 demo: setup
-	OMP_NUM_THREADS=1 .venv/bin/unime demo
+	OMP_NUM_THREADS=1 .venv/bin/unime quickstart
 
 # Everything this machine can run: lint, then the whole test suite.
 test: setup lint

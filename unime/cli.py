@@ -7,6 +7,7 @@ Later parts of the toolkit (training, evaluation, serving, data generation) add 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 
@@ -232,6 +233,32 @@ def _run_serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _add_quickstart_args(parser: argparse.ArgumentParser) -> None:
+    from unime.quickstart import STAGES
+
+    parser.add_argument("--out", default="runs/quickstart", help="output folder; the same folder resumes a run")
+    parser.add_argument("--size", choices=["default", "ci"], default="default", help="ci: a reduced run for tests")
+    parser.add_argument(
+        "--backend",
+        choices=["transformers", "auto", "vllm"],
+        help="server backend of the serve check (default: transformers)",
+    )
+    parser.add_argument("--stop-after", choices=STAGES, help="stop after this stage (run again to go on)")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted settings of unime.quickstart.config, e.g. reranker.max_steps=300"
+    )
+
+
+def _run_quickstart(args: argparse.Namespace) -> int:
+    from unime.quickstart import load_quickstart_config, run_quickstart
+
+    overrides = [f"out={json.dumps(args.out)}", *args.overrides]
+    if args.backend:
+        overrides.append(f"serve.backend={args.backend}")
+    run_quickstart(load_quickstart_config(args.size, overrides), stop_after=args.stop_after)
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("convert", "convert a public training-data layout into unime's schema", _add_convert_args, _run_convert),
     ("synth", "generate synthetic training data", _add_synth_args, _run_synth),
@@ -239,6 +266,12 @@ COMMANDS: list[Command] = [
     ("eval", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _add_eval_args, _run_eval),
     ("generate", "generate training data from photos with an MLLM (mmE5 style)", _add_generate_args, _run_generate),
     ("serve", "serve embeddings and reranking over HTTP (vLLM or transformers)", _add_serve_args, _run_serve),
+    (
+        "quickstart",
+        "the whole pipeline: data, stage 1, mining, stage 2, reranker, eval, serving, report",
+        _add_quickstart_args,
+        _run_quickstart,
+    ),
     ("demo", "embed drawn images and captions and print their similarity table", _add_demo_args, _run_demo),
     ("tiny", "build a tiny offline model of a backbone and save it", _add_tiny_args, _run_tiny),
     ("backbones", "list the registered backbone families", _add_backbones_args, _run_backbones),

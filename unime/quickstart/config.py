@@ -1,0 +1,174 @@
+"""The quickstart's settings: a typed dataclass per stage, two sizes, dotted `key=value` overrides.
+
+    config = load_quickstart_config("ci", ["reranker.max_steps=300", "eval.fusion_weight=0.5"])
+
+Every training stage runs a recipe config of `recipes/configs/` with the overrides listed here on top, so the
+quickstart trains exactly what the recipes train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from unime.errors import ConfigError
+from unime.train.config import apply_overrides, build_dataclass
+
+Size = Literal["default", "ci"]
+
+
+@dataclass
+class DataSizes:
+    text_train: int = 400
+    """Paraphrase pairs for stage 1 (`unime synth text`)."""
+    text_held_out: int = 100
+    """Held-out paraphrase pairs: the text-to-text recall that stage 1 should raise."""
+    shapes_train: int = 60
+    """Drawn scenes with captions for stage 2 (`unime synth shapes`); mining adds their negatives."""
+    shapes_held_out: int = 30
+    """Held-out scenes (none shared with training): the image-to-text recall that stage 2 should raise."""
+    shapes_negatives: int = 3
+    """One-attribute hard negatives written with each training scene (mining may keep or replace them)."""
+    benchmark_queries: int = 24
+    """Queries per dataset of the held-out synthetic benchmark (`unime eval synthetic`)."""
+    benchmark_candidates: int = 8
+    """Candidates per retrieval / grounding query of the benchmark."""
+
+
+@dataclass
+class TrainStage:
+    config: str = ""
+    """Recipe config (a path, or a file name under `recipes/configs/`)."""
+    max_steps: int = 150
+    """Optimizer steps."""
+    overrides: list[str] = field(default_factory=list)
+    """More dotted overrides of the recipe config, e.g. `optim.lr=1e-3`."""
+
+
+@dataclass
+class Stage1Settings(TrainStage):
+    config: str = "stage1_text_distill.yaml"
+    """Recipe config of stage 1."""
+
+
+@dataclass
+class Stage2Settings(TrainStage):
+    config: str = "stage2_hardneg_instruct.yaml"
+    """Recipe config of stage 2."""
+    overrides: list[str] = field(default_factory=lambda: ["loss.hard_negatives=127"])
+    """More dotted overrides of the recipe config. The default keeps every candidate of the batch that survives
+    false-negative filtering (the recipe's intent, see its config), now that rows carry 5 negatives."""
+
+
+@dataclass
+class MiningSettings:
+    top_k: int = 20
+    """Candidates retrieved per query by the stage-1 model."""
+    negatives: int = 5
+    """Negatives per training row after mining, the row's own included (stage 2's `data.num_negatives`)."""
+    margin: float = -0.1
+    """Drop candidates scoring >= the positive's similarity minus this as false negatives (-0.1: UniME's mask,
+    s > s_pos + 0.1; the text-only stage-1 model scores images weakly, so a stricter margin drops nearly all)."""
+    keep_existing: bool = True
+    """Keep the rows' own one-attribute negatives first and fill up to `negatives` with mined ones."""
+
+
+@dataclass
+class RerankerSettings:
+    """Every choice of the reranker stage, in one place: its data, its starting point and its budget."""
+
+    config: str = "reranker_sft.yaml"
+    """Recipe config of the reranker."""
+    data: Literal["text", "shapes", "mined"] = "mined"
+    """Training and held-out rows: `text` the paraphrase pairs, `shapes` the drawn scenes with their
+    one-attribute negatives, `mined` the stage-2 rows with mined negatives (held out: the held-out scenes)."""
+    start: Literal["tiny", "stage2"] = "stage2"
+    """`tiny`: a tiny random reranker (the recipe's default); `stage2`: the stage-2 embedder's weights."""
+    max_steps: int = 600
+    """Optimizer steps."""
+    overrides: list[str] = field(default_factory=list)
+    """More dotted overrides of the recipe config, e.g. `data.random_negatives=7`."""
+
+
+@dataclass
+class EvalSettings:
+    rerank_datasets: list[str] = field(default_factory=lambda: ["Synthetic-I2T", "Synthetic-T2I"])
+    """Benchmark datasets whose stage-2 top K the reranker reorders."""
+    rerank_top_k: int = 5
+    """Candidates the reranker sees per query."""
+    fusion_weight: float | None = None
+    """None: order the top K by reranker score; w: by embedding score + w * reranker score."""
+    batch_size: int = 32
+    """Items per encoder call."""
+
+
+@dataclass
+class ServeSettings:
+    enabled: bool = True
+    """Start `unime serve` with the stage-2 embedder and the reranker and send it one request of each kind."""
+    backend: Literal["transformers", "auto", "vllm"] = "transformers"
+    """Server backend (`auto`: vLLM where installed; vLLM takes 1-2 minutes to start on a CPU)."""
+    startup_timeout_s: float = 300.0
+    """How long to wait for `/health`."""
+
+
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    """Where every artefact goes; running again with the same `out` resumes."""
+    size: Size = "default"
+    """`default`: the embedded default (a few minutes on 2 cores); `ci`: a reduced run for tests."""
+    seed: int = 0
+    """Seed of the data, the tiny models and training."""
+    backbone: str = "qwen2_vl"
+    """Backbone of the tiny models the embedded default builds."""
+    recipes_dir: str | None = None
+    """Folder of the recipe configs (default: `recipes/configs` of this source tree)."""
+    data: DataSizes = field(default_factory=DataSizes)
+    stage1: Stage1Settings = field(default_factory=Stage1Settings)
+    """Stage 1: text distillation from the offline MiniLM teacher."""
+    mining: MiningSettings = field(default_factory=MiningSettings)
+    stage2: Stage2Settings = field(default_factory=Stage2Settings)
+    """Stage 2: hard-negative instruction tuning from the stage-1 model, on the mined rows."""
+    reranker: RerankerSettings = field(default_factory=RerankerSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+
+SIZES: dict[str, list[str]] = {
+    "default": [],
+    # Small enough for a test on 2 cores, large enough that each stage still moves its metric far.
+    "ci": [
+        "data.text_train=256",
+        "data.text_held_out=60",
+        "data.shapes_held_out=24",
+        "data.benchmark_queries=12",
+        "stage1.max_steps=60",
+        "stage2.max_steps=100",
+        "reranker.max_steps=300",
+    ],
+}
+"""Overrides each size applies before the user's own."""
+
+
+def load_quickstart_config(size: Size = "default", overrides: list[str] = ()) -> QuickstartConfig:
+    """The settings of `size` with dotted `key=value` overrides applied (values parsed as YAML)."""
+    if size not in SIZES:
+        raise ConfigError(f"size {size!r}: expected one of {sorted(SIZES)}")
+    data = apply_overrides({"size": size}, [*SIZES[size], *overrides])
+    return build_dataclass(QuickstartConfig, data, "quickstart", "")
+
+
+def recipe_config_path(config: QuickstartConfig, name: str) -> Path:
+    """A recipe config by path, or by file name under the recipes folder."""
+    if Path(name).is_file():
+        return Path(name)
+    folder = Path(config.recipes_dir) if config.recipes_dir else Path(__file__).resolve().parents[2] / "recipes"
+    folder = folder / "configs" if (folder / "configs").is_dir() else folder
+    path = folder / name
+    if not path.is_file():
+        raise ConfigError(
+            f"recipe config {name!r} not found in {folder}; run from a source checkout or set recipes_dir=<folder>"
+        )
+    return path

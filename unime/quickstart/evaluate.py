@@ -1,0 +1,115 @@
+"""The quickstart's evaluation: every stage's model on held-out data, and stage 2 + reranker on the benchmark.
+
+Each embedder gets the numbers its own stage should move (text-to-text recall for stage 1, image-to-text
+recall and hard-negative accuracy on unseen scenes for stage 2) and the held-out synthetic benchmark (MMEB
+layout, image-text retrieval, SugarCrepe) through the evaluation harness. The reranker reorders the stage-2
+model's top K on the benchmark's retrieval datasets, and is scored on its own held-out rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from unime.data.dataset import load_examples
+from unime.quickstart.config import QuickstartConfig
+
+EMBEDDER_ROWS = {"untrained": "before training", "stage1": "after stage 1", "stage2": "after stage 2"}
+"""The embedders evaluated, in order, with the name the report gives each."""
+
+
+@dataclass
+class HeldOut:
+    """The held-out files each metric reads."""
+
+    text: Path
+    """Paraphrase pairs (text-to-text recall)."""
+    shapes: Path
+    """Unseen drawn scenes with every one-attribute alteration (image-to-text recall, hard-negative accuracy)."""
+    reranker: Path
+    """The reranker's own held-out rows."""
+    benchmark: Path
+    """Root of the synthetic benchmark."""
+
+
+def evaluate_embedder(model, source: Any, held_out: HeldOut, config: QuickstartConfig) -> dict[str, Any]:
+    """The stage metrics and the benchmark results of one embedder (`source`: its directory, or the model)."""
+    from unime.eval.encoders import UnimeEncoder
+    from unime.eval.runner import run_eval
+    from unime.train.evaluation import retrieval_recall
+
+    text_rows, _ = load_examples([held_out.text])
+    shape_rows, _ = load_examples([held_out.shapes])
+    scenes = retrieval_recall(model, shape_rows, batch_size=config.eval.batch_size)
+    metrics = {
+        "text_to_text_recall@1": retrieval_recall(model, text_rows, batch_size=config.eval.batch_size)["recall@1"],
+        "image_to_text_recall@1": scenes["recall@1"],
+        "hard_negative_accuracy": scenes["hard_negative_accuracy"],
+    }
+    results = run_eval(UnimeEncoder(source), benchmark_config(held_out.benchmark, config))
+    metrics["benchmark_mmeb_hit@1"] = results["tasks"]["mmeb"]["leaderboard"]["overall"]
+    return {"metrics": metrics, "benchmark": results}
+
+
+def evaluate_reranking(stage2_dir: Path, reranker_dir: Path, held_out: HeldOut, config: QuickstartConfig) -> dict:
+    """Stage 2's top K reordered by the reranker on the benchmark, and the reranker on its own held-out rows
+    (untrained and trained, the same tiny start when the stage starts from a tiny model)."""
+    import unime
+    from unime.eval.encoders import UnimeEncoder
+    from unime.eval.runner import run_eval
+    from unime.train.evaluation import reranking_metrics
+
+    reranker = unime.load(reranker_dir)
+    bench = benchmark_config(held_out.benchmark, config)
+    bench.mmeb_datasets = list(config.eval.rerank_datasets)
+    bench.retrieval, bench.sugarcrepe = [], None
+    bench.rerank_datasets = list(config.eval.rerank_datasets)
+    bench.rerank_top_k = config.eval.rerank_top_k
+    bench.rerank_fusion_weight = config.eval.fusion_weight
+    results = run_eval(UnimeEncoder(stage2_dir), bench, reranker=reranker)
+    rows, _ = load_examples([held_out.reranker])
+    own = {"trained": reranking_metrics(reranker, rows, seed=config.seed)}
+    if config.reranker.start == "tiny":
+        untrained = unime.build_tiny(config.backbone, seed=config.seed, kind="reranker")
+        untrained.set_rerank_prompt(
+            system_prompt=reranker.config.rerank.system_prompt,
+            default_instruction=reranker.config.rerank.default_instruction,
+        )
+        own["untrained"] = reranking_metrics(untrained, rows, seed=config.seed)
+    return {"rerank": results["tasks"]["rerank"], "own_held_out": own, "benchmark": results}
+
+
+def benchmark_config(root: Path, config: QuickstartConfig):
+    from unime.eval.runner import EvalConfig
+
+    return EvalConfig(
+        mmeb_root=str(root),
+        retrieval=[str(root / "retrieval" / "test.json")],
+        sugarcrepe=str(root / "sugarcrepe"),
+        batch_size=config.eval.batch_size,
+        cache_dir=None,
+        progress=False,
+    )
+
+
+def evaluate_all(paths: dict[str, Path], held_out: HeldOut, config: QuickstartConfig, out_dir: Path) -> dict[str, Any]:
+    """Every embedder in `EMBEDDER_ROWS`, then the reranking; each run's results also go to `out_dir/<name>/`."""
+    import unime
+    from unime.eval.runner import write_outputs
+
+    evaluated: dict[str, Any] = {}
+    steps = [*EMBEDDER_ROWS, "reranker"]
+    for name in tqdm(steps, desc="stage eval"):
+        if name == "reranker":
+            result = evaluate_reranking(paths["stage2"], paths["reranker"], held_out, config)
+        elif name == "untrained":
+            model = unime.build_tiny(config.backbone, seed=config.seed)
+            result = evaluate_embedder(model, model, held_out, config)
+        else:
+            result = evaluate_embedder(unime.load(paths[name]), paths[name], held_out, config)
+        write_outputs(result.pop("benchmark"), out_dir / name, plots=False)
+        evaluated[name] = result
+    return evaluated

@@ -1,0 +1,358 @@
+"""`unime quickstart`: synthetic data -> stage 1 -> mining -> stage 2 -> reranker -> evaluation -> serving -> report.
+
+Each stage is a function of the config and the artefacts of the stages before it; `run_quickstart` runs them
+through a `StageRunner`, so a second run skips what the first one finished and resumes an interrupted training
+from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from unime.errors import ConfigError
+from unime.quickstart.config import QuickstartConfig, TrainStage, recipe_config_path
+from unime.quickstart.stages import STAGES, StageResult, StageRunner
+
+TRAIN_LOG = "train_log.jsonl"
+"""Each training stage's logged metrics (loss, learning rate, in-training evaluation), one step per line."""
+
+
+def _list(path: Path) -> str:
+    return json.dumps([str(path)])
+
+
+def _value(value: Any) -> str:
+    return json.dumps(str(value))
+
+
+def make_data(config: QuickstartConfig, out: Path) -> StageResult:
+    """Paraphrase pairs (stage 1), drawn scenes with captions (stage 2), the held-out synthetic benchmark."""
+    from unime.data_synth.pairs import write_image_caption_pairs
+    from unime.data_synth.text_pairs import write_text_pairs
+    from unime.eval.synthetic import write_synthetic_benchmark
+
+    sizes = config.data
+    parts: dict[str, Callable[[], dict[str, Path]]] = {
+        "text": lambda: write_text_pairs(
+            out / "text", train=sizes.text_train, held_out=sizes.text_held_out, seed=config.seed
+        ),
+        "shapes": lambda: write_image_caption_pairs(
+            out / "shapes",
+            train=sizes.shapes_train,
+            held_out=sizes.shapes_held_out,
+            negatives=sizes.shapes_negatives,
+            seed=config.seed,
+        ),
+        "benchmark": lambda: {
+            "root": write_synthetic_benchmark(
+                out / "benchmark",
+                seed=config.seed,
+                queries=sizes.benchmark_queries,
+                candidates=sizes.benchmark_candidates,
+            )
+        },
+    }
+    artefacts = {"folder": str(out)}
+    for name, write in tqdm(parts.items(), desc="synthetic data", total=len(parts)):
+        artefacts.update({f"{name}_{split}": str(path) for split, path in write().items()})
+    return StageResult(artefacts=artefacts)
+
+
+def train_stage(
+    config: QuickstartConfig,
+    stage: TrainStage,
+    out: Path,
+    *,
+    start: str,
+    rows: tuple[str, str],
+    evaluate: Callable,
+    overrides: list[str] = (),
+) -> StageResult:
+    """Train a recipe config from `start` on `rows` = (training, held-out) files, with the quickstart's overrides
+    on top; the model goes to `<out>/final`, the loop's logged metrics to `<out>/train_log.jsonl`.
+
+    `evaluate(model, held_out_rows) -> metrics` is the in-training evaluation. A finished model is reused; an
+    interrupted run resumes from its latest checkpoint.
+    """
+    from unime.train.config import load_train_config
+    from unime.train.data import load_recipe_data
+    from unime.train.loop import train
+    from unime.train.model import load_for_training
+
+    final = out / "final"
+    log_path = out / TRAIN_LOG
+    artefacts = {"model": str(final), "train_log": str(log_path)}
+    if (final / "unime_config.json").is_file():
+        return StageResult(artefacts=artefacts)
+    common = [
+        f"output_dir={_value(out)}",
+        "log_with=[]",
+        f"seed={config.seed}",
+        f"optim.max_steps={stage.max_steps}",
+        f"model.name_or_path={_value(start)}",
+        f"model.seed={config.seed}",
+        f"data.train_files={_list(rows[0])}",
+        f"data.eval_files={_list(rows[1])}",
+    ]
+    train_config = load_train_config(recipe_config_path(config, stage.config), [*common, *overrides, *stage.overrides])
+    model = load_for_training(train_config.model)
+    examples, held_out = load_recipe_data(train_config.data)
+
+    def log_step(step: int, logs: dict[str, float]) -> None:
+        with log_path.open("a") as handle:  # a resumed run logs its steps again: readers keep the last values
+            handle.write(json.dumps({"step": step, **logs}) + "\n")
+
+    def eval_hook(model, step):
+        metrics = evaluate(model, held_out)
+        log_step(step, {f"eval/{key}": value for key, value in metrics.items()})  # the final evaluation too
+        return metrics
+
+    train(train_config, model, examples, eval_hook=eval_hook if held_out else None, on_step=log_step)
+    return StageResult(artefacts=artefacts)
+
+
+def _embedder_eval(model, rows):
+    from unime.train.evaluation import retrieval_recall
+
+    return retrieval_recall(model, rows)
+
+
+def _reranker_eval(seed: int):
+    def evaluate(model, rows):
+        from unime.train.evaluation import reranking_metrics
+
+        return reranking_metrics(model, rows, seed=seed)
+
+    return evaluate
+
+
+def run_stage1(config: QuickstartConfig, data: dict[str, str], out: Path) -> StageResult:
+    """UniME stage 1: the tiny model's language model distils the MiniLM teacher on paraphrase pairs."""
+    return train_stage(
+        config,
+        config.stage1,
+        out,
+        start=f"tiny:{config.backbone}",
+        rows=(data["text_train"], data["text_held_out"]),
+        evaluate=_embedder_eval,
+        overrides=[f"distill.cache_dir={_value(out.parent / 'teacher_cache')}"],
+    )
+
+
+def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out: Path) -> StageResult:
+    """Hard negatives for the stage-2 training rows, mined with the stage-1 model; written into those rows."""
+    import unime
+    from unime.data_synth.mining.cache import model_fingerprint
+    from unime.data_synth.mining.miner import MiningConfig, mine_file
+
+    settings = config.mining
+    progress = tqdm(total=2, desc="mining")
+    embedder = unime.load(stage1)
+    progress.update(1)
+    rows, manifest = mine_file(
+        embedder,
+        data["shapes_train"],
+        out / "train.jsonl",
+        MiningConfig(
+            top_k=settings.top_k,
+            negatives=settings.negatives,
+            margin=settings.margin,
+            keep_existing=settings.keep_existing,
+            seed=config.seed,
+        ),
+        model_id=model_fingerprint(stage1),
+        cache_dir=out / "embedding-cache",
+    )
+    progress.update(1)
+    progress.close()
+    details = manifest.details
+    metrics = {
+        "rows": manifest.kept,
+        "dropped_by_margin": details["dropped_by_margin"],
+        "rows_short_of_negatives": details["rows_short_of_negatives"],
+    }
+    return StageResult(artefacts={"rows": str(rows)}, metrics=metrics)
+
+
+def run_stage2(config: QuickstartConfig, data: dict[str, str], stage1: str, mined: str, out: Path) -> StageResult:
+    """UniME stage 2 from the stage-1 model, on the rows with mined negatives."""
+    return train_stage(
+        config,
+        config.stage2,
+        out,
+        start=stage1,
+        rows=(mined, data["shapes_held_out"]),
+        evaluate=_embedder_eval,
+        overrides=[f"data.num_negatives={config.mining.negatives}"],
+    )
+
+
+def reranker_rows(config: QuickstartConfig, data: dict[str, str], mined: str) -> tuple[str, str]:
+    """The reranker's (training, held-out) rows, as `reranker.data` chooses."""
+    choice = config.reranker.data
+    if choice == "text":
+        return data["text_train"], data["text_held_out"]
+    if choice == "shapes":
+        return data["shapes_train"], data["shapes_held_out"]
+    return mined, data["shapes_held_out"]
+
+
+def run_reranker(config: QuickstartConfig, data: dict[str, str], mined: str, stage2: str, out: Path) -> StageResult:
+    """The yes/no reranker, from a tiny random model or the stage-2 embedder's weights."""
+    rows = reranker_rows(config, data, mined)
+    start = f"tiny:{config.backbone}" if config.reranker.start == "tiny" else stage2
+    stage = TrainStage(config.reranker.config, config.reranker.max_steps, config.reranker.overrides)
+    result = train_stage(
+        config,
+        stage,
+        out,
+        start=start,
+        rows=rows,
+        evaluate=_reranker_eval(config.seed),
+        overrides=["model.kind=reranker"],
+    )
+    result.artefacts["held_out"] = rows[1]
+    return result
+
+
+def run_eval(config: QuickstartConfig, data: dict[str, str], models: dict[str, str], out: Path) -> StageResult:
+    from unime.quickstart.evaluate import HeldOut, evaluate_all
+
+    _, reranker_held_out = reranker_rows(config, data, "")
+    held_out = HeldOut(
+        text=Path(data["text_held_out"]),
+        shapes=Path(data["shapes_held_out"]),
+        reranker=Path(reranker_held_out),
+        benchmark=Path(data["benchmark_root"]),
+    )
+    evaluated = evaluate_all({k: Path(v) for k, v in models.items()}, held_out, config, out)
+    path = out / "metrics.json"
+    from unime.atomic import write_json_atomic
+
+    write_json_atomic(path, evaluated)
+    return StageResult(artefacts={"metrics": str(path)}, metrics=evaluated)
+
+
+def run_serve_check(config: QuickstartConfig, stage2: str, reranker: str, out: Path) -> StageResult:
+    from unime.atomic import write_json_atomic
+    from unime.quickstart.server_check import check_server
+
+    result = check_server(
+        Path(stage2),
+        Path(reranker),
+        out / "server.log",
+        backend=config.serve.backend,
+        startup_timeout_s=config.serve.startup_timeout_s,
+    )
+    path = out / "serve_check.json"
+    write_json_atomic(path, result)
+    return StageResult(artefacts={"result": str(path), "log": str(out / "server.log")}, metrics=result)
+
+
+def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -> dict[str, dict[str, Any]]:
+    """Run (or resume) every stage up to `stop_after` (default: all); returns the stages' records."""
+    from unime.quickstart.report import write_report
+
+    if stop_after is not None and stop_after not in STAGES:
+        raise ConfigError(f"stop_after {stop_after!r}: expected one of {list(STAGES)}")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runner = StageRunner(out)
+    settings = dataclasses.asdict(config)
+    settings.pop("out")
+
+    def artefact(stage: str, name: str) -> str:
+        return runner.records[stage]["artefacts"][name]
+
+    steps: list[tuple[str, str, Any, Path | None, Callable[[], StageResult]]] = [
+        (
+            "data",
+            "synthetic data",
+            [settings["seed"], settings["data"]],
+            out / "data",
+            lambda: make_data(config, out / "data"),
+        ),
+        (
+            "stage1",
+            "text-distilled model",
+            [settings["backbone"], settings["stage1"]],
+            out / "stage1",
+            lambda: run_stage1(config, runner.records["data"]["artefacts"], out / "stage1"),
+        ),
+        (
+            "mining",
+            "training rows with mined negatives",
+            settings["mining"],
+            out / "mining",
+            lambda: run_mining(
+                config, runner.records["data"]["artefacts"], artefact("stage1", "model"), out / "mining"
+            ),
+        ),
+        (
+            "stage2",
+            "instruction-tuned embedder",
+            settings["stage2"],
+            out / "stage2",
+            lambda: run_stage2(
+                config,
+                runner.records["data"]["artefacts"],
+                artefact("stage1", "model"),
+                artefact("mining", "rows"),
+                out / "stage2",
+            ),
+        ),
+        (
+            "reranker",
+            "reranker",
+            settings["reranker"],
+            out / "reranker",
+            lambda: run_reranker(
+                config,
+                runner.records["data"]["artefacts"],
+                artefact("mining", "rows"),
+                artefact("stage2", "model"),
+                out / "reranker",
+            ),
+        ),
+        (
+            "eval",
+            "metrics of every stage",
+            settings["eval"],
+            out / "eval",
+            lambda: run_eval(
+                config,
+                runner.records["data"]["artefacts"],
+                {name: artefact(name, "model") for name in ("stage1", "stage2", "reranker")},
+                out / "eval",
+            ),
+        ),
+    ]
+    if config.serve.enabled:
+        steps.append(
+            (
+                "serve",
+                "served-model check",
+                settings["serve"],
+                out / "serve",
+                lambda: run_serve_check(
+                    config, artefact("stage2", "model"), artefact("reranker", "model"), out / "serve"
+                ),
+            )
+        )
+    for name, label, stage_settings, work_dir, action in steps:
+        runner.run(name, label, stage_settings, work_dir, action)
+        if name == stop_after:
+            print(f"stopped after stage {name}; run the same command again to go on")
+            return runner.records
+    report = write_report(config, runner.records, out, seconds=time.perf_counter() - started)
+    print(f"stage report: report -> {report}")
+    print(f"\nThe report is in {report}")
+    return runner.records
