@@ -85,3 +85,36 @@ def mixed_inputs(images, captions, photos=()) -> list:
     ]
     items[3:3] = list(photos)
     return items
+
+
+@pytest.fixture(scope="session")
+def stage1_text_pairs(tmp_path_factory) -> dict[str, Path]:
+    """The embedded default's paraphrase corpus (400 training pairs, 100 held out)."""
+    from unime.data_synth.text_pairs import write_text_pairs
+
+    return write_text_pairs(tmp_path_factory.mktemp("text"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(stage1_text_pairs, tmp_path_factory) -> tuple[Path, Path]:
+    """The stage-1 recipe on the paraphrase corpus with the offline MiniLM teacher; (final dir, cache dir).
+
+    Trained once per session: the stage-1 tests check it, stage 2 and the rerankers start from it.
+    """
+    from tests.train.recipes import RECIPES, recipe_main
+
+    out = tmp_path_factory.mktemp("stage1")
+    cache = out / "teacher_cache"
+    final = recipe_main()(
+        [
+            "--config",
+            str(RECIPES / "configs" / "stage1_text_distill.yaml"),
+            f"data.train_files=[{stage1_text_pairs['train']}]",
+            f"data.eval_files=[{stage1_text_pairs['held_out']}]",
+            f"output_dir={out}",
+            f"distill.cache_dir={cache}",
+            "log_with=[]",
+            "save_every=0",
+        ]
+    )
+    return final, cache

@@ -11,7 +11,6 @@ import unime
 from tests.train.recipes import recipe_main
 from unime.data.dataset import load_examples
 from unime.data_synth.pairs import write_image_caption_pairs
-from unime.data_synth.text_pairs import write_text_pairs
 from unime.train.config import load_train_config
 from unime.train.evaluation import retrieval_recall, teacher_agreement
 from unime.train.teacher import TeacherCache
@@ -21,35 +20,10 @@ STAGE1 = ROOT / "recipes" / "configs" / "stage1_text_distill.yaml"
 STAGE2 = ROOT / "recipes" / "configs" / "stage2_hardneg_instruct.yaml"
 
 
-@pytest.fixture(scope="module")
-def text_pairs(tmp_path_factory) -> dict[str, Path]:
-    return write_text_pairs(tmp_path_factory.mktemp("text"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def stage1_run(text_pairs, tmp_path_factory) -> tuple[Path, Path]:
-    """The stage-1 recipe on the paraphrase corpus with the offline MiniLM teacher; (final dir, cache dir)."""
-    out = tmp_path_factory.mktemp("stage1")
-    cache = out / "teacher_cache"
-    final = recipe_main()(
-        [
-            "--config",
-            str(STAGE1),
-            f"data.train_files=[{text_pairs['train']}]",
-            f"data.eval_files=[{text_pairs['held_out']}]",
-            f"output_dir={out}",
-            f"distill.cache_dir={cache}",
-            "log_with=[]",
-            "save_every=0",
-        ]
-    )
-    return final, cache
-
-
 @pytest.mark.slow
-def test_stage1_moves_the_student_towards_the_teacher(text_pairs, stage1_run) -> None:
+def test_stage1_moves_the_student_towards_the_teacher(stage1_text_pairs, stage1_run) -> None:
     final, cache_dir = stage1_run
-    held_out, _ = load_examples([text_pairs["held_out"]])
+    held_out, _ = load_examples([stage1_text_pairs["held_out"]])
     config = load_train_config(STAGE1)
     cache = TeacherCache(cache_dir, config.distill.teacher)
     assert all(e.query.text in cache and e.positive.text in cache for e in held_out)  # filled by the recipe

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,15 @@ from unime.data.schema import Side, TrainExample
 from unime.errors import InvalidInputError
 
 Features = dict[str, torch.Tensor]
+
+
+def batch_key(examples: Sequence[TrainExample]) -> str:
+    """What a batch's random draws are seeded with: its first row's file name and row number.
+
+    The file's folder is left out, so the same data copied elsewhere (another run directory, a test's temporary
+    folder) draws the same negatives.
+    """
+    return Path(examples[0].origin).name if examples else ""
 
 
 @dataclass
@@ -69,7 +79,7 @@ class EmbeddingCollator:
         self.teacher_cache = teacher_cache
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
-        rng = random.Random(f"{self.seed}-{examples[0].origin if examples else ''}")
+        rng = random.Random(f"{self.seed}-{batch_key(examples)}")
         negatives: list[tuple[TrainExample, Side]] = []
         picked_scores: list[list[float]] = []
         for example in examples:
@@ -185,7 +195,7 @@ class RerankCollator:
         return 1 + self.num_negatives + self.random_negatives
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
-        rng = random.Random(f"{self.seed}-rerank-{examples[0].origin if examples else ''}")
+        rng = random.Random(f"{self.seed}-rerank-{batch_key(examples)}")
         pairs: list[tuple[TrainExample, Side]] = []
         for example in examples:
             documents = [example.positive]
