@@ -8,10 +8,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from unime.serve.protocol import (
     parse_embedding_request,
     parse_rerank_request,
 )
+
+try:  # optional speed-up (the `serve` extra installs it); the standard library's json otherwise
+    import orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    orjson = None
 
 logger = logging.getLogger("unime.serve")
 
@@ -143,12 +148,38 @@ class GuardMiddleware:
         return limited_receive
 
 
-async def read_json(request: Request) -> Any:
+T = TypeVar("T")
+
+
+async def parse_body(request: Request, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
+    """The body, JSON-decoded and validated (images decoded) in one trip to the thread pool.
+
+    Decoding can be slow (large bodies, images) and must not stall the event loop; one hand-off per request
+    instead of one for the JSON and one for the validation halves the thread switches on the hot path.
+    """
     raw = await request.body()
+    return await run_in_threadpool(_decode_and_parse, raw, parse, limits)
+
+
+def _decode_and_parse(raw: bytes, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
     try:
-        return await run_in_threadpool(json.loads, raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RequestError(f"the body is not valid JSON ({err})", param="body") from err
+    return parse(body, limits)
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSON response rendered by orjson where installed (the `serve` extra): 5-10x faster on float lists.
+
+    Vectors arrive as Python floats (`ndarray.tolist()`), which orjson writes in their shortest round-trip
+    form, as the standard library does, so a client parses the same numbers either way.
+    """
+
+    def render(self, content: Any) -> bytes:
+        if orjson is None:
+            return super().render(content)
+        return orjson.dumps(content)
 
 
 def create_app(
@@ -270,8 +301,8 @@ def create_app(
         summary="Embed texts, images and text+image items: one vector per item, in order",
         openapi_extra=_request_body("EmbeddingRequest"),
     )
-    async def embeddings(request: Request) -> JSONResponse:
-        call = await run_in_threadpool(parse_embedding_request, await read_json(request), limits)
+    async def embeddings(request: Request) -> FastJSONResponse:
+        call = await parse_body(request, parse_embedding_request, limits)
         model = model_for("embedder", call.model)
         backend = model.backend
         if call.dimensions is not None and call.dimensions > backend.dimension:
@@ -284,7 +315,7 @@ def create_app(
         vectors = truncate(result.values, call.dimensions, backend.normalize)
         metrics.items.labels("/v1/embeddings").inc(len(call.items))
         tokens = sum(result.tokens)
-        return JSONResponse(
+        return FastJSONResponse(
             {
                 "object": "list",
                 "data": [
@@ -301,8 +332,8 @@ def create_app(
         summary="Order documents by relevance to a query (Cohere/Jina shape)",
         openapi_extra=_request_body("RerankRequest"),
     )
-    async def rerank(request: Request) -> JSONResponse:
-        call = await run_in_threadpool(parse_rerank_request, await read_json(request), limits)
+    async def rerank(request: Request) -> FastJSONResponse:
+        call = await parse_body(request, parse_rerank_request, limits)
         model = model_for("reranker", call.model)
         pairs = [(call.query, document) for document in call.documents]
         cost = sum(estimated_tokens(call.query) + estimated_tokens(document) for document in call.documents)
@@ -317,7 +348,7 @@ def create_app(
             results.append(entry)
         metrics.items.labels("/v1/rerank").inc(len(pairs))
         tokens = sum(result.tokens)
-        return JSONResponse(
+        return FastJSONResponse(
             {
                 "id": f"rerank-{uuid.uuid4().hex}",
                 "object": "rerank",
@@ -367,7 +398,7 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
     """float: a JSON list; base64: little-endian float32 bytes (what the OpenAI client decodes)."""
     if encoding_format == "base64":
         return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return [float(x) for x in vector]
+    return np.asarray(vector, dtype=np.float32).tolist()  # Python floats, as float(x) of each gives
 
 
 def hosted_names(config: ServeConfig) -> tuple[str | None, str | None]:

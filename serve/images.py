@@ -97,7 +97,8 @@ def open_checked_image(raw: bytes, max_pixels: int, *, param: str, index: int | 
                         status=413,
                     )
                 image.load()
-                return image.convert("RGB")
+                # An RGB image is returned as decoded: convert() would copy every pixel for nothing.
+                return image if image.mode == "RGB" else image.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RequestError(f"the image is too large to decode ({err})", param=param, index=index, status=413) from err
     except UnidentifiedImageError as err:
