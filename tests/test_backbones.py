@@ -78,6 +78,21 @@ def test_tiny_builds_are_seeded(backbone) -> None:
     assert any(not torch.equal(tensor, other[name]) for name, tensor in first.items())
 
 
+def test_small_qwen2_vl_is_larger_and_embeds_like_the_tiny_one(scenes) -> None:
+    # The benchmarks' compute-bound size: same tokenizer and processor, wider and deeper layers, valid M-RoPE.
+    tiny, small = unime.build_tiny("qwen2_vl"), unime.build_tiny("qwen2_vl", size="small")
+    assert small.embedding_dim == 384 and tiny.embedding_dim == 64
+    assert sum(p.numel() for p in small.model.parameters()) > 50 * sum(p.numel() for p in tiny.model.parameters())
+    images, captions = scenes
+    inputs = mixed_inputs(images, captions)
+    vectors = small.encode(inputs, batch_size=3)
+    assert vectors.shape == (len(inputs), 384) and np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.stack([small.encode(item) for item in inputs]), vectors, atol=1e-5)
+    with pytest.raises(ValueError, match="backbone 'llava' has no small builder"):
+        unime.build_tiny("llava", size="small")
+
+
 def test_unknown_backbones_are_named() -> None:
     with pytest.raises(unime.UnimeError, match="unknown backbone 'gpt5_vl'; registered backbones: .*qwen2_vl"):
         unime.build_tiny("gpt5_vl")

@@ -21,15 +21,21 @@ def build_tiny(
     seed: int = 0,
     config: UnimeConfig | None = None,
     kind: Literal["embedder", "reranker"] | None = None,
+    size: Literal["tiny", "small"] = "tiny",
 ) -> Embedder | Reranker:
-    """A tiny embedder or reranker of a registered backbone (a few hundred thousand parameters, CPU-fast)."""
+    """A tiny embedder or reranker of a registered backbone (a few hundred thousand parameters, CPU-fast).
+
+    `size="small"` builds a wider, deeper one whose forward pass is compute-bound like a real model's (for
+    benchmarks; backbones with a small builder only).
+    """
     spec = get_backbone(backbone)
-    if spec.build_tiny is None:
-        raise ValueError(f"backbone {backbone!r} has no tiny builder")
+    builder = spec.build_tiny if size == "tiny" else spec.build_small
+    if builder is None:
+        raise ValueError(f"backbone {backbone!r} has no {size} builder")
     config = config or UnimeConfig(backbone=spec.name)
     if kind is not None:
         config = dataclasses.replace(config, kind=kind)
-    model, processor = spec.build_tiny(seed)
+    model, processor = builder(seed)
     if config.kind == "reranker":
         add_answer_tokens(model, processor, (config.rerank.no_token, config.rerank.yes_token), seed)
         return Reranker(model, processor, config)
@@ -37,8 +43,13 @@ def build_tiny(
 
 
 def save_tiny(
-    backbone: str, directory: str | os.PathLike, *, seed: int = 0, kind: Literal["embedder", "reranker"] = "embedder"
+    backbone: str,
+    directory: str | os.PathLike,
+    *,
+    seed: int = 0,
+    kind: Literal["embedder", "reranker"] = "embedder",
+    size: Literal["tiny", "small"] = "tiny",
 ) -> Path:
-    """Build a tiny model and write it as a unime model directory (`unime tiny <backbone> <dir>`)."""
-    build_tiny(backbone, seed=seed, kind=kind).save(directory)
+    """Build a tiny (or small) model and write it as a unime model directory (`unime tiny <backbone> <dir>`)."""
+    build_tiny(backbone, seed=seed, kind=kind, size=size).save(directory)
     return Path(directory)

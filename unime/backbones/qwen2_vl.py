@@ -36,25 +36,44 @@ TINY_MIN_PIXELS = 28 * 28
 TINY_MAX_PIXELS = 112 * 112
 
 
-def _tiny_text_config(vocab_size: int, pad_id: int, eos_id: int) -> dict:
-    # head_dim 32 (hidden 64 / 2 heads): vLLM's CPU attention needs head sizes >= 32.
-    # M-RoPE splits head_dim // 2 rotary frequencies over (time, height, width): sum(mrope_section) == 16.
+def _text_config(
+    vocab_size: int,
+    pad_id: int,
+    eos_id: int,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+) -> dict:
+    # head_dim 32 (hidden 64 / 2 heads) at least: vLLM's CPU attention needs head sizes >= 32.
+    # M-RoPE splits head_dim // 2 rotary frequencies over (time, height, width) and needs sum(mrope_section) ==
+    # head_dim // 2; a quarter goes to time and the rest is shared by height and width, as in the real model
+    # (head_dim 128 -> [16, 24, 24]; the tiny one's 32 -> [4, 6, 6]).
+    rotary = hidden_size // heads // 2
+    spatial = (rotary - rotary // 4) // 2
     return dict(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 10000.0},
+        rope_parameters={
+            "rope_type": "default",
+            "mrope_section": [rotary - 2 * spatial, spatial, spatial],
+            "rope_theta": 10000.0,
+        },
         pad_token_id=pad_id,
         eos_token_id=eos_id,
         bos_token_id=eos_id,
     )
 
 
-def _build_tiny(seed: int, *, config_class: str, model_class: str, processor_class: str, vision: dict):
+def _build_tiny(
+    seed: int, *, config_class: str, model_class: str, processor_class: str, vision: dict, text: dict | None = None
+):
     tokenizer = train_tiny_tokenizer(
         QWEN_SPECIAL_TOKENS,
         pad_token="<|endoftext|>",
@@ -63,7 +82,7 @@ def _build_tiny(seed: int, *, config_class: str, model_class: str, processor_cla
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     config = getattr(transformers, config_class)(
-        text_config=_tiny_text_config(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"]),
+        text_config=_text_config(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"], **(text or {})),
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -104,6 +123,32 @@ def build_tiny_qwen2_vl(seed: int = 0):
     )
 
 
+def build_small_qwen2_vl(seed: int = 0):
+    """Qwen2-VL wide and deep enough that the forward pass, not Python, dominates (about 16 M parameters).
+
+    The tiny model's forward pass is mostly framework overhead; benchmarks that should behave like a real model
+    (compute-bound: time grows with tokens) use this one. Same tokenizer, processor and image budget.
+    """
+    vision = dict(
+        depth=4,
+        embed_dim=128,
+        hidden_size=384,
+        num_heads=2,
+        mlp_ratio=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    return _build_tiny(
+        seed,
+        config_class="Qwen2VLConfig",
+        model_class="Qwen2VLForConditionalGeneration",
+        processor_class="Qwen2VLProcessor",
+        vision=vision,
+        text=dict(hidden_size=384, intermediate_size=1536, layers=6, heads=6),
+    )
+
+
 def build_tiny_qwen2_5_vl(seed: int = 0):
     # fullatt_block_indexes: block 1 attends globally, block 0 inside windows, as the real model alternates.
     vision = dict(
@@ -139,6 +184,7 @@ QWEN2_VL = BackboneSpec(
     projector="model.visual.merger",
     language_model="model.language_model",
     build_tiny=build_tiny_qwen2_vl,
+    build_small=build_small_qwen2_vl,
     example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
 )
 

@@ -61,6 +61,8 @@ class BackboneSpec:
     """Attribute of `model_class` whose forward returns `last_hidden_state` without computing LM logits."""
     build_tiny: Callable[[int], tuple[PreTrainedModel, ProcessorMixin]] | None = field(default=None, repr=False)
     """Builds a tiny randomly initialised model and its processor offline, from a seed."""
+    build_small: Callable[[int], tuple[PreTrainedModel, ProcessorMixin]] | None = field(default=None, repr=False)
+    """Like `build_tiny`, but large enough to be compute-bound (benchmarks); None where the family has none."""
     example_checkpoints: tuple[str, ...] = ()
     """Hub names of real checkpoints of this family (documentation and config validation)."""
     processor_defaults: dict[str, Any] = field(default_factory=dict)
