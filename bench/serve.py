@@ -1,12 +1,14 @@
 """Serving throughput and latency: micro-batching against batch-1, and vLLM against transformers, in one run.
 
-Each configuration is a real `unime serve` subprocess on a loopback port, hosting the same tiny Qwen2-VL
-embedder; a closed-loop client keeps `concurrency` one-item requests in flight (mixed texts, images and
-text+image pairs) until `--requests` have been answered. Every request is checked (status 200, one vector),
-so errors and lost requests (sent, never answered) are counted, not hidden. Ratios are against the
-transformers backend without micro-batching (batch-1), measured in the same run.
+Each configuration is a real `unime serve` subprocess on a loopback port, hosting the same randomly initialised
+Qwen2-VL embedder (`--model tiny`: 0.2 M parameters, its forward pass mostly framework overhead; `--model small`:
+16 M parameters, compute-bound like a real model); a closed-loop client keeps `concurrency` one-item requests in
+flight (mixed texts, images and text+image pairs) until `--requests` have been answered. Every request is checked
+(status 200, one vector), so errors and lost requests (sent, never answered) are counted, not hidden. Ratios are
+against the transformers backend without micro-batching (batch-1), measured in the same run.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/serve.py [--concurrency 1 8 32] [--requests 256] [--no-vllm]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/serve.py [--model tiny|small] [--concurrency 1 8 32] [--requests 256]
+        [--rounds 3] [--no-vllm]
 """
 
 from __future__ import annotations
@@ -168,12 +170,48 @@ def measure(url: str, requests: list[dict], concurrency: int, name: str) -> Run:
     )
 
 
+def model_only_ms(model_dir: Path, requests: list[dict], batch_size: int) -> tuple[float, float]:
+    """Milliseconds per item of the model alone (no HTTP, no JSON), batch-1 and `batch_size`, in this process.
+
+    Their ratio is what batching gains in the model itself; the server adds per-request work (HTTP, JSON, image
+    decoding) that no batching shares out, and its batches at a given concurrency are smaller than the concurrency.
+    """
+    import torch
+
+    from unime.serve.backends import TransformersEmbedder
+    from unime.serve.images import ImagePolicy
+    from unime.serve.protocol import Limits, parse_embedding_request
+
+    torch.set_num_threads(1)
+    limits = Limits(max_items=1, max_text_chars=20_000, images=ImagePolicy(max_pixels=4096 * 4096))
+    items = [parse_embedding_request(request, limits).items[0] for request in requests]
+    backend = TransformersEmbedder(str(model_dir), dtype=None, device="cpu", max_batch_items=batch_size)
+    backend.embed(items[:batch_size], [None] * len(items[:batch_size]))  # warm-up
+
+    def per_item(size: int) -> float:
+        start_time = time.perf_counter()
+        for first in range(0, len(items), size):
+            chunk = items[first : first + size]
+            backend.embed(chunk, [None] * len(chunk))
+        return 1000 * (time.perf_counter() - start_time) / len(items)
+
+    # Best of two, interleaved: the machine may be shared.
+    timings = [(per_item(1), per_item(batch_size)) for _ in range(2)]
+    return min(t[0] for t in timings), min(t[1] for t in timings)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=256, help="requests per concurrency level")
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM backend")
     parser.add_argument("--backbone", default="qwen2_vl")
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "small"),
+        default="tiny",
+        help="tiny: overhead-bound (a few ms a forward pass); small: compute-bound (hidden 384, 6 layers)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level; each backend's best is kept")
     args = parser.parse_args(argv)
 
@@ -193,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        model_dir = unime.save_tiny(args.backbone, tmp_path / "model")
+        model_dir = unime.save_tiny(args.backbone, tmp_path / "model", size=args.model)
         env["VLLM_CPU_KVCACHE_SPACE"] = env.get("VLLM_CPU_KVCACHE_SPACE", "1")
         env["VLLM_CACHE_ROOT"] = str(tmp_path / "vllm-cache")
         # All servers stay up, and each round measures them one after the other: a load change on a shared
@@ -204,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"starting: {name}", flush=True)
                 servers[name] = start(model_dir, extra, tmp_path / f"server-{index}.log", env)
                 asyncio.run(load(servers[name][1], requests[:16], 4))  # warm-up: first-call costs out
+            ceiling_batch = max(args.concurrency)
+            single_ms, batched_ms = model_only_ms(model_dir, requests[:64], ceiling_batch)
+            print(f"  model alone: {single_ms:.2f} ms/item batch-1, {batched_ms:.2f} ms/item batch-{ceiling_batch}")
             results: dict[str, list[Run]] = {name: [] for name in servers}
             for concurrency in args.concurrency:
                 for name, (_, url) in servers.items():
@@ -223,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         f"{args.requests} one-item requests (texts, images, text+image) per level and round, best of {args.rounds} "
-        f"rounds, tiny {args.backbone}, loopback"
+        f"rounds, {args.model} {args.backbone}, loopback"
     )
     print("| backend | concurrency | req/s | p50 ms | p99 ms | errors | lost | throughput vs batch-1 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -242,6 +283,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio = [b.throughput / a.throughput for a, b in zip(baseline, batched, strict=True) if a.concurrency == top][0]
     total_errors = sum(run.errors + run.lost for runs in results.values() for run in runs)
     print(f"micro-batching / batch-1 at concurrency {top}: {ratio:.2f}x (aim >= 4x); errors + lost: {total_errors}")
+    print(
+        f"the model alone (no HTTP, 64 items): {single_ms:.2f} ms/item batch-1, {batched_ms:.2f} ms/item "
+        f"batch-{ceiling_batch}: {single_ms / batched_ms:.2f}x, batching's own gain before HTTP, JSON and images"
+    )
 
 
 if __name__ == "__main__":
