@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -151,13 +152,12 @@ class GuardMiddleware:
 T = TypeVar("T")
 
 
-async def parse_body(request: Request, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
+async def parse_body(raw: bytes, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
     """The body, JSON-decoded and validated (images decoded) in one trip to the thread pool.
 
     Decoding can be slow (large bodies, images) and must not stall the event loop; one hand-off per request
     instead of one for the JSON and one for the validation halves the thread switches on the hot path.
     """
-    raw = await request.body()
     return await run_in_threadpool(_decode_and_parse, raw, parse, limits)
 
 
@@ -210,6 +210,7 @@ def create_app(
             max_batch_items=config.max_batch_items,
             max_batch_tokens=config.max_batch_tokens,
             wait_ms=config.batch_wait_ms,
+            arriving_wait_ms=config.batch_wait_arriving_ms,
             batching=config.batching,
             retry_after_s=config.retry_after_s,
             observe_batch=lambda items, requests: (
@@ -262,6 +263,11 @@ def create_app(
         body["error"].update(index=None, code=500)
         return JSONResponse(body, status_code=500)
 
+    def arriving(kind: str) -> contextlib.AbstractContextManager:
+        # The body is in: tell the model's batcher a request is on its way while it is decoded.
+        model = hosted.get(kind)
+        return model.batcher.arriving() if model is not None else contextlib.nullcontext()
+
     def model_for(kind: str, asked: str | None) -> HostedModel:
         model = hosted.get(kind)
         if model is None:
@@ -302,16 +308,19 @@ def create_app(
         openapi_extra=_request_body("EmbeddingRequest"),
     )
     async def embeddings(request: Request) -> FastJSONResponse:
-        call = await parse_body(request, parse_embedding_request, limits)
-        model = model_for("embedder", call.model)
-        backend = model.backend
-        if call.dimensions is not None and call.dimensions > backend.dimension:
-            raise RequestError(
-                f"must be <= {backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
-            )
-        instruction = call.instruction if call.instruction is not None else backend.instruction_for(call.input_type)
-        cost = sum(estimated_tokens(item) for item in call.items)
-        result: BatchResult = await model.batcher.submit(call.items, [instruction] * len(call.items), cost)
+        raw = await request.body()
+        with arriving("embedder"):
+            call = await parse_body(raw, parse_embedding_request, limits)
+            model = model_for("embedder", call.model)
+            backend = model.backend
+            if call.dimensions is not None and call.dimensions > backend.dimension:
+                raise RequestError(
+                    f"must be <= {backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
+                )
+            instruction = call.instruction if call.instruction is not None else backend.instruction_for(call.input_type)
+            cost = sum(estimated_tokens(item) for item in call.items)
+            pending = model.batcher.enqueue(call.items, [instruction] * len(call.items), cost)
+        result: BatchResult = await pending
         vectors = truncate(result.values, call.dimensions, backend.normalize)
         metrics.items.labels("/v1/embeddings").inc(len(call.items))
         tokens = sum(result.tokens)
@@ -333,11 +342,14 @@ def create_app(
         openapi_extra=_request_body("RerankRequest"),
     )
     async def rerank(request: Request) -> FastJSONResponse:
-        call = await parse_body(request, parse_rerank_request, limits)
-        model = model_for("reranker", call.model)
-        pairs = [(call.query, document) for document in call.documents]
-        cost = sum(estimated_tokens(call.query) + estimated_tokens(document) for document in call.documents)
-        result: BatchResult = await model.batcher.submit(pairs, [call.instruction] * len(pairs), cost)
+        raw = await request.body()
+        with arriving("reranker"):
+            call = await parse_body(raw, parse_rerank_request, limits)
+            model = model_for("reranker", call.model)
+            pairs = [(call.query, document) for document in call.documents]
+            cost = sum(estimated_tokens(call.query) + estimated_tokens(document) for document in call.documents)
+            pending = model.batcher.enqueue(pairs, [call.instruction] * len(pairs), cost)
+        result: BatchResult = await pending
         scores = np.asarray(result.values, dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[: call.top_n]
         results = []

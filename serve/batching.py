@@ -2,18 +2,22 @@
 
 Each hosted model has one `MicroBatcher`: a bounded queue and one worker thread that owns the model. The
 worker takes the oldest request, waits up to `wait_ms` for more, merges what fits the budget, runs the
-batch through the backend and hands each request its own slice of the results. A request larger than the
-budget runs alone (the backend splits it into forward passes). When a merged batch fails, each of its
-requests is run again alone, so that one bad request fails only itself.
+batch through the backend and hands each request its own slice of the results. Requests whose bodies have
+arrived but are still being decoded (JSON, images) are announced to the batcher (`arriving`): a batch waits
+for them too, up to `arriving_wait_ms`, so that under load they join it instead of forming a small batch
+of their own right after it. A request larger than the budget runs alone (the backend splits it into forward
+passes). When a merged batch fails, each of its requests is run again alone, so that one bad request fails only
+itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +59,7 @@ class MicroBatcher:
         max_batch_tokens: int,
         wait_ms: float,
         batching: bool,
+        arriving_wait_ms: float = 0.0,
         retry_after_s: int,
         observe_batch: Callable[[int, int], None] = lambda items, requests: None,
         observe_queue: Callable[[int], None] = lambda depth: None,
@@ -67,6 +72,7 @@ class MicroBatcher:
         self.max_batch_items = max_batch_items
         self.max_batch_tokens = max_batch_tokens
         self.wait_s = wait_ms / 1000
+        self.arriving_wait_s = arriving_wait_ms / 1000
         self.batching = batching
         self.retry_after_s = retry_after_s
         self._observe_batch = observe_batch
@@ -74,14 +80,31 @@ class MicroBatcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
         self._closing = False
+        self._arriving = 0
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------------------------------------
     # Event-loop side
     # ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Announce a request being decoded, from its received body up to its `enqueue`: batches wait for it."""
+        with self._condition:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._arriving -= 1
+                self._condition.notify()
+
     async def submit(self, inputs: list[Any], instructions: list[str | None], cost: int) -> Any:
         """Queue a request and wait for its results; raises QueueFullError when the queue is full."""
+        return await self.enqueue(inputs, instructions, cost)
+
+    def enqueue(self, inputs: list[Any], instructions: list[str | None], cost: int) -> asyncio.Future:
+        """Queue a request; its future gets the results. Raises QueueFullError when the queue is full."""
         loop = asyncio.get_running_loop()
         job = Job(inputs, instructions, cost, loop, loop.create_future())
         with self._condition:
@@ -92,7 +115,7 @@ class MicroBatcher:
             self._queue.append(job)
             self._observe_queue(len(self._queue))
             self._condition.notify()
-        return await job.future
+        return job.future
 
     @property
     def depth(self) -> int:
@@ -117,7 +140,9 @@ class MicroBatcher:
             jobs = [self._queue.popleft()]
             if self.batching:
                 items, tokens = len(jobs[0].inputs), jobs[0].cost
-                deadline = time.perf_counter() + self.wait_s
+                start = time.perf_counter()
+                deadline = start + self.wait_s
+                arriving_deadline = start + max(self.wait_s, self.arriving_wait_s)
                 while True:
                     if self._queue:
                         nxt = self._queue[0]
@@ -126,10 +151,15 @@ class MicroBatcher:
                         jobs.append(self._queue.popleft())
                         items, tokens = items + len(nxt.inputs), tokens + nxt.cost
                         continue
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0 or self._closing:
+                    if self._closing or items >= self.max_batch_items:
                         break
-                    self._condition.wait(remaining)
+                    now = time.perf_counter()
+                    # Requests being decoded will be queued in a moment: wait for them (enqueue or a failed
+                    # decode notifies), longer than for requests that may never come.
+                    until = arriving_deadline if self._arriving else deadline
+                    if now >= until:
+                        break
+                    self._condition.wait(until - now)
             self._observe_queue(len(self._queue))
             return jobs
 

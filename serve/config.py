@@ -54,6 +54,9 @@ class ServeConfig:
     """Most estimated tokens in one merged batch (texts by length, images by pixel count)."""
     batch_wait_ms: float = 2.0
     """How long the batcher waits for more requests after the first one before it runs a batch."""
+    batch_wait_arriving_ms: float = 20.0
+    """How long a batch may wait for requests already received and still being decoded (JSON, images): under
+    load they join it instead of forming a small batch right after it. 0: do not wait for them."""
     retry_after_s: int = 1
     """Retry-After sent with a 503 when the queue is full."""
     shutdown_grace_s: float = 30.0

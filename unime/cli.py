@@ -186,6 +186,12 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-items", type=int, default=defaults.max_batch_items)
     parser.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens)
     parser.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms)
+    parser.add_argument(
+        "--batch-wait-arriving-ms",
+        type=float,
+        default=defaults.batch_wait_arriving_ms,
+        help="how long a batch may wait for requests already received and being decoded",
+    )
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s)
     parser.add_argument("--dtype", help="default: what unime.load picks (bfloat16 on a capable GPU, else float32)")
     parser.add_argument("--device", help="transformers backend: cuda, cpu, ... (default: CUDA when available)")
@@ -220,6 +226,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             max_batch_items=args.max_batch_items,
             max_batch_tokens=args.max_batch_tokens,
             batch_wait_ms=args.batch_wait_ms,
+            batch_wait_arriving_ms=args.batch_wait_arriving_ms,
             shutdown_grace_s=args.shutdown_grace_s,
             dtype=args.dtype,
             device=args.device,
