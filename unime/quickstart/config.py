@@ -80,11 +80,11 @@ class RerankerSettings:
 
     config: str = "reranker_sft.yaml"
     """Recipe config of the reranker."""
-    data: Literal["text", "shapes", "mined"] = "mined"
+    data: Literal["text", "shapes", "mined"] = "text"
     """Training and held-out rows: `text` the paraphrase pairs, `shapes` the drawn scenes with their
     one-attribute negatives, `mined` the stage-2 rows with mined negatives (held out: the held-out scenes)."""
-    start: Literal["tiny", "stage2"] = "stage2"
-    """`tiny`: a tiny random reranker (the recipe's default); `stage2`: the stage-2 embedder's weights."""
+    start: Literal["tiny", "stage1", "stage2"] = "stage1"
+    """`tiny`: a tiny random model; `stage1` / `stage2`: the weights of the stage-1 / stage-2 embedder."""
     max_steps: int = 600
     """Optimizer steps."""
     overrides: list[str] = field(default_factory=list)

@@ -54,9 +54,11 @@ def evaluate_embedder(model, source: Any, held_out: HeldOut, config: QuickstartC
     return {"metrics": metrics, "benchmark": results}
 
 
-def evaluate_reranking(stage2_dir: Path, reranker_dir: Path, held_out: HeldOut, config: QuickstartConfig) -> dict:
-    """Stage 2's top K reordered by the reranker on the benchmark, and the reranker on its own held-out rows
-    (untrained and trained, the same tiny start when the stage starts from a tiny model)."""
+def evaluate_reranking(
+    stage2_dir: Path, reranker_dir: Path, start: Path | None, held_out: HeldOut, config: QuickstartConfig
+) -> dict:
+    """Stage 2's top K reordered by the reranker on the benchmark, and the reranker on its own held-out rows,
+    before training (`start`: the embedder it started from, None for a tiny random model) and after."""
     import unime
     from unime.eval.encoders import UnimeEncoder
     from unime.eval.runner import run_eval
@@ -71,14 +73,16 @@ def evaluate_reranking(stage2_dir: Path, reranker_dir: Path, held_out: HeldOut, 
     bench.rerank_fusion_weight = config.eval.fusion_weight
     results = run_eval(UnimeEncoder(stage2_dir), bench, reranker=reranker)
     rows, _ = load_examples([held_out.reranker])
-    own = {"trained": reranking_metrics(reranker, rows, seed=config.seed)}
-    if config.reranker.start == "tiny":
+    own = {"after training": reranking_metrics(reranker, rows, seed=config.seed)}
+    if start is None:
         untrained = unime.build_tiny(config.backbone, seed=config.seed, kind="reranker")
-        untrained.set_rerank_prompt(
-            system_prompt=reranker.config.rerank.system_prompt,
-            default_instruction=reranker.config.rerank.default_instruction,
-        )
-        own["untrained"] = reranking_metrics(untrained, rows, seed=config.seed)
+    else:
+        untrained = unime.load(start, kind="reranker")
+    untrained.set_rerank_prompt(
+        system_prompt=reranker.config.rerank.system_prompt,
+        default_instruction=reranker.config.rerank.default_instruction,
+    )
+    own = {"before training": reranking_metrics(untrained, rows, seed=config.seed), **own}
     return {"rerank": results["tasks"]["rerank"], "own_held_out": own, "benchmark": results}
 
 
@@ -104,7 +108,8 @@ def evaluate_all(paths: dict[str, Path], held_out: HeldOut, config: QuickstartCo
     steps = [*EMBEDDER_ROWS, "reranker"]
     for name in tqdm(steps, desc="stage eval"):
         if name == "reranker":
-            result = evaluate_reranking(paths["stage2"], paths["reranker"], held_out, config)
+            start = None if config.reranker.start == "tiny" else paths[config.reranker.start]
+            result = evaluate_reranking(paths["stage2"], paths["reranker"], start, held_out, config)
         elif name == "untrained":
             model = unime.build_tiny(config.backbone, seed=config.seed)
             result = evaluate_embedder(model, model, held_out, config)

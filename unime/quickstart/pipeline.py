@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from unime.atomic import write_json_atomic
 from unime.errors import ConfigError
 from unime.quickstart.config import QuickstartConfig, TrainStage, recipe_config_path
 from unime.quickstart.stages import STAGES, StageResult, StageRunner
@@ -204,10 +205,12 @@ def reranker_rows(config: QuickstartConfig, data: dict[str, str], mined: str) ->
     return mined, data["shapes_held_out"]
 
 
-def run_reranker(config: QuickstartConfig, data: dict[str, str], mined: str, stage2: str, out: Path) -> StageResult:
-    """The yes/no reranker, from a tiny random model or the stage-2 embedder's weights."""
+def run_reranker(
+    config: QuickstartConfig, data: dict[str, str], mined: str, models: dict[str, str], out: Path
+) -> StageResult:
+    """The yes/no reranker, from a tiny random model or an embedder's weights (`models`: stage name -> model)."""
     rows = reranker_rows(config, data, mined)
-    start = f"tiny:{config.backbone}" if config.reranker.start == "tiny" else stage2
+    start = f"tiny:{config.backbone}" if config.reranker.start == "tiny" else models[config.reranker.start]
     stage = TrainStage(config.reranker.config, config.reranker.max_steps, config.reranker.overrides)
     result = train_stage(
         config,
@@ -222,10 +225,12 @@ def run_reranker(config: QuickstartConfig, data: dict[str, str], mined: str, sta
     return result
 
 
-def run_eval(config: QuickstartConfig, data: dict[str, str], models: dict[str, str], out: Path) -> StageResult:
+def run_eval(
+    config: QuickstartConfig, data: dict[str, str], models: dict[str, str], reranker_held_out: str, out: Path
+) -> StageResult:
+    """Every model on held-out data (see `unime.quickstart.evaluate`); the numbers go to `<out>/metrics.json`."""
     from unime.quickstart.evaluate import HeldOut, evaluate_all
 
-    _, reranker_held_out = reranker_rows(config, data, "")
     held_out = HeldOut(
         text=Path(data["text_held_out"]),
         shapes=Path(data["shapes_held_out"]),
@@ -234,14 +239,12 @@ def run_eval(config: QuickstartConfig, data: dict[str, str], models: dict[str, s
     )
     evaluated = evaluate_all({k: Path(v) for k, v in models.items()}, held_out, config, out)
     path = out / "metrics.json"
-    from unime.atomic import write_json_atomic
-
     write_json_atomic(path, evaluated)
     return StageResult(artefacts={"metrics": str(path)}, metrics=evaluated)
 
 
 def run_serve_check(config: QuickstartConfig, stage2: str, reranker: str, out: Path) -> StageResult:
-    from unime.atomic import write_json_atomic
+    """The served-model check of `unime.quickstart.server_check`; its findings go to `<out>/serve_check.json`."""
     from unime.quickstart.server_check import check_server
 
     result = check_server(
@@ -318,7 +321,7 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
                 config,
                 runner.records["data"]["artefacts"],
                 artefact("mining", "rows"),
-                artefact("stage2", "model"),
+                {name: artefact(name, "model") for name in ("stage1", "stage2")},
                 out / "reranker",
             ),
         ),
@@ -331,6 +334,7 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
                 config,
                 runner.records["data"]["artefacts"],
                 {name: artefact(name, "model") for name in ("stage1", "stage2", "reranker")},
+                artefact("reranker", "held_out"),
                 out / "eval",
             ),
         ),
