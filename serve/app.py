@@ -170,7 +170,7 @@ def _decode_and_parse(raw: bytes, parse: Callable[[Any, Limits], T], limits: Lim
 
 
 class FastJSONResponse(JSONResponse):
-    """A JSON response rendered by orjson where installed (the `serve` extra): 5-10x faster on float lists.
+    """A JSON response rendered by orjson where installed (the `serve` extra): a 64-float vector in 3 us, not 68.
 
     Vectors arrive as Python floats (`ndarray.tolist()`), which orjson writes in their shortest round-trip
     form, as the standard library does, so a client parses the same numbers either way.
