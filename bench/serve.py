@@ -185,7 +185,8 @@ def model_only_ms(model_dir: Path, requests: list[dict], batch_size: int) -> tup
     torch.set_num_threads(1)
     limits = Limits(max_items=1, max_text_chars=20_000, images=ImagePolicy(max_pixels=4096 * 4096))
     items = [parse_embedding_request(request, limits).items[0] for request in requests]
-    backend = TransformersEmbedder(str(model_dir), dtype=None, device="cpu", max_batch_items=batch_size)
+    # The device the servers use too (CUDA when available).
+    backend = TransformersEmbedder(str(model_dir), dtype=None, device=None, max_batch_items=batch_size)
     backend.embed(items[:batch_size], [None] * len(items[:batch_size]))  # warm-up
 
     def per_item(size: int) -> float:
