@@ -111,6 +111,8 @@ class ServeSettings:
     """Server backend (`auto`: vLLM where installed; vLLM takes 1-2 minutes to start on a CPU)."""
     startup_timeout_s: float = 300.0
     """How long to wait for `/health`."""
+    extra_args: list[str] = field(default_factory=list)
+    """More `unime serve` arguments, e.g. `[--gpu-memory-utilization, "0.3"]`."""
 
 
 @dataclass

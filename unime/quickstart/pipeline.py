@@ -253,6 +253,7 @@ def run_serve_check(config: QuickstartConfig, stage2: str, reranker: str, out: P
         out / "server.log",
         backend=config.serve.backend,
         startup_timeout_s=config.serve.startup_timeout_s,
+        extra_args=config.serve.extra_args,
     )
     path = out / "serve_check.json"
     write_json_atomic(path, result)

@@ -48,6 +48,7 @@ def read_train_log(path: str | Path) -> list[dict[str, float]]:
 def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], out: Path, *, seconds: float) -> Path:
     """Write `<out>/report.md` and its plots; returns the report's path."""
     evaluated = records["eval"]["metrics"]
+    runs = benchmark_runs(records)
     rerank = {entry["dataset"]: entry for entry in evaluated["reranker"]["rerank"]}
     datasets = list(rerank)
     lines = [
@@ -64,7 +65,7 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
     rows = []
     for name, title in EMBEDDER_ROWS.items():
         metrics = evaluated[name]["metrics"]
-        bench = _benchmark_hits(out / "eval" / name / "results.json")
+        bench = {row["dataset"]: row["scores"]["hit@1"] for row in runs[title]["tasks"]["mmeb"]["datasets"]}
         rows.append([title, *(_num(metrics[k]) for k in HEADLINE), *(_num(bench.get(d)) for d in datasets)])
     top_k = config.eval.rerank_top_k
     rows.append(
@@ -116,8 +117,8 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         [[name, *(_num(m[k]) for k in ("mrr", "ndcg@10", "recall@1", "random_mrr"))] for name, m in own.items()],
     )
     lines += ["", "## Per task (benchmark, %)", ""]
-    lines += _per_task_table(out)
-    lines += ["", "## Plots", "", *_plots(records, out)]
+    lines += _per_task_table(runs)
+    lines += ["", "## Plots", "", *_plots(records, runs, out)]
     if "serve" in records:
         serve = records["serve"]["metrics"]
         lines += [
@@ -141,21 +142,16 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
     return path
 
 
-def _benchmark_hits(path: Path) -> dict[str, float]:
-    results = json.loads(path.read_text())
-    return {row["dataset"]: row["scores"]["hit@1"] for row in results["tasks"]["mmeb"]["datasets"]}
+def benchmark_runs(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each embedder's benchmark results (`results.json` of the evaluation harness), by its report title."""
+    eval_dir = Path(records["eval"]["artefacts"]["metrics"]).parent
+    return {title: json.loads((eval_dir / name / "results.json").read_text()) for name, title in EMBEDDER_ROWS.items()}
 
 
-def _runs(out: Path) -> dict[str, dict[str, Any]]:
-    return {
-        title: json.loads((out / "eval" / name / "results.json").read_text()) for name, title in EMBEDDER_ROWS.items()
-    }
-
-
-def _per_task_table(out: Path) -> list[str]:
+def _per_task_table(runs: dict[str, dict[str, Any]]) -> list[str]:
     from unime.eval.report import task_rows
 
-    groups = {title: task_rows(run) for title, run in _runs(out).items()}
+    groups = {title: task_rows(run) for title, run in runs.items()}
     titles = list(groups)
     first = groups[titles[0]]
     rows = []
@@ -166,7 +162,7 @@ def _per_task_table(out: Path) -> list[str]:
     return _table(["task", "metric", *titles], rows)
 
 
-def _plots(records: dict[str, dict[str, Any]], out: Path) -> list[str]:
+def _plots(records: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]], out: Path) -> list[str]:
     """Draw the plots (with matplotlib, the `eval` extra); returns the report's lines that show them."""
     try:
         from unime.eval.report import plot_comparison, pyplot, save_figure
@@ -211,7 +207,6 @@ def _plots(records: dict[str, dict[str, Any]], out: Path) -> list[str]:
     plt.close(figure)
     lines.append("Each stage's metrics:\n\n![](stage_metrics.png)\n")
 
-    runs = _runs(out)
     plot_comparison(list(runs.values()), list(runs), out / "per_task.png")
     lines.append("Per task on the benchmark:\n\n![](per_task.png)")
     return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import random
 import secrets
 import signal
 import socket
@@ -44,15 +45,19 @@ def _cosine(a, b) -> float:
 
 
 def check_server(
-    embedder_dir: Path, reranker_dir: Path, log_path: Path, *, backend: str, startup_timeout_s: float
+    embedder_dir: Path,
+    reranker_dir: Path,
+    log_path: Path,
+    *,
+    backend: str,
+    startup_timeout_s: float,
+    extra_args: list[str] = (),
 ) -> dict[str, Any]:
     """Serve both models, check one `/v1/embeddings` and one `/v1/rerank` answer; returns what was seen.
 
     Raises `UnimeError` (with the server's log) when the server does not start, answers wrongly, or does not
     stop cleanly.
     """
-    import random
-
     import httpx
 
     import unime
@@ -65,13 +70,17 @@ def check_server(
     port, key = _free_port(), secrets.token_hex(16)
     url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     command = [sys.executable, "-m", "unime.cli", "serve", str(embedder_dir), "--reranker", str(reranker_dir)]
-    command += ["--backend", backend, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend", backend, "--host", "127.0.0.1", "--port", str(port), *extra_args]
     env = {**os.environ, "UNIME_API_KEY": key, "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", "1")
+    # vLLM's CPU build otherwise reserves a fraction of all memory for its KV cache and refuses to start when
+    # other processes hold part of it; 1 GiB is plenty for one request of each kind (GPU builds ignore it).
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=4, desc="serve check")
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # Its own session: signals meant for the server's process group (vLLM's workers) never reach this one.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             started = time.monotonic()
             _wait_ready(process, url, headers, startup_timeout_s, log_path)
