@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from unime.retrieval import retrieve_then_rerank, top_k
@@ -55,3 +56,38 @@ def test_fusion_adds_the_weighted_rerank_score_to_the_retrieval_score():
     assert np.allclose(fused.scores, [expected[j] for j in fused.indices])
     alone = retrieve_then_rerank(q, c, ["q"], documents, LengthScorer(), top_k_candidates=3)[0]
     assert alone.indices == [1, 0, 2]
+
+
+class PairwiseScorer:
+    """A reranker from a function of (query, document): to check `reranked_recall` against known answers."""
+
+    def __init__(self, score):
+        self.score = score
+
+    def predict(self, pairs, *, batch_size=32, show_progress_bar=None):
+        return np.array([self.score(query, document) for query, document in pairs], dtype=np.float64)
+
+
+def test_reranked_recall_is_bounded_by_the_shortlist_and_reproduces_retrieval(tiny_embedders, tmp_path):
+    from unime.data.dataset import load_examples
+    from unime.data_synth.text_pairs import write_text_pairs
+    from unime.train.evaluation import reranked_recall, retrieval_recall
+
+    embedder = tiny_embedders("qwen2_vl")
+    examples, _ = load_examples([write_text_pairs(tmp_path, train=1, held_out=24)["held_out"]])
+    own_positive = {e.query.as_input(): e.positive.as_input() for e in examples}
+
+    # An oracle that knows each query's positive puts it first whenever the shortlist holds it.
+    oracle = PairwiseScorer(lambda query, document: float(own_positive[query] == document))
+    result = reranked_recall(embedder, oracle, examples, top_k=5)
+    assert result["recall@1"] == retrieval_recall(embedder, examples)["recall@1"]
+    assert result["reranked_recall@1"] == pytest.approx(result["recall@5"])
+    assert result["recall@5"] > result["recall@1"]
+
+    # A reranker that scores with the embedder's own similarity leaves the retrieval order as it was.
+    def cosine(query, document):
+        vectors = embedder.encode([query.text, document.text], convert_to_tensor=True)
+        return float(vectors[0] @ vectors[1])
+
+    result = reranked_recall(embedder, PairwiseScorer(cosine), examples, top_k=5)
+    assert result["reranked_recall@1"] == pytest.approx(result["recall@1"])
