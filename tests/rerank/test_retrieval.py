@@ -75,10 +75,10 @@ def test_reranked_recall_is_bounded_by_the_shortlist_and_reproduces_retrieval(ti
 
     embedder = tiny_embedders("qwen2_vl")
     examples, _ = load_examples([write_text_pairs(tmp_path, train=1, held_out=24)["held_out"]])
-    own_positive = {e.query.as_input(): e.positive.as_input() for e in examples}
+    own_positive = {e.query.text: e.positive.text for e in examples}
 
     # An oracle that knows each query's positive puts it first whenever the shortlist holds it.
-    oracle = PairwiseScorer(lambda query, document: float(own_positive[query] == document))
+    oracle = PairwiseScorer(lambda query, document: float(own_positive[query["text"]] == document["text"]))
     result = reranked_recall(embedder, oracle, examples, top_k=5)
     assert result["recall@1"] == retrieval_recall(embedder, examples)["recall@1"]
     assert result["reranked_recall@1"] == pytest.approx(result["recall@5"])
@@ -86,7 +86,7 @@ def test_reranked_recall_is_bounded_by_the_shortlist_and_reproduces_retrieval(ti
 
     # A reranker that scores with the embedder's own similarity leaves the retrieval order as it was.
     def cosine(query, document):
-        vectors = embedder.encode([query.text, document.text], convert_to_tensor=True)
+        vectors = embedder.encode([query, document], convert_to_tensor=True)
         return float(vectors[0] @ vectors[1])
 
     result = reranked_recall(embedder, PairwiseScorer(cosine), examples, top_k=5)

@@ -3,7 +3,8 @@
 Each embedder gets the numbers its own stage should move (text-to-text recall for stage 1, image-to-text
 recall and hard-negative accuracy on unseen scenes for stage 2) and the held-out synthetic benchmark (MMEB
 layout, image-text retrieval, SugarCrepe) through the evaluation harness. The reranker reorders the stage-2
-model's top K on the benchmark's retrieval datasets, and is scored on its own held-out rows.
+model's top K of the held-out paraphrase pairs and of the benchmark's retrieval datasets, and is scored on its
+own held-out rows.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def evaluate_embedder(model, source: Any, held_out: HeldOut, config: QuickstartC
 def evaluate_reranking(
     stage2_dir: Path, reranker_dir: Path, start: Path | None, held_out: HeldOut, config: QuickstartConfig
 ) -> dict:
-    """Stage 2's top K reordered by the reranker on the benchmark, and the reranker on its own held-out rows,
-    before training (`start`: the embedder it started from, None for a tiny random model) and after."""
+    """Stage 2's top K reordered by the reranker: on the held-out paraphrase pairs (text-to-text recall@1, the
+    task the reranker trains on) and on the benchmark; and the reranker on its own held-out rows, before
+    training (`start`: the embedder it started from, None for a tiny random model) and after."""
     import unime
     from unime.eval.encoders import UnimeEncoder
     from unime.eval.runner import run_eval
-    from unime.train.evaluation import reranking_metrics
+    from unime.train.evaluation import reranked_recall, reranking_metrics
 
     reranker = unime.load(reranker_dir)
     bench = benchmark_config(held_out.benchmark, config)
@@ -72,6 +74,15 @@ def evaluate_reranking(
     bench.rerank_top_k = config.eval.rerank_top_k
     bench.rerank_fusion_weight = config.eval.fusion_weight
     results = run_eval(UnimeEncoder(stage2_dir), bench, reranker=reranker)
+    text_rows, _ = load_examples([held_out.text])
+    text = reranked_recall(
+        unime.load(stage2_dir),
+        reranker,
+        text_rows,
+        top_k=config.eval.text_rerank_top_k,
+        fusion_weight=config.eval.fusion_weight,
+        batch_size=config.eval.batch_size,
+    )
     rows, _ = load_examples([held_out.reranker])
     own = {"after training": reranking_metrics(reranker, rows, seed=config.seed)}
     if start is None:
@@ -83,7 +94,7 @@ def evaluate_reranking(
         default_instruction=reranker.config.rerank.default_instruction,
     )
     own = {"before training": reranking_metrics(untrained, rows, seed=config.seed), **own}
-    return {"rerank": results["tasks"]["rerank"], "own_held_out": own, "benchmark": results}
+    return {"rerank": results["tasks"]["rerank"], "text": text, "own_held_out": own, "benchmark": results}
 
 
 def benchmark_config(root: Path, config: QuickstartConfig):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -148,13 +149,14 @@ def run_stage1(config: QuickstartConfig, data: dict[str, str], out: Path) -> Sta
 
 
 def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out: Path) -> StageResult:
-    """Hard negatives for the stage-2 training rows, mined with the stage-1 model; written into those rows."""
+    """Hard negatives mined with the stage-1 model, written into the stage-2 training rows (drawn scenes) and
+    into the reranker's (paraphrase pairs)."""
     import unime
     from unime.data_synth.mining.cache import model_fingerprint
     from unime.data_synth.mining.miner import MiningConfig, mine_file
 
     settings = config.mining
-    progress = tqdm(total=2, desc="mining")
+    progress = tqdm(total=3, desc="mining")
     embedder = unime.load(stage1)
     progress.update(1)
     rows, manifest = mine_file(
@@ -172,6 +174,15 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
         cache_dir=out / "embedding-cache",
     )
     progress.update(1)
+    text_rows, _ = mine_file(
+        embedder,
+        data["text_train"],
+        out / "text_train.jsonl",
+        MiningConfig(top_k=settings.top_k, negatives=settings.text_negatives, margin=-math.inf, seed=config.seed),
+        model_id=model_fingerprint(stage1),
+        cache_dir=out / "embedding-cache",
+    )
+    progress.update(1)
     progress.close()
     details = manifest.details
     metrics = {
@@ -179,7 +190,7 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
         "dropped_by_margin": details["dropped_by_margin"],
         "rows_short_of_negatives": details["rows_short_of_negatives"],
     }
-    return StageResult(artefacts={"rows": str(rows)}, metrics=metrics)
+    return StageResult(artefacts={"rows": str(rows), "text_rows": str(text_rows)}, metrics=metrics)
 
 
 def run_stage2(config: QuickstartConfig, data: dict[str, str], stage1: str, mined: str, out: Path) -> StageResult:
@@ -195,18 +206,20 @@ def run_stage2(config: QuickstartConfig, data: dict[str, str], stage1: str, mine
     )
 
 
-def reranker_rows(config: QuickstartConfig, data: dict[str, str], mined: str) -> tuple[str, str]:
-    """The reranker's (training, held-out) rows, as `reranker.data` chooses."""
+def reranker_rows(config: QuickstartConfig, data: dict[str, str], mined: dict[str, str]) -> tuple[str, str]:
+    """The reranker's (training, held-out) rows, as `reranker.data` chooses (`mined`: the mining artefacts)."""
     choice = config.reranker.data
+    if choice == "text_mined":
+        return mined["text_rows"], data["text_held_out"]
     if choice == "text":
         return data["text_train"], data["text_held_out"]
     if choice == "shapes":
         return data["shapes_train"], data["shapes_held_out"]
-    return mined, data["shapes_held_out"]
+    return mined["rows"], data["shapes_held_out"]
 
 
 def run_reranker(
-    config: QuickstartConfig, data: dict[str, str], mined: str, models: dict[str, str], out: Path
+    config: QuickstartConfig, data: dict[str, str], mined: dict[str, str], models: dict[str, str], out: Path
 ) -> StageResult:
     """The yes/no reranker, from a tiny random model or an embedder's weights (`models`: stage name -> model)."""
     rows = reranker_rows(config, data, mined)
@@ -219,7 +232,11 @@ def run_reranker(
         start=start,
         rows=rows,
         evaluate=_reranker_eval(config.seed),
-        overrides=["model.kind=reranker"],
+        overrides=[
+            "model.kind=reranker",
+            f"data.num_negatives={0 if config.reranker.data == 'text' else config.reranker.mined_negatives}",
+            f"data.random_negatives={config.reranker.random_negatives}",
+        ],
     )
     result.artefacts["held_out"] = rows[1]
     return result
@@ -321,7 +338,7 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
             lambda: run_reranker(
                 config,
                 runner.records["data"]["artefacts"],
-                artefact("mining", "rows"),
+                runner.records["mining"]["artefacts"],
                 {name: artefact(name, "model") for name in ("stage1", "stage2")},
                 out / "reranker",
             ),

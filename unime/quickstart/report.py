@@ -68,8 +68,13 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         bench = {row["dataset"]: row["scores"]["hit@1"] for row in runs[title]["tasks"]["mmeb"]["datasets"]}
         rows.append([title, *(_num(metrics[k]) for k in HEADLINE), *(_num(bench.get(d)) for d in datasets)])
     top_k = config.eval.rerank_top_k
+    text = evaluated["reranker"]["text"]
     rows.append(
-        [f"stage 2 + reranker (top {top_k} reranked)", *("-" for _ in HEADLINE)]
+        [
+            f"stage 2 + reranker (top {config.eval.text_rerank_top_k} / {top_k} reranked)",
+            _num(text["reranked_recall@1"]),
+            *("-" for _ in list(HEADLINE)[1:]),
+        ]
         + [_num(rerank[d]["scores"]["after/recall@1"]) for d in datasets]
     )
     lines += _table(header, rows)
@@ -92,6 +97,13 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
             else " (by reranker score)"
         )
         + f"; reranker trained on `{config.reranker.data}` rows from `{config.reranker.start}`.",
+        "",
+        f"Held-out paraphrase pairs (text-to-text, the reranker's own task), stage 2's top "
+        f"{config.eval.text_rerank_top_k} reranked: recall@1 {_num(text['recall@1'])} -> "
+        f"{_num(text['reranked_recall@1'])} (the shortlist holds the positive for "
+        f"{_num(text[f'recall@{config.eval.text_rerank_top_k}'])} of the queries: the most reranking can reach).",
+        "",
+        "The benchmark's retrieval datasets (images against captions):",
         "",
     ]
     keys = ("mrr", "recall@1", "ndcg@10")

@@ -74,8 +74,8 @@ def reranked_recall(
     ranked = retrieve_then_rerank(
         q,
         p,
-        [e.query.as_input() for e in examples],
-        [e.positive.as_input() for e in examples],
+        [_public_input(e.query) for e in examples],
+        [_public_input(e.positive) for e in examples],
         reranker,
         top_k_candidates=top_k,
         fusion_weight=fusion_weight,
@@ -89,6 +89,11 @@ def reranked_recall(
         f"recall@{top_k}": float((ranks < top_k).float().mean()),
         "reranked_recall@1": sum(r.indices[:1] == [i] for i, r in enumerate(ranked)) / len(examples),
     }
+
+
+def _public_input(side) -> dict:
+    """A side as the public APIs take it (`predict`, `encode`): a `{"text", "image"}` dict."""
+    return {key: value for key, value in (("text", side.text), ("image", side.image)) if value is not None}
 
 
 def _encode(embedder, inputs, instructions, batch_size: int) -> torch.Tensor:
