@@ -91,20 +91,7 @@ def embedder_engine_kwargs(model_dir: str | os.PathLike, *, dtype: str | None = 
     Add deployment options yourself (`enforce_eager`, `tensor_parallel_size`, `max_model_len`, ...).
     `dtype` defaults to `unime_dtype()`, the one `unime.load` uses on this machine.
     """
-    from vllm.config import PoolerConfig
-
-    config = _embedder_config(model_dir)
-    kwargs: dict[str, Any] = {
-        "model": str(model_dir),
-        "runner": "pooling",
-        "pooler_config": PoolerConfig(**_pooler_fields(config)),
-        "hf_overrides": _hf_overrides(config),
-        "limit_mm_per_prompt": dict(EMBEDDER_MM_LIMITS),
-        "dtype": dtype or unime_dtype(),
-    }
-    if processor_kwargs := _processor_kwargs(config):
-        kwargs["mm_processor_kwargs"] = processor_kwargs
-    return kwargs
+    return _engine_kwargs(_embedder_settings(model_dir, dtype))
 
 
 def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = None) -> list[str]:
@@ -114,28 +101,50 @@ def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
     instruction and renders a `messages` list into one vector: send prompts rendered by `EmbeddingPrompts`
     (text-only ones as `input`), or serve through `unime serve`, which does this per item.
     """
+    return _server_args(_embedder_settings(model_dir, dtype))
+
+
+def _embedder_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[str, Any]:
     config = _embedder_config(model_dir)
-    args = [
-        "--model",
-        str(model_dir),
-        "--runner",
-        "pooling",
-        # unime's templates read content parts: left to detect the format, vLLM picks "string", pastes the
-        # image placeholder into the text, and an image is embedded as text (seen: cosine 0.9985, not 1).
-        "--chat-template-content-format",
-        "openai",
-        "--pooler-config",
-        json.dumps(_pooler_fields(config)),
-        "--hf-overrides",
-        json.dumps(_hf_overrides(config)),
-        "--limit-mm-per-prompt",
-        json.dumps(EMBEDDER_MM_LIMITS),
-        "--dtype",
-        dtype or unime_dtype(),
-    ]
+    return _engine_settings(model_dir, config, _pooler_fields(config), _hf_overrides(config), EMBEDDER_MM_LIMITS, dtype)
+
+
+def _engine_settings(
+    model_dir: str | os.PathLike,
+    config: UnimeConfig,
+    pooler: dict[str, Any],
+    hf_overrides: dict[str, Any],
+    mm_limits: dict[str, int],
+    dtype: str | None,
+) -> dict[str, Any]:
+    """What both the offline engine and the server are given, by `vllm.LLM` keyword (JSON-ready values)."""
+    settings: dict[str, Any] = {
+        "model": str(model_dir),
+        "runner": "pooling",
+        "pooler_config": pooler,
+        "hf_overrides": hf_overrides,
+        "limit_mm_per_prompt": dict(mm_limits),
+        "dtype": dtype or unime_dtype(),
+    }
     if processor_kwargs := _processor_kwargs(config):
-        args += ["--mm-processor-kwargs", json.dumps(processor_kwargs)]
-    return args
+        settings["mm_processor_kwargs"] = processor_kwargs
+    return settings
+
+
+def _engine_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    from vllm.config import PoolerConfig
+
+    return {**settings, "pooler_config": PoolerConfig(**settings["pooler_config"])}
+
+
+def _server_args(settings: dict[str, Any], *extra: str) -> list[str]:
+    """The settings as the server's flags (`limit_mm_per_prompt` -> `--limit-mm-per-prompt`), then `extra`."""
+    # unime's templates read content parts: left to detect the format, vLLM picks "string", pastes the image
+    # placeholder into the text, and an image is embedded as text (seen: cosine 0.9985, not 1).
+    args = ["--chat-template-content-format", "openai"]
+    for key, value in settings.items():
+        args += ["--" + key.replace("_", "-"), value if isinstance(value, str) else json.dumps(value)]
+    return [*args, *extra]
 
 
 class _DirectoryPrompts:
@@ -240,20 +249,7 @@ def reranker_engine_kwargs(model_dir: str | os.PathLike, *, dtype: str | None = 
 
     Send it prompts rendered by `RerankPrompts` through `LLM.classify` (`outputs.probs[0]` is p(yes)).
     """
-    from vllm.config import PoolerConfig
-
-    config = _reranker_config(model_dir)
-    kwargs: dict[str, Any] = {
-        "model": str(model_dir),
-        "runner": "pooling",
-        "hf_overrides": reranker_hf_overrides(config),
-        "pooler_config": PoolerConfig(pooling_type="LAST", use_activation=True),
-        "limit_mm_per_prompt": dict(RERANKER_MM_LIMITS),
-        "dtype": dtype or unime_dtype(),
-    }
-    if processor_kwargs := _processor_kwargs(config):
-        kwargs["mm_processor_kwargs"] = processor_kwargs
-    return kwargs
+    return _engine_kwargs(_reranker_settings(model_dir, dtype))
 
 
 def reranker_server_args(model_dir: str | os.PathLike, *, dtype: str | None = None) -> list[str]:
@@ -262,28 +258,14 @@ def reranker_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
     The directory's chat template is the reranker's judge template, which reads vLLM's `query` and `document`
     messages and its `instruction` variable, so vLLM's own `/v1/rerank` and `/score` give the same p(yes).
     """
+    template = str(Path(model_dir) / "chat_template.jinja")
+    return _server_args(_reranker_settings(model_dir, dtype), "--chat-template", template)
+
+
+def _reranker_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[str, Any]:
     config = _reranker_config(model_dir)
-    args = [
-        "--model",
-        str(model_dir),
-        "--runner",
-        "pooling",
-        "--chat-template-content-format",
-        "openai",
-        "--hf-overrides",
-        json.dumps(reranker_hf_overrides(config)),
-        "--pooler-config",
-        json.dumps({"pooling_type": "LAST", "use_activation": True}),
-        "--limit-mm-per-prompt",
-        json.dumps(RERANKER_MM_LIMITS),
-        "--chat-template",
-        str(Path(model_dir) / "chat_template.jinja"),
-        "--dtype",
-        dtype or unime_dtype(),
-    ]
-    if processor_kwargs := _processor_kwargs(config):
-        args += ["--mm-processor-kwargs", json.dumps(processor_kwargs)]
-    return args
+    pooler = {"pooling_type": "LAST", "use_activation": True}
+    return _engine_settings(model_dir, config, pooler, reranker_hf_overrides(config), RERANKER_MM_LIMITS, dtype)
 
 
 class RerankPrompts(_DirectoryPrompts):

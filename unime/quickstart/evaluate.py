@@ -56,11 +56,12 @@ def evaluate_embedder(model, source: Any, held_out: HeldOut, config: QuickstartC
 
 
 def evaluate_reranking(
-    stage2_dir: Path, reranker_dir: Path, start: Path | None, held_out: HeldOut, config: QuickstartConfig
+    stage2, stage2_dir: Path, reranker_dir: Path, start: Path | None, held_out: HeldOut, config: QuickstartConfig
 ) -> dict:
     """Stage 2's top K reordered by the reranker: on the held-out paraphrase pairs (text-to-text recall@1, the
     task the reranker trains on) and on the benchmark; and the reranker on its own held-out rows, before
-    training (`start`: the embedder it started from, None for a tiny random model) and after."""
+    training (`start`: the embedder it started from, None for a tiny random model) and after. `stage2` is the
+    stage-2 model, loaded from `stage2_dir`."""
     import unime
     from unime.eval.encoders import UnimeEncoder
     from unime.eval.runner import run_eval
@@ -76,7 +77,7 @@ def evaluate_reranking(
     results = run_eval(UnimeEncoder(stage2_dir), bench, reranker=reranker)
     text_rows, _ = load_examples([held_out.text])
     text = reranked_recall(
-        unime.load(stage2_dir),
+        stage2,
         reranker,
         text_rows,
         top_k=config.eval.text_rerank_top_k,
@@ -116,16 +117,18 @@ def evaluate_all(paths: dict[str, Path], held_out: HeldOut, config: QuickstartCo
     from unime.eval.runner import write_outputs
 
     evaluated: dict[str, Any] = {}
+    models: dict[str, Any] = {}
     steps = [*EMBEDDER_ROWS, "reranker"]
     for name in tqdm(steps, desc="stage eval"):
         if name == "reranker":
             start = None if config.reranker.start == "tiny" else paths[config.reranker.start]
-            result = evaluate_reranking(paths["stage2"], paths["reranker"], start, held_out, config)
+            result = evaluate_reranking(models["stage2"], paths["stage2"], paths["reranker"], start, held_out, config)
         elif name == "untrained":
             model = unime.build_tiny(config.backbone, seed=config.seed)
             result = evaluate_embedder(model, model, held_out, config)
         else:
-            result = evaluate_embedder(unime.load(paths[name]), paths[name], held_out, config)
+            models[name] = unime.load(paths[name])
+            result = evaluate_embedder(models[name], paths[name], held_out, config)
         write_outputs(result.pop("benchmark"), out_dir / name, plots=False)
         evaluated[name] = result
     return evaluated

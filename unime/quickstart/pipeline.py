@@ -158,11 +158,17 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
     settings = config.mining
     progress = tqdm(total=3, desc="mining")
     embedder = unime.load(stage1)
+    model_id = model_fingerprint(stage1)
     progress.update(1)
-    rows, manifest = mine_file(
-        embedder,
+
+    def mine(rows: str, target: str, mining: MiningConfig):
+        written = mine_file(embedder, rows, out / target, mining, model_id=model_id, cache_dir=out / "embedding-cache")
+        progress.update(1)
+        return written
+
+    rows, manifest = mine(
         data["shapes_train"],
-        out / "train.jsonl",
+        "train.jsonl",
         MiningConfig(
             top_k=settings.top_k,
             negatives=settings.negatives,
@@ -170,19 +176,12 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
             keep_existing=settings.keep_existing,
             seed=config.seed,
         ),
-        model_id=model_fingerprint(stage1),
-        cache_dir=out / "embedding-cache",
     )
-    progress.update(1)
-    text_rows, _ = mine_file(
-        embedder,
+    text_rows, _ = mine(
         data["text_train"],
-        out / "text_train.jsonl",
+        "text_train.jsonl",
         MiningConfig(top_k=settings.top_k, negatives=settings.text_negatives, margin=-math.inf, seed=config.seed),
-        model_id=model_fingerprint(stage1),
-        cache_dir=out / "embedding-cache",
     )
-    progress.update(1)
     progress.close()
     details = manifest.details
     metrics = {

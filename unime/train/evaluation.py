@@ -19,26 +19,16 @@ def retrieval_recall(embedder, examples: Sequence[TrainExample], *, batch_size: 
     `hard_negative_accuracy` is the share of (query, mined negative) pairs where the positive scores higher than
     the negative: it measures fine-grained discrimination that in-batch recall can miss.
     """
-    queries = [e.query.as_input() for e in examples]
-    positives = [e.positive.as_input() for e in examples]
-    was_training = embedder.training
-    embedder.eval()
-    try:
-        q = _encode(embedder, queries, [e.query.instruction for e in examples], batch_size)  # [N, D]
-        p = _encode(embedder, positives, [e.positive.instruction for e in examples], batch_size)  # [N, D]
-        pairs = [(i, side) for i, e in enumerate(examples) for side in e.negatives]
-        wins = 0
-        if pairs:
-            n = _encode(embedder, [s.as_input() for _, s in pairs], [s.instruction for _, s in pairs], batch_size)
-            owners = torch.tensor([i for i, _ in pairs])
-            negative_scores = (q[owners] * n).sum(-1)  # [P]
-            wins = int((negative_scores < (q * p).sum(-1)[owners]).sum())
-    finally:
-        embedder.train(was_training)
-    scores = q @ p.T  # [N, N]
-    ranks = (scores > scores.diag().unsqueeze(1)).sum(1)  # [N] how many candidates beat the own positive
+    q = _embed_sides(embedder, [e.query for e in examples], batch_size)  # [N, D]
+    p = _embed_sides(embedder, [e.positive for e in examples], batch_size)  # [N, D]
+    ranks = _own_positive_ranks(q, p)  # [N]
     metrics = {"recall@1": float((ranks < 1).float().mean()), "recall@5": float((ranks < 5).float().mean())}
+    pairs = [(i, side) for i, e in enumerate(examples) for side in e.negatives]
     if pairs:
+        n = _embed_sides(embedder, [side for _, side in pairs], batch_size)  # [P, D]
+        owners = torch.tensor([i for i, _ in pairs])
+        negative_scores = (q[owners] * n).sum(-1)  # [P]
+        wins = int((negative_scores < (q * p).sum(-1)[owners]).sum())
         metrics["hard_negative_accuracy"] = wins / len(pairs)
     return metrics
 
@@ -60,17 +50,8 @@ def reranked_recall(
     """
     from unime.retrieval import retrieve_then_rerank
 
-    was_training = embedder.training
-    embedder.eval()
-    try:
-        q = _encode(
-            embedder, [e.query.as_input() for e in examples], [e.query.instruction for e in examples], batch_size
-        )
-        p = _encode(
-            embedder, [e.positive.as_input() for e in examples], [e.positive.instruction for e in examples], batch_size
-        )
-    finally:
-        embedder.train(was_training)
+    q = _embed_sides(embedder, [e.query for e in examples], batch_size)  # [N, D]
+    p = _embed_sides(embedder, [e.positive for e in examples], batch_size)  # [N, D]
     ranked = retrieve_then_rerank(
         q,
         p,
@@ -82,13 +63,28 @@ def reranked_recall(
         batch_size=batch_size,
         show_progress_bar=False,
     )
-    scores = q @ p.T  # [N, N]
-    ranks = (scores > scores.diag().unsqueeze(1)).sum(1)  # [N]
+    ranks = _own_positive_ranks(q, p)  # [N]
     return {
         "recall@1": float((ranks < 1).float().mean()),
         f"recall@{top_k}": float((ranks < top_k).float().mean()),
         "reranked_recall@1": sum(r.indices[:1] == [i] for i, r in enumerate(ranked)) / len(examples),
     }
+
+
+def _embed_sides(embedder, sides, batch_size: int) -> torch.Tensor:
+    """`[N, D]` embeddings of training-row sides, each with its own instruction, in eval mode."""
+    was_training = embedder.training
+    embedder.eval()
+    try:
+        return _encode(embedder, [s.as_input() for s in sides], [s.instruction for s in sides], batch_size)
+    finally:
+        embedder.train(was_training)
+
+
+def _own_positive_ranks(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`[N]` how many of the N positives score above query i's own (0: its positive is first)."""
+    scores = q @ p.T  # [N, N]
+    return (scores > scores.diag().unsqueeze(1)).sum(1)
 
 
 def _public_input(side) -> dict:
