@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from unime.backbones import get_backbone
@@ -36,9 +37,29 @@ class BackboneModule(nn.Module):
     def hidden_size(self) -> int:
         return self.hf_model.config.get_text_config().hidden_size
 
+    def processor_features(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, torch.Tensor]:
+        """Rendered prompts (each with its decoded images, in placeholder order) tokenized and padded, with pixels.
+
+        What `processor(text=prompts, images=images)` gives: computed batch-wide where the backbone knows how
+        (`BackboneSpec.batch_inputs`), by the processor otherwise.
+        """
+        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
+        bos = self.processor.tokenizer.bos_token
+        if bos is not None and prompts and prompts[0].startswith(bos):
+            kwargs["add_special_tokens"] = False  # the template wrote the BOS already (as apply_chat_template does)
+        if self.spec.batch_inputs is not None:
+            features = self.spec.batch_inputs(self.processor, prompts, images, kwargs)
+            if features is not None:
+                return features
+        return dict(self.processor(text=prompts, images=images if any(images) else None, **kwargs))
+
     def last_hidden_state(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's last hidden states `[batch, seq, hidden]`, without computing the LM head over them."""
         features = {key: value.to(self.device) for key, value in features.items()}
+        if self.spec.position_ids is not None and "position_ids" not in features:
+            positions = self.spec.position_ids(self.hf_model.config, features)
+            if positions is not None:
+                features["position_ids"] = positions
         base = getattr(self.hf_model, self.spec.base_model)
         return base(**features).last_hidden_state
 

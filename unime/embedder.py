@@ -70,12 +70,7 @@ class Embedder(BackboneModule):
             [load_image(index, item.image)] if item.image is not None else []
             for index, item in zip(indices, items, strict=True)
         ]
-        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
-        bos = self.processor.tokenizer.bos_token
-        if bos is not None and prompts[0].startswith(bos):
-            kwargs["add_special_tokens"] = False  # the template wrote the BOS already (as apply_chat_template does)
-        features = self.processor(text=prompts, images=images if any(images) else None, **kwargs)
-        return dict(features)
+        return self.processor_features(prompts, images)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """Pooled (not yet normalised) embeddings `[batch, dim]` of tokenized inputs."""

@@ -81,12 +81,7 @@ class Reranker(BackboneModule):
             [load_image(index, side.image) for side in pair if side.image is not None]
             for index, pair in zip(indices, pairs, strict=True)
         ]
-        kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt"}
-        bos = self.processor.tokenizer.bos_token
-        if bos is not None and prompts[0].startswith(bos):
-            kwargs["add_special_tokens"] = False  # the template wrote the BOS already
-        features = self.processor(text=prompts, images=images if any(images) else None, **kwargs)
-        return dict(features)
+        return self.processor_features(prompts, images)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """The answer logits `[batch, 2]` = (z_no, z_yes) at the last prompt position of each pair.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
+from unime.backbones.qwen2_vl_batched import batch_inputs, mrope_position_ids
 from unime.backbones.spec import BackboneSpec, TurnFormat
 from unime.backbones.tiny_tokenizer import train_tiny_tokenizer
 from unime.config import PromptConfig
@@ -186,6 +187,8 @@ QWEN2_VL = BackboneSpec(
     build_tiny=build_tiny_qwen2_vl,
     build_small=build_small_qwen2_vl,
     example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
+    batch_inputs=batch_inputs,
+    position_ids=mrope_position_ids,
 )
 
 QWEN2_5_VL = BackboneSpec(
@@ -201,6 +204,8 @@ QWEN2_5_VL = BackboneSpec(
     language_model="model.language_model",
     build_tiny=build_tiny_qwen2_5_vl,
     example_checkpoints=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    batch_inputs=batch_inputs,
+    position_ids=mrope_position_ids,
 )
 
 SPECS = (QWEN2_VL, QWEN2_5_VL)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,3 +67,11 @@ class BackboneSpec:
     """Hub names of real checkpoints of this family (documentation and config validation)."""
     processor_defaults: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments passed to the processor's `from_pretrained` unless the user overrides them."""
+    batch_inputs: Callable[[Any, Sequence[str], Sequence[Sequence[Any]], dict[str, Any]], dict | None] | None = field(
+        default=None, repr=False
+    )
+    """`(processor, prompts, images per prompt, tokenizer kwargs) -> features`: the processor's output for a batch,
+    computed batch-wide (equal to the processor's, tested); it returns None, or is None, where the processor runs."""
+    position_ids: Callable[[Any, dict], Any] | None = field(default=None, repr=False)
+    """`(model config, features) -> position ids or None`: the positions the model would compute for itself,
+    computed batch-wide (equal, tested) and passed in; None where the model computes them."""
