@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from unime.pooling import finish_embeddings
 from unime.serve.backends import BatchResult, EmbedderBackend, RerankerBackend
 from unime.serve.batching import MicroBatcher, estimated_tokens
 from unime.serve.config import ServeConfig
-from unime.serve.errors import QueueFullError, RequestError, ShuttingDownError
+from unime.serve.errors import RequestError
 from unime.serve.images import ImagePolicy
 from unime.serve.metrics import ServerMetrics
 from unime.serve.protocol import (
@@ -53,14 +55,43 @@ class BodyTooLargeError(RequestError):
         super().__init__(f"the request body is larger than {limit} bytes", param="body", status=413)
 
 
+class Batcher(Protocol):
+    """What the routes need from the queue in front of a model.
+
+    In one process it is the model's `MicroBatcher`; in an HTTP worker process (`--http-workers`) it is a
+    `unime.serve.workers.RemoteBatcher`, which forwards each request to the model process's batcher.
+    """
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for the model."""
+        ...
+
+    def arriving(self) -> contextlib.AbstractContextManager:
+        """Announce a request whose body is in and that is being decoded, until it is queued."""
+        ...
+
+    def enqueue(self, inputs: list[Any], instructions: list[str | None], cost: int) -> asyncio.Future:
+        """Queue a request; its future gets its `BatchResult` (or the error to answer with)."""
+        ...
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new requests; finish the queued ones."""
+        ...
+
+
 @dataclass
 class HostedModel:
-    """A model the server hosts: its public name, its backend and the batcher in front of it."""
+    """A model the server hosts: its public name, its backend and the batcher in front of it.
+
+    `backend` is the backend itself, or in an HTTP worker a description of it (`workers.BackendInfo`): the
+    routes read only its `name`, `dimension`, `normalize` and `instruction_for`.
+    """
 
     name: str
     kind: str
     backend: Any
-    batcher: MicroBatcher
+    batcher: Batcher
 
 
 def split_batch(result: BatchResult, sizes: list[int]) -> list[BatchResult]:
@@ -75,7 +106,7 @@ def split_batch(result: BatchResult, sizes: list[int]) -> list[BatchResult]:
 
 def error_response(err: RequestError) -> JSONResponse:
     headers = {}
-    if isinstance(err, (QueueFullError, ShuttingDownError)):
+    if err.retry_after_s is not None:  # a full queue, a server shutting down
         headers["Retry-After"] = str(err.retry_after_s)
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
@@ -182,26 +213,26 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def create_app(
+def host_models(
     config: ServeConfig,
+    metrics: ServerMetrics,
     *,
     embedder: EmbedderBackend | None,
     reranker: RerankerBackend | None,
     embedder_name: str | None,
     reranker_name: str | None,
-) -> FastAPI:
-    metrics = ServerMetrics()
-    limits = Limits(
-        max_items=config.max_items,
-        max_text_chars=config.max_text_chars,
-        images=ImagePolicy(
-            max_pixels=config.max_image_pixels,
-            allow_remote=config.allow_remote_images,
-            timeout_s=config.remote_image_timeout_s,
-        ),
-    )
+    observe_queue: Callable[[str, int], None] = lambda kind, depth: None,
+) -> dict[str, HostedModel]:
+    """The loaded models, each behind its own `MicroBatcher` (whose worker thread runs its batches).
 
-    def batcher_for(name: str, run: Any) -> MicroBatcher:
+    `observe_queue(kind, depth)` is told each new queue depth, beside the metrics.
+    """
+
+    def batcher_for(name: str, kind: str, run: Any) -> MicroBatcher:
+        def queue_changed(depth: int) -> None:
+            metrics.queue_depth.labels(name).set(depth)
+            observe_queue(kind, depth)
+
         return MicroBatcher(
             name,
             run,
@@ -217,23 +248,37 @@ def create_app(
                 metrics.batch_items.labels(name).observe(items),
                 metrics.batch_requests.labels(name).observe(requests),
             ),
-            observe_queue=lambda depth: metrics.queue_depth.labels(name).set(depth),
+            observe_queue=queue_changed,
         )
 
     hosted: dict[str, HostedModel] = {}
     if embedder is not None and embedder_name is not None:
         hosted["embedder"] = HostedModel(
-            embedder_name, "embedder", embedder, batcher_for(embedder_name, embedder.embed)
+            embedder_name, "embedder", embedder, batcher_for(embedder_name, "embedder", embedder.embed)
         )
     if reranker is not None and reranker_name is not None:
         hosted["reranker"] = HostedModel(
-            reranker_name, "reranker", reranker, batcher_for(reranker_name, reranker.score)
+            reranker_name, "reranker", reranker, batcher_for(reranker_name, "reranker", reranker.score)
         )
+    return hosted
+
+
+def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: ServerMetrics) -> Any:
+    """The ASGI app serving `hosted` (from `host_models`, or an HTTP worker's remote batchers), guarded."""
+    limits = Limits(
+        max_items=config.max_items,
+        max_text_chars=config.max_text_chars,
+        images=ImagePolicy(
+            max_pixels=config.max_image_pixels,
+            allow_remote=config.allow_remote_images,
+            timeout_s=config.remote_image_timeout_s,
+        ),
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        # uvicorn has stopped accepting and let the requests in flight finish: stop the workers.
+        # uvicorn has stopped accepting and let the requests in flight finish: stop the batchers.
         for model in hosted.values():
             await run_in_threadpool(model.batcher.close, config.shutdown_grace_s)
 
@@ -259,7 +304,8 @@ def create_app(
         # A model-side failure (e.g. an engine refusing a prompt longer than its context): JSON, logged, and the
         # server keeps serving; the batcher has already isolated the request at fault.
         logger.exception("request to %s failed", request.url.path)
-        body = {"error": {"message": f"{type(err).__name__}: {err}", "type": "server_error", "param": None}}
+        name = getattr(err, "type_name", type(err).__name__)  # a model process's error, forwarded by name
+        body = {"error": {"message": f"{name}: {err}", "type": "server_error", "param": None}}
         body["error"].update(index=None, code=500)
         return JSONResponse(body, status_code=500)
 
@@ -286,6 +332,8 @@ def create_app(
                 kind: {"name": m.name, "backend": m.backend.name, "queue": m.batcher.depth}
                 for kind, m in hosted.items()
             },
+            "http_workers": config.http_workers,
+            "pid": os.getpid(),  # the process that answered: one of the HTTP workers where there are several
         }
 
     @app.get("/v1/models", summary="The hosted models (OpenAI-compatible)")
@@ -429,4 +477,4 @@ def hosted_names(config: ServeConfig) -> tuple[str | None, str | None]:
     return embedder, reranker
 
 
-__all__: Sequence[str] = ("create_app", "hosted_names")
+__all__: Sequence[str] = ("create_app", "host_models", "hosted_names")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,10 +26,16 @@ from typing import Any
 from unime.inputs import EmbedInput
 from unime.serve.errors import QueueFullError, ShuttingDownError
 
+logger = logging.getLogger("unime.serve")
+
 
 def estimated_tokens(item: EmbedInput) -> int:
     """A cheap token estimate for the budget: about 3 characters a token, one token per 28x28 pixels."""
     return 16 + len(item.text or "") // 3 + item.image_pixels // (28 * 28)
+
+
+Done = Callable[[Any, "BaseException | None"], None]
+"""`done(result, error)`: how a job's outcome reaches its caller, called once from the worker thread."""
 
 
 @dataclass
@@ -40,8 +48,7 @@ class Job:
     """One instruction per input."""
     cost: int
     """Estimated tokens, for the batch budget."""
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    done: Done
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -90,13 +97,17 @@ class MicroBatcher:
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
         """Announce a request being decoded, from its received body up to its `enqueue`: batches wait for it."""
-        with self._condition:
-            self._arriving += 1
+        self.announce(1)
         try:
             yield
         finally:
-            with self._condition:
-                self._arriving -= 1
+            self.announce(-1)
+
+    def announce(self, delta: int) -> None:
+        """Count requests being decoded up (+1, body received) or down (-1, queued or failed); thread-safe."""
+        with self._condition:
+            self._arriving += delta
+            if delta < 0:
                 self._condition.notify()
 
     async def submit(self, inputs: list[Any], instructions: list[str | None], cost: int) -> Any:
@@ -106,7 +117,16 @@ class MicroBatcher:
     def enqueue(self, inputs: list[Any], instructions: list[str | None], cost: int) -> asyncio.Future:
         """Queue a request; its future gets the results. Raises QueueFullError when the queue is full."""
         loop = asyncio.get_running_loop()
-        job = Job(inputs, instructions, cost, loop, loop.create_future())
+        future = loop.create_future()
+        self.put(inputs, instructions, cost, functools.partial(settle_threadsafe, loop, future))
+        return future
+
+    def put(self, inputs: list[Any], instructions: list[str | None], cost: int, done: Done) -> None:
+        """Queue a request from any thread; `done(result, error)` gets its outcome, from the worker thread.
+
+        Raises QueueFullError when the queue is full, ShuttingDownError once `close` has begun.
+        """
+        job = Job(inputs, instructions, cost, done)
         with self._condition:
             if self._closing:
                 raise ShuttingDownError()
@@ -115,7 +135,6 @@ class MicroBatcher:
             self._queue.append(job)
             self._observe_queue(len(self._queue))
             self._condition.notify()
-        return job.future
 
     @property
     def depth(self) -> int:
@@ -190,15 +209,24 @@ class MicroBatcher:
 
 
 def _resolve(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:
+    try:
+        job.done(result, error)
+    except Exception:  # noqa: BLE001 - a caller's failure to take its result must not stop the worker
+        logger.exception("delivering a result failed")
+
+
+def settle_threadsafe(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any, error: BaseException | None
+) -> None:
     def settle() -> None:
-        if job.future.done():  # the client went away
+        if future.done():  # the client went away
             return
         if error is not None:
-            job.future.set_exception(error)
+            future.set_exception(error)
         else:
-            job.future.set_result(result)
+            future.set_result(result)
 
     try:
-        job.loop.call_soon_threadsafe(settle)
+        loop.call_soon_threadsafe(settle)
     except RuntimeError:  # the event loop is closed: nobody waits for this result any more
         pass

@@ -61,6 +61,10 @@ class ServeConfig:
     """Retry-After sent with a 503 when the queue is full."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits anyway."""
+    http_workers: int = 0
+    """HTTP front-end processes (`unime.serve.workers`): each accepts connections on the one listening socket,
+    parses and decodes requests (JSON, base64, images) and sends the decoded inputs to this process, which loads
+    the models and whose batchers merge the requests of all workers. 0: one process does everything."""
 
     dtype: str | None = None
     """Model dtype; default: what `unime.load` picks (bfloat16 on a GPU that supports it, else float32)."""
@@ -79,6 +83,8 @@ class ServeConfig:
         for name in ("max_body_bytes", "max_items", "max_text_chars", "max_image_pixels", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.http_workers < 0:
+            raise ValueError(f"http_workers must be >= 0, got {self.http_workers}")
         if self.max_batch_items < 1 or self.max_batch_tokens < 1:
             raise ValueError("max_batch_items and max_batch_tokens must be >= 1")
         for name in ("backend", "reranker_backend"):

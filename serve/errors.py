@@ -10,6 +10,9 @@ from unime.errors import UnimeError
 class RequestError(UnimeError):
     """A request the server refuses; becomes `{"error": {"message", "type", "param", "index", "code"}}`."""
 
+    retry_after_s: int | None = None
+    """Seconds a client should wait before retrying (sent as `Retry-After`); None: no header."""
+
     def __init__(self, message: str, *, param: str | None = None, index: int | None = None, status: int = 400):
         self.message = message
         self.param = param

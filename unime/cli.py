@@ -193,6 +193,12 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="how long a batch may wait for requests already received and being decoded",
     )
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s)
+    parser.add_argument(
+        "--http-workers",
+        type=int,
+        default=defaults.http_workers,
+        help="HTTP processes that parse and decode requests in parallel for this one's batchers (0: one process)",
+    )
     parser.add_argument("--dtype", help="default: what unime.load picks (bfloat16 on a capable GPU, else float32)")
     parser.add_argument("--device", help="transformers backend: cuda, cpu, ... (default: CUDA when available)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per model")
@@ -228,6 +234,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             batch_wait_ms=args.batch_wait_ms,
             batch_wait_arriving_ms=args.batch_wait_arriving_ms,
             shutdown_grace_s=args.shutdown_grace_s,
+            http_workers=args.http_workers,
             dtype=args.dtype,
             device=args.device,
             tensor_parallel_size=args.tensor_parallel_size,

@@ -39,3 +39,27 @@ def serve_inputs():
     images[1] = images[1].resize((90, 60))
     images[2] = images[2].resize((150, 120))
     return images, captions
+
+
+@pytest.fixture(scope="session")
+def reference(serve_models):
+    """`unime.load` of the embedder and the reranker: what every server's answers are compared with."""
+    import unime
+
+    return unime.load(serve_models["embedder"]), unime.load(serve_models["reranker"])
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """A client of the module's `server`, with the key."""
+    with server.client() as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def heavy_items(serve_inputs):
+    """Eight text+image items: a request that keeps a tiny model busy for a while."""
+    from tests.serve.server_process import data_url
+
+    images, captions = serve_inputs
+    return [{"text": captions[i % 4], "image": data_url(images[i % 4])} for i in range(8)]

@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 from PIL import Image
 
 API_KEY = "test-key-0123456789"
@@ -88,7 +91,109 @@ class ServerProcess:
         return self.process.returncode
 
 
+def model_args(models: dict[str, Path], *, reranker: bool = True, backend: str = "transformers") -> list[str]:
+    """`unime serve`'s arguments for the test models (`serve_models`): the embedder, and the reranker."""
+    args = [str(models["embedder"])]
+    if reranker:
+        args += ["--reranker", str(models["reranker"])]
+    return [*args, "--backend", backend]
+
+
 def start_server(args: list[str], log_path: Path, *, timeout: float, env: dict[str, str] | None = None):
     server = ServerProcess(args, log_path, env=env)
     server.wait_ready(timeout)
     return server
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def embed(client: httpx.Client, payload: dict) -> np.ndarray:
+    """The vectors of a 200 answer, checked for order and usage."""
+    response = client.post("/v1/embeddings", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [row["index"] for row in body["data"]] == list(range(len(body["data"])))
+    assert body["usage"]["prompt_tokens"] > 0
+    return np.array([row["embedding"] for row in body["data"]], dtype=np.float32)
+
+
+def metric_value(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (`default` where it is absent, else an error)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    if default is not None:
+        return default
+    raise AssertionError(f"{name}{labels} is not in the metrics")
+
+
+def assert_full_queue_answers_503(server: ServerProcess, items: list, max_queue: int) -> None:
+    """32 concurrent requests of `items` against a queue of `max_queue`: 200s and 503s with Retry-After only."""
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/embeddings", json={"input": items}, headers=server.headers, timeout=120)
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32)))
+    statuses = [response.status_code for response in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    refused = [response for response in responses if response.status_code == 503]
+    assert refused, f"32 concurrent requests never filled a queue of {max_queue}"
+    assert all(response.headers["Retry-After"] == "1" for response in refused)
+    assert all(response.json()["error"]["type"] == "server_overloaded" for response in refused)
+    assert all(len(response.json()["data"]) == len(items) for response in responses if response.status_code == 200)
+    assert statuses.count(200) >= max_queue
+    # Still healthy, and the queue drained.
+    health = httpx.get(f"{server.url}/health", headers=server.headers).json()
+    assert health["status"] == "ok" and health["models"]["embedder"]["queue"] == 0
+    ok = httpx.post(f"{server.url}/v1/embeddings", json={"input": items}, headers=server.headers, timeout=120)
+    assert ok.status_code == 200
+
+
+def assert_graceful_stop_under_load(server: ServerProcess, items: list, clients: int) -> None:
+    """SIGTERM while `clients` loops send requests of `items`: every request sent is answered 200, exit 0."""
+    stop = threading.Event()
+    warmed = threading.Barrier(clients + 1)
+    outcomes: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        with server.client() as http:
+            first = True
+            while not stop.is_set():
+                try:
+                    response = http.post("/v1/embeddings", json={"input": items})
+                    ok = len(response.json().get("data", [])) == len(items)
+                    outcome = str(response.status_code) if ok else "short"
+                except httpx.HTTPError as err:  # a request sent but never answered: lost
+                    outcome = f"lost: {err!r}"
+                with lock:
+                    outcomes.append((outcome, time.monotonic()))
+                if first:
+                    first = False
+                    warmed.wait(timeout=120)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    warmed.wait(timeout=120)  # every client has had one answer: the server is under load
+    stop.set()  # no new requests from here on; those already sent must all be answered
+    time.sleep(0.05)
+    killed_at = time.monotonic()
+    server.terminate()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert server.process.wait(timeout=60) == 0, server.log()
+    assert outcomes and all(outcome == "200" for outcome, _ in outcomes), outcomes
+    assert any(finished > killed_at for _, finished in outcomes), "no request was in flight at SIGTERM"
+    assert "unime serve: stopped" in server.log()
+    try:
+        httpx.get(f"{server.url}/health", headers=server.headers)
+    except httpx.ConnectError:
+        return
+    raise AssertionError("the server still accepts connections after it stopped")

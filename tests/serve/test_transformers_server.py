@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.serve.server_process import b64_image, data_url, start_server
+from tests.serve.server_process import b64_image, cosines, data_url, embed, metric_value, model_args, start_server
 
 MAX_ITEMS = 8
 MAX_BODY = 200_000
@@ -23,11 +23,7 @@ MAX_PIXELS = 300 * 300
 def server(serve_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-logs") / "transformers.log"
     args = [
-        str(serve_models["embedder"]),
-        "--reranker",
-        str(serve_models["reranker"]),
-        "--backend",
-        "transformers",
+        *model_args(serve_models),
         "--max-items",
         str(MAX_ITEMS),
         "--max-body-bytes",
@@ -42,32 +38,6 @@ def server(serve_models, tmp_path_factory):
     proc = start_server(args, log, timeout=120)
     yield proc
     assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with server.client() as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def reference(serve_models):
-    import unime
-
-    return unime.load(serve_models["embedder"]), unime.load(serve_models["reranker"])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-
-
-def embed(client, payload) -> np.ndarray:
-    response = client.post("/v1/embeddings", json=payload)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert [row["index"] for row in body["data"]] == list(range(len(body["data"])))
-    assert body["usage"]["prompt_tokens"] > 0
-    return np.array([row["embedding"] for row in body["data"]], dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -330,22 +300,12 @@ def test_server_stays_healthy_after_bad_input(client, reference):
 # ------------------------------------------------------------------------------------------------------------
 # Micro-batching and metrics
 # ------------------------------------------------------------------------------------------------------------
-def _metric(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"{name}{labels} is not in the metrics")
-
-
 def test_concurrent_requests_are_merged_and_metrics_count_them(server, client, reference, serve_inputs):
     _, captions = serve_inputs
     texts = [f"{captions[i % 4]} number {i}" for i in range(24)]
     before = client.get("/metrics").text
-    batches_before = _metric(before, "unime_batch_requests_count", model="tiny-embedder")
-    requests_before = _metric(before, "unime_batch_requests_sum", model="tiny-embedder")
+    batches_before = metric_value(before, "unime_batch_requests_count", model="tiny-embedder")
+    requests_before = metric_value(before, "unime_batch_requests_sum", model="tiny-embedder")
 
     def one(text: str) -> np.ndarray:
         with server.client() as http:
@@ -356,13 +316,13 @@ def test_concurrent_requests_are_merged_and_metrics_count_them(server, client, r
     assert cosines(vectors, reference[0].encode(texts)).min() >= 0.9999  # each got its own vector back
 
     after = client.get("/metrics").text
-    batches = _metric(after, "unime_batch_requests_count", model="tiny-embedder") - batches_before
-    merged = _metric(after, "unime_batch_requests_sum", model="tiny-embedder") - requests_before
+    batches = metric_value(after, "unime_batch_requests_count", model="tiny-embedder") - batches_before
+    merged = metric_value(after, "unime_batch_requests_sum", model="tiny-embedder") - requests_before
     assert merged == 24
     assert batches < 24, "no two concurrent requests were merged into one batch"
-    assert _metric(after, "unime_requests_total", route="/v1/embeddings", status="200") >= 24
-    assert _metric(after, "unime_errors_total", route="/v1/embeddings", type="400") >= 1
-    assert _metric(after, "unime_queue_depth", model="tiny-embedder") == 0
-    assert _metric(after, "unime_request_latency_seconds_count", route="/v1/embeddings") >= 24
-    assert _metric(after, "unime_batch_items_count", model="tiny-reranker") >= 1
-    assert _metric(after, "unime_requests_in_flight") == 1  # this /metrics request
+    assert metric_value(after, "unime_requests_total", route="/v1/embeddings", status="200") >= 24
+    assert metric_value(after, "unime_errors_total", route="/v1/embeddings", type="400") >= 1
+    assert metric_value(after, "unime_queue_depth", model="tiny-embedder") == 0
+    assert metric_value(after, "unime_request_latency_seconds_count", route="/v1/embeddings") >= 24
+    assert metric_value(after, "unime_batch_items_count", model="tiny-reranker") >= 1
+    assert metric_value(after, "unime_requests_in_flight") == 1  # this /metrics request

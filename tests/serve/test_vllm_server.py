@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from tests.serve.server_process import data_url, start_server
+from tests.serve.server_process import cosines, data_url, start_server
 
 pytestmark = [
     pytest.mark.vllm,
@@ -34,17 +34,6 @@ def server(serve_models, tmp_path_factory):
     proc = start_server(args, tmp / "server.log", timeout=400, env=env)
     yield proc
     assert proc.stop() == 0, proc.log()
-
-
-@pytest.fixture(scope="module")
-def reference(serve_models):
-    import unime
-
-    return unime.load(serve_models["embedder"]), unime.load(serve_models["reranker"])
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
 def test_the_embedder_runs_on_vllm(server):
