@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,10 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from unime.batching import shape_sorted_batches
+from unime.batching import PassCostModel, cost_aware_batches
 from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput
 from unime.pooling import finish_embeddings
+from unime.serve.batching import estimated_tokens
 
 Pair = tuple[EmbedInput, EmbedInput]
 
@@ -67,6 +69,34 @@ def _instruction_for(config: Any, input_type: str | None) -> str | None:
 # --------------------------------------------------------------------------------------------------------
 
 
+class ForwardPasses:
+    """How a merged batch is cut into forward passes, from what this model's passes have cost so far.
+
+    Inputs are sorted by estimated length and cut where the predicted time (`unime.batching.cost_aware_batches`,
+    with costs fitted by a `PassCostModel` on the passes timed here) is least: a model whose per-pass overhead
+    dominates runs the batch as one pass; a compute-bound one runs passes of similar lengths instead of padding
+    short texts to the longest image prompt. Before enough passes are timed, it cuts as few passes as the item
+    budget allows. The cut changes no result: each input's output does not depend on its batch.
+    """
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self.costs = PassCostModel()
+
+    def plan(self, lengths: list[int]) -> list[list[int]]:
+        """Indices of the inputs of each pass, from the inputs' estimated token counts."""
+        pass_cost, token_cost = self.costs.costs() or (1.0, 0.0)
+        return cost_aware_batches(lengths, self.max_items, pass_cost, token_cost)
+
+    @contextlib.contextmanager
+    def timed(self, chunk: list[int], lengths: list[int]) -> Iterator[None]:
+        """Time one pass (tokenizing included) for the cost model; a pass that fails is not counted."""
+        start = time.perf_counter()
+        yield
+        padded = len(chunk) * max(lengths[i] for i in chunk)
+        self.costs.observe(len(chunk), padded, time.perf_counter() - start)
+
+
 class TransformersEmbedder:
     """`unime.load(dir)`'s Embedder, fed a merged batch whose inputs may each carry their own instruction."""
 
@@ -77,7 +107,7 @@ class TransformersEmbedder:
         self.config = self.model.config
         self.dimension = self.model.embedding_dim
         self.normalize = self.config.normalize
-        self.max_batch_items = max_batch_items
+        self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
     def instruction_for(self, input_type: str | None) -> str | None:
@@ -86,16 +116,14 @@ class TransformersEmbedder:
     def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
         vectors = torch.empty(len(items), self.dimension, dtype=torch.float32)
         tokens = [0] * len(items)
-        # Same modality and similar size in one forward pass, as `Embedder.encode` groups them.
-        chunks = shape_sorted_batches(
-            items, self.max_batch_items, lambda item: (item.has_image, item.image_pixels, len(item.text or ""))
-        )
+        lengths = [estimated_tokens(item) for item in items]
         with torch.inference_mode():
-            for chunk in chunks:
-                features = self.model.tokenize(
-                    [items[i] for i in chunk], [instructions[i] for i in chunk], indices=chunk
-                )
-                vectors[chunk] = self.model(features).float().cpu()  # [b, D] pooled
+            for chunk in self.passes.plan(lengths):
+                with self.passes.timed(chunk, lengths):
+                    features = self.model.tokenize(
+                        [items[i] for i in chunk], [instructions[i] for i in chunk], indices=chunk
+                    )
+                    vectors[chunk] = self.model(features).float().cpu()  # [b, D] pooled
                 for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
                     tokens[position] = int(count)
         vectors = finish_embeddings(vectors, normalize=self.normalize)
@@ -109,7 +137,7 @@ class TransformersReranker:
         import unime
 
         self.model = unime.load(model_dir, dtype=dtype or "auto", device=device)
-        self.max_batch_items = max_batch_items
+        self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
     def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
@@ -117,19 +145,12 @@ class TransformersReranker:
 
         scores = torch.empty(len(pairs), dtype=torch.float32)
         tokens = [0] * len(pairs)
-        chunks = shape_sorted_batches(
-            pairs,
-            self.max_batch_items,
-            lambda pair: (
-                pair[0].has_image or pair[1].has_image,
-                pair[0].image_pixels + pair[1].image_pixels,
-                len(pair[0].text or "") + len(pair[1].text or ""),
-            ),
-        )
+        lengths = [estimated_tokens(query) + estimated_tokens(document) for query, document in pairs]
         with torch.inference_mode():
-            for chunk in chunks:
-                features = self.model.tokenize([pairs[i] for i in chunk], [instructions[i] for i in chunk], chunk)
-                scores[chunk] = yes_probability(self.model(features).float().cpu())  # [b]
+            for chunk in self.passes.plan(lengths):
+                with self.passes.timed(chunk, lengths):
+                    features = self.model.tokenize([pairs[i] for i in chunk], [instructions[i] for i in chunk], chunk)
+                    scores[chunk] = yes_probability(self.model(features).float().cpu())  # [b]
                 for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
                     tokens[position] = int(count)
         return BatchResult(values=scores.numpy(), tokens=tokens)
