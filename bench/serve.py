@@ -8,7 +8,11 @@ flight (mixed texts, images and text+image pairs) until `--requests` have been a
 against the transformers backend without micro-batching (batch-1), measured in the same run.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/serve.py [--model tiny|small] [--concurrency 1 8 32] [--requests 256]
-        [--rounds 3] [--no-vllm]
+        [--rounds 3] [--no-vllm] [--http-workers N]
+
+With `--http-workers N`, the transformers backend is measured also with N HTTP worker processes in front of the
+model process (batch-1 and micro-batching), against the same batch-1 baseline, and the run times the pipe
+between a worker and the model process per request.
 """
 
 from __future__ import annotations
@@ -201,6 +205,68 @@ def model_only_ms(model_dir: Path, requests: list[dict], batch_size: int) -> tup
     return min(t[0] for t in timings), min(t[1] for t in timings)
 
 
+def _echo_model_process(conn) -> None:
+    """A model process whose model answers at once: what remains of a request's time is the IPC."""
+    from unime.serve.app import HostedModel
+    from unime.serve.workers import ModelService
+
+    service = ModelService({"embedder": HostedModel("echo", "embedder", None, _echo_batcher())})
+    service.attach(conn, 0)
+    service.join(3600)  # until the other end closes
+
+
+def _echo_batcher():
+    import numpy as np
+
+    from unime.serve.app import split_batch
+    from unime.serve.backends import BatchResult
+    from unime.serve.batching import MicroBatcher
+
+    def run(inputs, instructions):
+        return BatchResult(values=np.zeros((len(inputs), 64), dtype=np.float32), tokens=[1] * len(inputs))
+
+    return MicroBatcher(
+        "echo", run, split_batch, max_queue=8, max_batch_items=8, max_batch_tokens=10**6, wait_ms=0, batching=False,
+        retry_after_s=1,
+    )  # fmt: skip
+
+
+def ipc_cost_us(requests: list[dict], rounds: int = 3) -> tuple[float, float]:
+    """Microseconds per one-item request (texts and decoded images) through an in-process batcher, and through
+    a worker's `RemoteBatcher` to a model process and back; the model answers at once, so the difference is
+    what the pipe costs (pickling, the two trips, the extra threads), one request at a time."""
+    import multiprocessing
+
+    from unime.serve.images import ImagePolicy
+    from unime.serve.protocol import Limits, parse_embedding_request
+    from unime.serve.workers import Channel, RemoteBatcher
+
+    limits = Limits(max_items=1, max_text_chars=20_000, images=ImagePolicy(max_pixels=4096 * 4096))
+    items = [parse_embedding_request(request, limits).items for request in requests]
+
+    async def per_request(batcher) -> float:
+        start_time = time.perf_counter()
+        for inputs in items:
+            with batcher.arriving():
+                pending = batcher.enqueue(inputs, [None], 1)
+            await pending
+        return 1e6 * (time.perf_counter() - start_time) / len(items)
+
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    model_process = context.Process(target=_echo_model_process, args=(theirs,))
+    model_process.start()
+    theirs.close()
+    remote, local = RemoteBatcher(Channel(ours), "embedder", [0]), _echo_batcher()
+    try:
+        timings = [(asyncio.run(per_request(local)), asyncio.run(per_request(remote))) for _ in range(rounds)]
+    finally:
+        local.close(5)
+        remote.close()
+        model_process.join(30)
+    return min(t[0] for t in timings), min(t[1] for t in timings)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
@@ -214,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         help="tiny: overhead-bound (a few ms a forward pass); small: compute-bound (hidden 384, 6 layers)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds per level; each backend's best is kept")
+    parser.add_argument(
+        "--http-workers", type=int, default=0, help="also measure transformers with N HTTP worker processes"
+    )
     args = parser.parse_args(argv)
 
     import importlib.util
@@ -226,6 +295,13 @@ def main(argv: list[str] | None = None) -> None:
         ("transformers, batch-1", ["--backend", "transformers", "--no-batching"]),
         ("transformers, micro-batching", ["--backend", "transformers"]),
     ]
+    workers_label = f"{args.http_workers} http workers"
+    if args.http_workers:
+        workers = ["--http-workers", str(args.http_workers)]
+        configurations += [
+            (f"transformers, batch-1, {workers_label}", ["--backend", "transformers", "--no-batching", *workers]),
+            (f"transformers, micro-batching, {workers_label}", ["--backend", "transformers", *workers]),
+        ]
     with_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
     if with_vllm:
         configurations.append(("vllm", ["--backend", "vllm", "--enforce-eager"]))
@@ -246,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
             ceiling_batch = max(args.concurrency)
             single_ms, batched_ms = model_only_ms(model_dir, requests[:64], ceiling_batch)
             print(f"  model alone: {single_ms:.2f} ms/item batch-1, {batched_ms:.2f} ms/item batch-{ceiling_batch}")
+            if args.http_workers:
+                local_us, remote_us = ipc_cost_us(requests[:64])
+                print(f"  one request through a batcher: {local_us:.0f} us in process, {remote_us:.0f} us over IPC")
             results: dict[str, list[Run]] = {name: [] for name in servers}
             for concurrency in args.concurrency:
                 for name, (_, url) in servers.items():
@@ -281,9 +360,20 @@ def main(argv: list[str] | None = None) -> None:
             ratio = run.throughput / base.throughput
             print(f"vLLM / transformers micro-batching at concurrency {run.concurrency}: {ratio:.2f}x throughput")
     top = max(args.concurrency)
-    ratio = [b.throughput / a.throughput for a, b in zip(baseline, batched, strict=True) if a.concurrency == top][0]
+
+    def ratio_at_top(runs: list[Run]) -> float:
+        return [b.throughput / a.throughput for a, b in zip(baseline, runs, strict=True) if a.concurrency == top][0]
+
+    ratio = ratio_at_top(batched)
     total_errors = sum(run.errors + run.lost for runs in results.values() for run in runs)
     print(f"micro-batching / batch-1 at concurrency {top}: {ratio:.2f}x (aim >= 4x); errors + lost: {total_errors}")
+    if args.http_workers:
+        ratio = ratio_at_top(results[f"transformers, micro-batching, {workers_label}"])
+        print(f"micro-batching with {workers_label} / batch-1 at concurrency {top}: {ratio:.2f}x")
+        print(
+            f"IPC per one-item request (pipe round trip, model answering at once, one request at a time): "
+            f"{remote_us - local_us:.0f} us ({local_us:.0f} us in process, {remote_us:.0f} us across processes)"
+        )
     print(
         f"the model alone (no HTTP, 64 items): {single_ms:.2f} ms/item batch-1, {batched_ms:.2f} ms/item "
         f"batch-{ceiling_batch}: {single_ms / batched_ms:.2f}x, batching's own gain before HTTP, JSON and images"

@@ -178,10 +178,13 @@ class ModelService:
                 self.hosted[kind].batcher.announce(delta)
             elif tag == "ready":
                 self.ready.append(message[1])
+            elif tag == "bye":  # the worker is stopping: closing our end ends its reader
+                break
         for kind, count in announced.items():  # a worker gone with requests half-decoded: batches stop waiting
             if count:
                 self.hosted[kind].batcher.announce(-count)
-        conn.close()
+        with send_lock:
+            conn.close()
 
     def join(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -226,6 +229,13 @@ class Channel:
             del self._pending[job_id]
             raise
         return future
+
+    def close(self) -> None:
+        """Take no more requests; the model process closes the pipe, which ends the reader."""
+        if not self.closing:
+            self.closing = True
+            with contextlib.suppress(ShuttingDownError):
+                self.send(("bye",))
 
     def _read(self) -> None:
         from unime.serve.batching import settle_threadsafe
@@ -283,7 +293,7 @@ class RemoteBatcher:
 
     def close(self, timeout: float | None = None) -> None:
         del timeout  # the model process finishes what was queued
-        self._channel.closing = True
+        self._channel.close()
 
 
 def run_http_worker(
