@@ -37,8 +37,12 @@ Design.
   process group of their own, so that a terminal's Ctrl-C reaches them only through the main process (twice
   would force uvicorn out), and stop on their own if the main process disappears (their pipe closes).
 
-Measured per request (`bench/serve.py` prints it): the pipe round trip of a one-item request, job out and
-`BatchResult` back, against the same request put into an in-process batcher.
+Measured (`bench/serve.py --http-workers 2`, tiny model, on a shared 2-core machine): a one-item request
+through the pipe and back, the model answering at once, takes 540 us against 77 us through an in-process
+batcher (about 0.46 ms of latency, one request at a time; under load the trips of different requests overlap).
+With two cores for the client, the model process and two workers, the workers only add work there
+(micro-batching at concurrency 32: 256 req/s with 2 workers, 341 without); they are for machines with cores
+to spare, such as a GPU server, where the per-request decoding rather than the model is the bottleneck.
 """
 
 from __future__ import annotations
