@@ -38,6 +38,33 @@ Done = Callable[[Any, "BaseException | None"], None]
 """`done(result, error)`: how a job's outcome reaches its caller, called once from the worker thread."""
 
 
+class ArrivalPattern:
+    """Whether a request is likely to get company during the batch wait, from how the recent requests arrived.
+
+    Waiting `wait_s` for requests nobody has sent yet pays only when requests come in bunches; a client sending
+    one request after another (concurrency 1, a trickle of traffic) would pay the wait in latency on every
+    request and gain nothing. The last `window` arrivals are remembered as close (within `wait_s` of the one
+    before) or not: a batch waits while at least half of them were close, and always until a few are known.
+    Requests already received and still being decoded are another matter: a batch waits for them regardless.
+    """
+
+    def __init__(self, wait_s: float, window: int = 32, min_known: int = 4):
+        self.wait_s = wait_s
+        self.min_known = min_known
+        self._close: collections.deque[bool] = collections.deque(maxlen=window)
+        self._last: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self._last is not None:
+            self._close.append(now - self._last <= self.wait_s)
+        self._last = now
+
+    def expect_company(self) -> bool:
+        if len(self._close) < self.min_known:
+            return True
+        return 2 * sum(self._close) >= len(self._close)
+
+
 @dataclass
 class Job:
     """One request's inputs, waiting for a batch."""
@@ -88,6 +115,7 @@ class MicroBatcher:
         self._condition = threading.Condition()
         self._closing = False
         self._arriving = 0
+        self._arrivals = ArrivalPattern(self.wait_s)
         self._thread = threading.Thread(target=self._work, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -133,6 +161,7 @@ class MicroBatcher:
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError(self.name, self.retry_after_s)
             self._queue.append(job)
+            self._arrivals.arrived(job.enqueued)
             self._observe_queue(len(self._queue))
             self._condition.notify()
 
@@ -160,7 +189,7 @@ class MicroBatcher:
             if self.batching:
                 items, tokens = len(jobs[0].inputs), jobs[0].cost
                 start = time.perf_counter()
-                deadline = start + self.wait_s
+                deadline = start + (self.wait_s if self._arrivals.expect_company() else 0.0)
                 arriving_deadline = start + max(self.wait_s, self.arriving_wait_s)
                 while True:
                     if self._queue:
