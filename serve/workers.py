@@ -418,7 +418,9 @@ def _supervise(config: ServeConfig, workers: list, service: ModelService, forget
                     print(message, file=sys.stderr, flush=True)
                     status, stopping_since = 1, time.monotonic()
                     _signal_all(alive, signal.SIGTERM)
-                elif process.exitcode != 0:
+                elif process.exitcode not in (0, -signal.SIGTERM):
+                    # A worker still starting when the stop came has no handler yet, and the SIGTERM ends it
+                    # (-SIGTERM) before it serves anything: a clean stop. Anything else cut requests short.
                     print(f"unime serve: {process.name} exited with {process.exitcode}", file=sys.stderr)
                     status = 1
             if stopping_since is not None and time.monotonic() - stopping_since > config.shutdown_grace_s + 10:
