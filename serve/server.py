@@ -74,15 +74,11 @@ def serve(config: ServeConfig) -> int:
     print(banner(config), flush=True)
     # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler
     # that was in place before it started: a no-op here, so that a graceful stop ends with exit status 0.
-    ignore_after_graceful_stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _after_graceful_stop)
     server.run()
     print("unime serve: stopped", flush=True)
     return 0
-
-
-def ignore_after_graceful_stop() -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _after_graceful_stop)
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

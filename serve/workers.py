@@ -312,7 +312,7 @@ def run_http_worker(
 
     from unime.serve.app import HostedModel, create_app
     from unime.serve.metrics import ServerMetrics
-    from unime.serve.server import ignore_after_graceful_stop, uvicorn_config
+    from unime.serve.server import uvicorn_config
 
     channel = Channel(conn)
     hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, depths)) for kind, name, info in models}
@@ -331,7 +331,10 @@ def run_http_worker(
 
     channel.on_lost = stop
     threading.Thread(target=report_ready, name="report-ready", daemon=True).start()
-    ignore_after_graceful_stop()
+    # Until uvicorn takes the signals over, a stop makes it return as soon as it has started; after it is done,
+    # the signal it raises again lands here too, harmlessly.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop())
     server.run(sockets=[sock])
 
 

@@ -72,7 +72,7 @@ class PassCostModel:
             return None
         data = np.asarray(self._passes, dtype=np.float64)  # [passes, 3]: items, padded tokens, seconds
         design = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])  # [passes, 3]
-        if np.linalg.cond(design) > 1e12:  # passes too alike to tell the terms apart yet
+        (fixed, _per_item, per_token), _, _, singular = np.linalg.lstsq(design, data[:, 2], rcond=None)
+        if singular[-1] <= singular[0] * 1e-12:  # passes too alike to tell the terms apart yet
             return None
-        (fixed, _per_item, per_token), *_ = np.linalg.lstsq(design, data[:, 2], rcond=None)
         return max(float(fixed), 0.0), max(float(per_token), 0.0)
