@@ -180,3 +180,28 @@ def test_bad_inputs_name_their_index_and_what_was_expected(embedder, tmp_path: P
 def test_a_text_that_merely_mentions_a_file_stays_text() -> None:
     assert parse_input(0, "see photo.jpg for details").text == "see photo.jpg for details"
     assert parse_input(0, {"text": "cat.jpg"}).text == "cat.jpg"
+
+
+def test_attention_leaves_cudnn_out_in_forward_and_in_checkpointed_recomputation(scenes) -> None:
+    """cuDNN attention rebuilds a plan for every new batch shape on GPUs: the forward pass, and the recomputation
+    that gradient checkpointing runs in backward (outside the forward's context), both leave it out."""
+    from unime.train.config import LoraSettings, ModelSettings
+    from unime.train.trainable import make_trainable
+
+    images, captions = scenes
+    embedder = unime.build_tiny("qwen2_vl", seed=0)
+    make_trainable(embedder, ModelSettings(lora=LoraSettings(enabled=False), gradient_checkpointing=True))
+    embedder.train()
+    seen: list[tuple[bool, bool]] = []  # (grad enabled, cuDNN attention enabled) at each decoder layer's call
+    layer = embedder.hf_model.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled()))
+    )
+    try:
+        features = embedder.tokenize([parse_input(0, captions[0]), parse_input(1, images[0])])
+        embedder(features).sum().backward()
+    finally:
+        handle.remove()
+    # Called in the forward and once more in backward's recomputation, cuDNN off both times.
+    assert len(seen) == 2 and all(not cudnn for _, cudnn in seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored once the pass is over

@@ -8,9 +8,29 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
+
+# Every SDPA kernel except cuDNN's. Torch tries cuDNN first for masked attention on Hopper and newer GPUs, and
+# cuDNN builds an execution plan for each new (batch, length) shape, hundreds of milliseconds each time. Batches
+# here change shape with every call (a server's merged requests, a training step's longest sequence), so that
+# plan is rebuilt nearly every pass. Flash and memory-efficient attention have no such per-shape cost.
+ATTENTION_BACKENDS = [
+    backend for name, backend in SDPBackend.__members__.items() if name not in ("CUDNN_ATTENTION", "ERROR")
+]
+
+
+def attention_kernels():
+    """A context in which scaled-dot-product attention picks among `ATTENTION_BACKENDS` (no cuDNN)."""
+    return sdpa_kernel(ATTENTION_BACKENDS)
+
+
+def checkpoint_contexts():
+    """Gradient checkpointing's `context_fn`: the recomputation in backward runs outside `last_hidden_state`'s
+    context, so it gets the same kernels explicitly (forward context, recomputation context)."""
+    return attention_kernels(), attention_kernels()
 
 
 class BackboneModule(nn.Module):
@@ -61,7 +81,8 @@ class BackboneModule(nn.Module):
             if positions is not None:
                 features["position_ids"] = positions
         base = getattr(self.hf_model, self.spec.base_model)
-        return base(**features).last_hidden_state
+        with attention_kernels():
+            return base(**features).last_hidden_state
 
     def save(self, directory: str | os.PathLike, *, merge_lora: bool = True) -> None:
         """Write the model directory: weights, processor, `unime_config.json`, sentence-transformers files.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from unime.backbone_module import checkpoint_contexts
 from unime.train.config import ModelSettings
 
 
@@ -32,7 +33,9 @@ def make_trainable(embedder, settings: ModelSettings) -> None:
             for parameter in embedder.hf_model.get_submodule(spec.vision_tower).parameters():
                 parameter.requires_grad = False
     if settings.gradient_checkpointing:
-        embedder.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        embedder.hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts}
+        )
         # With a frozen embedding layer the checkpointed blocks would see inputs without grad and drop it.
         embedder.hf_model.enable_input_require_grads()
     if not any(p.requires_grad for p in embedder.model.parameters()):
