@@ -42,7 +42,8 @@ through the pipe and back, the model answering at once, takes 540 us against 77 
 batcher (about 0.46 ms of latency, one request at a time; under load the trips of different requests overlap).
 With two cores for the client, the model process and two workers, the workers only add work there
 (micro-batching at concurrency 32: 256 req/s with 2 workers, 341 without); they are for machines with cores
-to spare, such as a GPU server, where the per-request decoding rather than the model is the bottleneck.
+to spare, such as a GPU server, where the per-request decoding rather than the model is the bottleneck: on an
+H100 with 16 cores (tiny model, concurrency 32), 4 workers took micro-batching from 320 to 443 req/s.
 """
 
 from __future__ import annotations
