@@ -14,6 +14,21 @@ def test_tiny_writes_a_loadable_model_directory(tmp_path, capsys) -> None:
     np.testing.assert_allclose(loaded.encode(["a red circle"]), built.encode(["a red circle"]), atol=1e-6)
 
 
+def test_tiny_size_small_writes_the_wider_model_and_refuses_backbones_without_one(tmp_path, capsys) -> None:
+    assert main(["tiny", "qwen2_vl", str(tmp_path / "small"), "--size", "small"]) == 0
+    assert "wrote a small qwen2_vl embedder" in capsys.readouterr().out
+    loaded = unime.load(tmp_path / "small")
+    assert loaded.embedding_dim == 384 > unime.build_tiny("qwen2_vl").embedding_dim
+    built = unime.build_tiny("qwen2_vl", size="small")
+    np.testing.assert_allclose(loaded.encode(["a red circle"]), built.encode(["a red circle"]), atol=1e-5)
+
+    assert main(["tiny", "llava", str(tmp_path / "none"), "--size", "small"]) == 2
+    assert "unime tiny: error: backbone 'llava' has no small builder; backbones with one: qwen2_vl" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "none").exists()
+
+
 def test_backbones_lists_every_registered_family(capsys) -> None:
     assert main(["backbones"]) == 0
     out = capsys.readouterr().out

@@ -21,13 +21,20 @@ def _add_tiny_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed")
     parser.add_argument("--kind", choices=["embedder", "reranker"], default="embedder", help="what to build")
+    parser.add_argument(
+        "--size",
+        choices=["tiny", "small"],
+        default="tiny",
+        help="tiny (a few hundred thousand parameters) or small (about 16 M, compute-bound like a real model; "
+        "backbones with a small builder only)",
+    )
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
     from unime.tiny import save_tiny
 
-    path = save_tiny(args.backbone, args.out_dir, seed=args.seed, kind=args.kind)
-    print(f"wrote a tiny {args.backbone} {args.kind} to {path}")
+    path = save_tiny(args.backbone, args.out_dir, seed=args.seed, kind=args.kind, size=args.size)
+    print(f"wrote a {args.size} {args.backbone} {args.kind} to {path}")
     return 0
 
 

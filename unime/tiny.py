@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from unime.backbones import get_backbone
+from unime.backbones import get_backbone, list_backbones
 from unime.config import UnimeConfig
 from unime.embedder import Embedder
+from unime.errors import ConfigError
 from unime.reranker import Reranker, add_answer_tokens
 
 DEFAULT_BACKBONE = "qwen2_vl"
@@ -31,7 +32,8 @@ def build_tiny(
     spec = get_backbone(backbone)
     builder = spec.build_tiny if size == "tiny" else spec.build_small
     if builder is None:
-        raise ValueError(f"backbone {backbone!r} has no {size} builder")
+        sized = [name for name in list_backbones() if get_backbone(name).build_small is not None]
+        raise ConfigError(f"backbone {backbone!r} has no {size} builder; backbones with one: {', '.join(sized)}")
     config = config or UnimeConfig(backbone=spec.name)
     if kind is not None:
         config = dataclasses.replace(config, kind=kind)
