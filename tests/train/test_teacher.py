@@ -283,20 +283,98 @@ def test_minilm_names_resolve_to_the_offline_copy():
 
 
 def test_the_default_teacher_is_loaded_lazily_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    loaded: list[str] = []
+    loaded: list[tuple[str, bool]] = []
 
-    def fake_load_teacher(teacher: str) -> CountingEncoder:
-        loaded.append(teacher)
+    def fake_load_teacher(teacher: str, *, trust_remote_code: bool) -> CountingEncoder:
+        loaded.append((teacher, trust_remote_code))
         return CountingEncoder()
 
     monkeypatch.setattr("unime.train.teacher.load_teacher", fake_load_teacher)
     cache = TeacherCache(tmp_path, TEACHER)
     assert loaded == []  # constructing a cache never loads the teacher
     cache.ensure(["alpha"])
-    assert loaded == [TEACHER]
+    assert loaded == [(TEACHER, False)]  # no remote code unless asked
     # A run whose texts are all cached never loads it either.
     again = TeacherCache(tmp_path, TEACHER)
-    assert again.ensure(["alpha"]) == 0 and loaded == [TEACHER]
+    assert again.ensure(["alpha"]) == 0 and loaded == [(TEACHER, False)]
+
+
+REMOTE_CODE = """
+import os
+
+from transformers import BertConfig, BertModel
+
+os.environ["UNIME_TEST_REMOTE_CODE_RAN"] = "yes"
+
+
+class RemoteTeacherConfig(BertConfig):
+    model_type = "unime-test-remote-teacher"
+
+
+class RemoteTeacherModel(BertModel):
+    config_class = RemoteTeacherConfig
+"""
+
+
+def _remote_code_teacher(directory: Path) -> Path:
+    """A tiny BERT whose config maps to a model class in a Python file of its own folder (as NV-Embed-v2's does)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] a red blue circle square on the left right".split()
+    directory.mkdir()
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(directory)
+    (directory / "modeling_remote_teacher.py").write_text(REMOTE_CODE)
+    saved = json.loads((directory / "config.json").read_text())
+    saved.update(
+        model_type="unime-test-remote-teacher",
+        architectures=["RemoteTeacherModel"],
+        auto_map={
+            "AutoConfig": "modeling_remote_teacher.RemoteTeacherConfig",
+            "AutoModel": "modeling_remote_teacher.RemoteTeacherModel",
+        },
+    )
+    (directory / "config.json").write_text(json.dumps(saved))
+    return directory
+
+
+def test_a_teacher_that_needs_remote_code_loads_only_when_the_config_allows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import transformers.dynamic_module_utils
+
+    from unime.errors import ModelLoadError
+    from unime.train.config import load_train_config
+    from unime.train.teacher import distill_teacher_cache
+
+    # transformers copies the teacher's code into its modules cache: keep that copy in the test's folder.
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("UNIME_TEST_REMOTE_CODE_RAN", "no")
+    teacher = _remote_code_teacher(tmp_path / "remote_teacher")
+    overrides = [f"distill.teacher={teacher}", f"distill.cache_dir={tmp_path / 'cache'}"]
+
+    refused = distill_teacher_cache(load_train_config(None, overrides).distill)
+    with pytest.raises(ModelLoadError, match="needs its own Python code.*set distill.trust_remote_code: true"):
+        refused.ensure(["a red circle"])
+    assert os.environ["UNIME_TEST_REMOTE_CODE_RAN"] == "no"  # refused before running any of it
+
+    allowed = distill_teacher_cache(load_train_config(None, [*overrides, "distill.trust_remote_code=true"]).distill)
+    assert allowed.ensure(["a red circle", "a blue square on the left"]) == 2
+    assert os.environ["UNIME_TEST_REMOTE_CODE_RAN"] == "yes"
+    vectors = allowed.lookup(["a red circle", "a blue square on the left"])
+    assert vectors.shape == (2, 32)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(2))
 
 
 @pytest.mark.slow

@@ -124,6 +124,11 @@ class DistillSettings:
     """Where teacher embeddings are cached (sharded, keyed by text; reused across runs)."""
     batch_size: int = 64
     """Texts per teacher forward pass while filling the cache."""
+    trust_remote_code: bool = False
+    """Run the Python code that the teacher's directory or hub repository ships, for teachers that need it
+    (UniME's NV-Embed-v2). Risk: that code runs with your rights when the teacher loads, and a hub repository's
+    code can change between runs; enable this only for code you trust (safest: `teacher` pointing at a local copy
+    you have read). Off, a teacher that needs it fails with an error naming this setting."""
 
 
 @dataclass

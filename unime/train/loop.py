@@ -216,10 +216,10 @@ def fill_teacher_cache(config: TrainConfig, examples: Sequence[TrainExample], ac
     if config.loss.name != "text_distill_kl":
         return None
     from unime.data.collator import distill_text
-    from unime.train.teacher import TeacherCache
+    from unime.train.teacher import distill_teacher_cache
 
     distill = config.distill
-    cache = TeacherCache(distill.cache_dir, distill.teacher, batch_size=distill.batch_size)
+    cache = distill_teacher_cache(distill)
     texts = [distill_text(e, side) for e in examples for side in (e.query, e.positive)]
     # The main process fills the cache; the others then find every text in it.
     with accelerator.main_process_first():

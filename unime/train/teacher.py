@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from unime.atomic import write_json_atomic
 from unime.errors import ModelLoadError, UnimeError
+from unime.train.config import DistillSettings
 
 META_NAME = "meta.json"
 FORMAT_VERSION = 1
@@ -81,26 +82,40 @@ def resolve_teacher(teacher: str) -> str:
     return teacher
 
 
-def load_teacher(teacher: str, *, device: str | None = None) -> Callable[[list[str]], np.ndarray]:
+def load_teacher(
+    teacher: str, *, device: str | None = None, trust_remote_code: bool = False
+) -> Callable[[list[str]], np.ndarray]:
     """A sentence-transformers teacher as an encoder: texts -> L2-normalised float32 `[n, Dt]` numpy embeddings.
 
     Args:
         teacher: a sentence-transformers model name or path; see `resolve_teacher` for the offline MiniLM copy.
         device: where to run it; None lets sentence-transformers choose (a GPU when there is one).
+        trust_remote_code: run the Python code the model's directory or hub repository ships (its `auto_map`),
+            as models such as NV-Embed-v2 require. That code runs with this process's rights and a hub
+            repository's code can change: enable it only for code you trust (safest: a local copy you read).
 
     Returns:
         A function encoding one list of texts as one batch (`TeacherCache.batch_size` sets the batch size).
 
     Raises:
-        ModelLoadError: when the model cannot be loaded, naming the name and where it was looked for.
+        ModelLoadError: when the model cannot be loaded, naming the name and where it was looked for, or when it
+            needs remote code that `trust_remote_code` does not allow.
     """
     from sentence_transformers import SentenceTransformer
 
     source = resolve_teacher(teacher)
     try:
-        model = SentenceTransformer(source, device=device)
+        model = SentenceTransformer(source, device=device, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise ModelLoadError(f"cannot load teacher {teacher!r} from {source!r}: {err}") from err
+    except ValueError as err:
+        # transformers refuses a model whose config maps to its own code unless trust_remote_code is given.
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"teacher {teacher!r} ({source!r}) needs its own Python code to load, which is not run by default; "
+            "if you trust that code, set distill.trust_remote_code: true"
+        ) from err
 
     def encode(texts: list[str]) -> np.ndarray:
         return model.encode(
@@ -134,6 +149,7 @@ class TeacherCache:
         batch_size: how many texts go to `encode` at once.
         shard_size: how many new embeddings make a shard (the most work a kill can lose).
         normalize: L2-normalise embeddings before caching them (the losses expect unit vectors).
+        trust_remote_code: passed to `load_teacher` when `encode` is None (see there: it runs the teacher's code).
     """
 
     def __init__(
@@ -145,6 +161,7 @@ class TeacherCache:
         batch_size: int = 64,
         shard_size: int = 4096,
         normalize: bool = True,
+        trust_remote_code: bool = False,
     ) -> None:
         if not isinstance(teacher, str) or not teacher:
             raise ValueError(f"teacher must be a non-empty name, got {teacher!r}")
@@ -156,6 +173,7 @@ class TeacherCache:
         self.shard_size = shard_size
         self.normalize = normalize
         self._encode = encode
+        self.trust_remote_code = trust_remote_code
         self._dim: int | None = None
         self._chunks: list[torch.Tensor] = []  # one [n, Dt] tensor per shard read, memory-mapped
         self._index: dict[str, tuple[int, int]] = {}  # text key -> (chunk, row)
@@ -337,7 +355,7 @@ class TeacherCache:
 
     def _encoder(self) -> Encoder:
         if self._encode is None:
-            self._encode = load_teacher(self.teacher)
+            self._encode = load_teacher(self.teacher, trust_remote_code=self.trust_remote_code)
         return self._encode
 
     def _embed(self, encode: Encoder, batch: list[str]) -> torch.Tensor:
@@ -398,6 +416,16 @@ class TeacherCache:
                     continue
                 os.replace(tmp, path)
                 return path
+
+
+def distill_teacher_cache(settings: DistillSettings) -> TeacherCache:
+    """The teacher cache a training config's `distill` section describes (teacher, folder, batch size, remote code)."""
+    return TeacherCache(
+        settings.cache_dir,
+        settings.teacher,
+        batch_size=settings.batch_size,
+        trust_remote_code=settings.trust_remote_code,
+    )
 
 
 def _check_texts(texts: Iterable[str], where: str) -> list[str]:
