@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,7 +92,13 @@ class Interrupted(RuntimeError):
 
 def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path: Path) -> None:
     examples, _ = load_examples([shapes["train"]])
-    straight = train(_small_config(shapes, tmp_path / "straight"), unime.build_tiny("qwen2_vl"), examples)
+    straight_lr: dict[int, float] = {}
+    straight = train(
+        _small_config(shapes, tmp_path / "straight"),
+        unime.build_tiny("qwen2_vl"),
+        examples,
+        on_step=lambda step, logs: straight_lr.update({step: logs["lr"]}),
+    )
 
     def crash_at_step_3(step: int, logs: dict) -> None:
         if step == 3:  # after the step-2 checkpoint, before the step-4 one: step 3 is lost and redone
@@ -100,14 +107,56 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes, tmp_path: Path) -> 
     config = _small_config(shapes, tmp_path / "resumed")
     with pytest.raises(Interrupted):
         train(config, unime.build_tiny("qwen2_vl"), examples, on_step=crash_at_step_3)
-    assert latest_checkpoint(config.output_dir).name == "step-00000002"
+    checkpoint = latest_checkpoint(config.output_dir)
+    assert checkpoint.name == "step-00000002"
     (Path(config.output_dir) / "checkpoints" / "step-00000003.tmp").mkdir()  # a save cut short: ignored
-    resumed = train(config, unime.build_tiny("qwen2_vl"), examples)
+    resumed_lr: dict[int, float] = {}
+    resumed = train(
+        config, unime.build_tiny("qwen2_vl"), examples, on_step=lambda step, logs: resumed_lr.update({step: logs["lr"]})
+    )
 
     texts = ["a red circle on the left", "a blue square in the center", "a green triangle on the top"]
     a, b = unime.load(straight).encode(texts), unime.load(resumed).encode(texts)
     assert np.abs(a - unime.build_tiny("qwen2_vl").encode(texts)).max() > 1e-3  # training changed the model
     np.testing.assert_allclose(b, a, atol=1e-6)
+    # The schedule goes on where it stopped (warmup 2, cosine to 0 at 6) instead of warming up again.
+    assert sorted(resumed_lr) == [3, 4, 5, 6]
+    assert resumed_lr == {step: straight_lr[step] for step in (3, 4, 5, 6)}
+    assert resumed_lr[3] > straight_lr[1]
+
+
+def test_a_checkpoint_folder_holds_no_pickle_that_runs_code_on_resume(shapes, tmp_path: Path) -> None:
+    """The scheduler state is JSON; the torch-format files accelerate writes load with weights_only=True."""
+    from accelerate.utils.other import load as accelerate_load
+
+    examples, _ = load_examples([shapes["train"]])
+    config = _small_config(shapes, tmp_path / "run", "optim.max_steps=3", "optim.gradcache_chunk_size=null")
+    train(config, unime.build_tiny("qwen2_vl"), examples)
+    checkpoint = latest_checkpoint(config.output_dir)
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert not [name for name in names if name.startswith("custom_checkpoint")], names
+    scheduler = json.loads((checkpoint / "scheduler.json").read_text())
+    assert scheduler["last_epoch"] == 2 and scheduler["lr_lambdas"] == [None]
+    # What is left in torch's format is exactly these two, which accelerate's `load` reads with torch's restricted
+    # unpickler (weights_only=True): tensors and plain containers, never an arbitrary object.
+    torch_files = [name for name in names if name.endswith((".bin", ".pkl", ".pt"))]
+    assert torch_files == ["optimizer.bin", "random_states_0.pkl"], names
+    for name in torch_files:
+        assert isinstance(accelerate_load(checkpoint / name, map_location="cpu"), dict)
+    assert set(names) - set(torch_files) == {"model.safetensors", "scheduler.json", "trainer_state.json"}
+
+
+def test_a_checkpoint_with_a_pickled_scheduler_is_refused_without_unpickling_it(shapes, tmp_path: Path) -> None:
+    examples, _ = load_examples([shapes["train"]])
+    config = _small_config(shapes, tmp_path / "old", "optim.max_steps=3", "optim.gradcache_chunk_size=null")
+    train(config, unime.build_tiny("qwen2_vl"), examples)
+    checkpoint = latest_checkpoint(config.output_dir)
+    (checkpoint / "scheduler.json").unlink()
+    # Unpickling this file would raise; the refusal comes first and names the file.
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(b"not read")
+    config.optim.max_steps = 4
+    with pytest.raises(unime.ConfigError, match="custom_checkpoint_0.pkl, from an older version"):
+        train(config, unime.build_tiny("qwen2_vl"), examples)
 
 
 def _launch(accelerate_config: str, shapes, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -187,8 +236,6 @@ def test_full_fine_tuning_freezes_the_vision_tower_accumulates_and_logs(shapes, 
     assert changed and not any(name.startswith(vision) for name in changed)
     assert any(".language_model." in name for name in changed)
     # Two micro-batches per optimizer step: after step 1 the data position is 2 batches into the epoch.
-    import json
-
     state = json.loads((Path(config.output_dir) / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
     assert state == {"step": 1, "epoch": 0, "batches_in_epoch": 2}
     assert list((Path(config.output_dir) / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"

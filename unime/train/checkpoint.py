@@ -1,9 +1,16 @@
 """Resumable checkpoints: accelerate's full state plus the data position, written atomically.
 
-A checkpoint is `<output_dir>/checkpoints/step-00000100/`: model, optimizer, scheduler and every RNG (through
-`accelerator.save_state`) and `trainer_state.json` (step, epoch, batches consumed in the epoch). It is written
-to a `.tmp` folder and renamed once complete, so an interrupted save leaves the previous checkpoint as the
-latest one.
+A checkpoint is `<output_dir>/checkpoints/step-00000100/`: model, optimizer and every RNG (through
+`accelerator.save_state`), `scheduler.json` (the learning-rate scheduler's state dict) and `trainer_state.json`
+(step, epoch, batches consumed in the epoch). It is written to a `.tmp` folder and renamed once complete, so an
+interrupted save leaves the previous checkpoint as the latest one.
+
+A checkpoint folder is data, not code. The scheduler state is JSON rather than accelerate's custom-object pickle
+(`custom_checkpoint_0.pkl`, which accelerate unpickles with `weights_only=False`, so a planted file would run
+code on resume). What accelerate itself writes is safetensors (`model.safetensors`) or torch-format files that
+it reads back with `torch.load(weights_only=True)`, torch's restricted unpickler that rebuilds tensors and plain
+containers only: `optimizer.bin` and `random_states_<rank>.pkl`. Under DeepSpeed, the engine writes its own
+checkpoint files, which DeepSpeed reads with `weights_only=False`: resume those only from folders you wrote.
 """
 
 from __future__ import annotations
@@ -13,7 +20,13 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from unime.errors import ConfigError
+
 STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.json"
+# What accelerate writes for an object given to `register_for_checkpointing`: a pickle it loads with
+# weights_only=False. Checkpoints of older versions of this loop hold the scheduler there.
+_PICKLED_SCHEDULER = "custom_checkpoint_0.pkl"
 PREFIX = "step-"
 
 
@@ -42,7 +55,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: p.name, default=None)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, scheduler, keep: int) -> Path:
+    """Write a checkpoint of the accelerator's objects, `scheduler` (as JSON) and `state`; keep the `keep` newest."""
     root = checkpoint_dir(output_dir)
     final = root / f"{PREFIX}{state.step:08d}"
     staging = final.with_suffix(".tmp")
@@ -53,6 +67,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, ke
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (staging / SCHEDULER_FILE).write_text(json.dumps(_json_state(scheduler.state_dict()), indent=2))
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
@@ -62,6 +77,23 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, ke
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainerState:
+def load_checkpoint(accelerator, path: Path, scheduler) -> TrainerState:
+    """Restore the accelerator's objects and `scheduler` from a checkpoint; return its trainer state."""
+    if (path / _PICKLED_SCHEDULER).exists():
+        raise ConfigError(
+            f"{path}: holds the scheduler state as a pickle ({_PICKLED_SCHEDULER}, from an older version), which "
+            f"this version does not unpickle; resume with the version that wrote it, or delete {path.parent} to "
+            "train from the start"
+        )
     accelerator.load_state(str(path))
+    scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _json_state(state: dict) -> dict:
+    """The scheduler's state dict, checked to be plain JSON data (a closure's `lr_lambdas` entry is None)."""
+    try:
+        json.dumps(state, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"the scheduler's state dict cannot be saved as JSON ({err}): {state!r:.300}") from err
+    return state

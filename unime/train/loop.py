@@ -108,14 +108,13 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, optim.max_steps))
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
-    # process, a schedule for a per-process batch. It is registered so checkpoints still carry it.
+    # process, a schedule for a per-process batch. Checkpoints carry its state as JSON (see unime.train.checkpoint).
     model, optimizer = accelerator.prepare(module, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     state = TrainerState()
     checkpoint = latest_checkpoint(output_dir) if config.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(accelerator, checkpoint)
+        state = load_checkpoint(accelerator, checkpoint, scheduler)
         accelerator.print(f"resumed from {checkpoint} (step {state.step})")
     if config.log_with:
         accelerator.init_trackers("unime", config=flat_config(config))
@@ -153,7 +152,7 @@ def train(
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
         progress.update(1)
         if config.save_every and state.step % config.save_every == 0 and state.step < optim.max_steps:
-            save_checkpoint(accelerator, output_dir, state, config.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, state, scheduler, config.keep_checkpoints)
         if on_step is not None:
             on_step(state.step, logs)
     progress.close()
