@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from unime.atomic import atomic_write
 
 
 def model_fingerprint(directory: str | os.PathLike) -> str:
@@ -74,11 +75,5 @@ class EmbeddingCache:
             return
         # A unique name: shards on several machines may share one cache folder and write at the same time.
         name = f"chunk-{uuid.uuid4().hex}.npz"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".chunk.", suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, keys=np.array(list(new)), vectors=np.stack(list(new.values())))
-            os.replace(tmp, self.directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(self.directory / name, "wb") as handle:
+            np.savez(handle, keys=np.array(list(new)), vectors=np.stack(list(new.values())))

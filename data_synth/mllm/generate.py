@@ -23,12 +23,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from unime.atomic import atomic_write
 from unime.data_synth.manifest import Manifest, ShardedJsonlWriter
 from unime.data_synth.mllm.answer import Rejected, answer_schema, parse_answer
 from unime.data_synth.mllm.backend import Backend, GenerationRequest, GenerationResult
@@ -238,14 +238,8 @@ class _Run:
         target = self.out_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         view = second_view(open_photo(photo.path))
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".view-", suffix=".jpg")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                view.save(handle, format="JPEG", quality=95)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(target, "wb") as handle:
+            view.save(handle, format="JPEG", quality=95)
         return name
 
 
