@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from unime.atomic import atomic_write, write_json_atomic
+from unime.atomic import atomic_write, remove_orphaned_temporaries, write_json_atomic
 from unime.errors import ConfigError
 
 MANIFEST_NAME = "manifest.json"
@@ -63,6 +63,9 @@ class Manifest:
     """The run's seed."""
     shards: list[str] = field(default_factory=list)
     """File names of the committed shards, in order, relative to the manifest's folder."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The generator's settings that decide what it writes (e.g. negatives per row), JSON-serialisable. A run
+    resumes a folder only with the same settings, prompt_version, model and seed."""
     details: dict[str, Any] = field(default_factory=dict)
     """Generator-specific settings and counts (e.g. rows per task kind), JSON-serialisable."""
 
@@ -85,6 +88,41 @@ class Manifest:
         if unknown:
             raise ConfigError(f"{path}: unknown manifest field(s) {unknown}; expected {sorted(known)}")
         return cls(**raw)
+
+
+def make_output_directory(directory: str | os.PathLike) -> Path:
+    """Create the output folder `directory` (and its parents); a path that is, or lies under, a file is refused
+    with the path named, not a traceback."""
+    directory = Path(directory)
+    blocking = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "it is a file" if blocking == directory else f"{blocking} is a file"
+        raise ConfigError(f"{directory}: cannot write the output folder there: {where}, not a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{directory}: cannot create the output folder ({err.strerror})") from err
+    return directory
+
+
+SAME_RUN_FIELDS = ("prompt_version", "model", "seed")
+"""Manifest fields (besides `settings`) that must match for a run to resume a folder."""
+
+
+def manifest_differences(before: Manifest, now: Manifest) -> list[str]:
+    """What differs between a folder's manifest and this run's settings, one "name: was X, now Y" per item."""
+    differences = [
+        f"{name}: was {getattr(before, name)!r}, now {getattr(now, name)!r}"
+        for name in SAME_RUN_FIELDS
+        if getattr(before, name) != getattr(now, name)
+    ]
+    # Compared as JSON, as they are stored: a tuple in this run's settings is a list in the file.
+    was_settings, now_settings = json.loads(json.dumps(before.settings)), json.loads(json.dumps(now.settings))
+    for name in sorted(set(was_settings) | set(now_settings)):
+        was, will = was_settings.get(name, "<not recorded>"), now_settings.get(name, "<not recorded>")
+        if was != will:
+            differences.append(f"{name}: was {was!r}, now {will!r}")
+    return differences
 
 
 def _manifest_path(path: str | os.PathLike) -> Path:
@@ -124,8 +162,7 @@ class ShardedJsonlWriter:
     ):
         if records_per_shard < 1:
             raise ConfigError(f"records_per_shard must be >= 1, got {records_per_shard}")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = make_output_directory(directory)
         self.records_per_shard = records_per_shard
         self.manifest = manifest if manifest is not None else Manifest()
         self._keys: set[str] = set()
@@ -137,6 +174,8 @@ class ShardedJsonlWriter:
         self._partial_handle = None
         self._check_same_run()
         self._recover()
+        # Record the settings before any record: a run killed before its first commit is still checked on resume.
+        self._save_manifest()
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -187,21 +226,22 @@ class ShardedJsonlWriter:
         return self.directory / f".{self._shard_name(len(self._shards)).replace('.jsonl', '.partial')}"
 
     def _check_same_run(self) -> None:
-        """Resuming with other settings would mix two runs in one folder: refuse."""
+        """Resuming with other settings would mix two runs in one folder: refuse, naming every difference."""
         path = self.directory / MANIFEST_NAME
         if not path.is_file():
             return
-        previous = Manifest.load(path)
-        for name in ("prompt_version", "model", "seed"):
-            before, now = getattr(previous, name), getattr(self.manifest, name)
-            if before != now:
-                raise ConfigError(
-                    f"{path}: field '{name}' is {before!r} there but {now!r} in this run; resume with the same "
-                    "settings or write to another folder"
-                )
+        differences = manifest_differences(Manifest.load(path), self.manifest)
+        if differences:
+            raise ConfigError(
+                f"{path}: this folder was written with other settings ({'; '.join(differences)}); resume with the "
+                "same settings or write to another folder"
+            )
 
     def _recover(self) -> None:
-        """Read back committed shards (by their key files) and the open shard's partial log."""
+        """Read back committed shards (by their key files) and the open shard's partial log; delete what a
+        killed run left half-written (temporary files of atomic writes, here and in subfolders such as images/)."""
+        for folder in (self.directory, *(p for p in self.directory.iterdir() if p.is_dir())):
+            remove_orphaned_temporaries(folder)
         index = 0
         while (self.directory / self._shard_name(index)).is_file():
             name = self._shard_name(index)

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from unime.atomic import write_jsonl_atomic
+from unime.data_synth.manifest import make_output_directory
 from unime.data_synth.scenes import (
     all_one_attribute_alterations,
     alter_one_attribute,
@@ -41,7 +42,7 @@ def write_image_caption_pairs(
 
     Idempotent: an existing, complete output (same arguments) is reused.
     """
-    directory = Path(directory)
+    directory = make_output_directory(directory)  # first, so that a bad path is named as given
     manifest = directory / "manifest.json"
     arguments = {
         "train": train,
@@ -58,7 +59,7 @@ def write_image_caption_pairs(
     rng = random.Random(seed)
     seen: set[tuple] = set()
     tries_left = 100 * (train + held_out) + 10_000  # the scene space is finite: fail instead of looping forever
-    (directory / "images").mkdir(parents=True, exist_ok=True)
+    make_output_directory(directory / "images")
     for split, count in (("train", train), ("held_out", held_out)):
         rows = []
         while len(rows) < count:

@@ -15,16 +15,15 @@ split, written by `manifest.ShardedJsonlWriter` (sharded JSONL, `manifest.json`,
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from unime.data_synth.manifest import NEAR_DUPLICATE, Manifest, ShardedJsonlWriter
+from unime.atomic import atomic_write
+from unime.data_synth.manifest import NEAR_DUPLICATE, Manifest, ShardedJsonlWriter, make_output_directory
 from unime.data_synth.scenes import (
     POSITIONS,
     Scene,
@@ -493,14 +492,8 @@ def plan(config: TaskSynthConfig) -> Iterator[PlannedItem]:
 
 
 def _save_png_atomic(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        image.save(handle, format="PNG")
 
 
 def _row_side(side: SynthSide, directory: Path, image_size: int) -> dict:
@@ -545,6 +538,15 @@ def split_directory(out_dir: str | Path, split: str, shard: Shard = ALL) -> Path
     return directory if shard.count == 1 else directory / f"part-{shard.index:05d}-of-{shard.count:05d}"
 
 
+def resume_settings(config: TaskSynthConfig) -> dict:
+    """The settings an output folder is resumed only with, besides the manifest's seed: all that decides the rows
+    (`records_per_shard` only cuts them into files). Split sizes count too: held-out keys follow the training ones
+    in one walk."""
+    settings = asdict(config)
+    del settings["records_per_shard"], settings["seed"]
+    return settings
+
+
 def write_task_examples(
     out_dir: str | Path, config: TaskSynthConfig | None = None, shard: Shard = ALL
 ) -> TaskSynthResult:
@@ -554,14 +556,17 @@ def write_task_examples(
     and its manifest (counts per task, modality and negative attribute in `details`).
     """
     config = config or TaskSynthConfig()
+    make_output_directory(out_dir)  # first, so that a bad path is named as given
     result = TaskSynthResult()
     writers: dict[str, ShardedJsonlWriter] = {}
     tallies: dict[str, Counter] = {}
     try:
         for split in ("train", "held_out"):
             directory = split_directory(out_dir, split, shard)
-            (directory / "images").mkdir(parents=True, exist_ok=True)
-            manifest = Manifest(prompt_version=PROMPT_VERSION, model="procedural", seed=config.seed)
+            make_output_directory(directory / "images")
+            manifest = Manifest(
+                prompt_version=PROMPT_VERSION, model="procedural", seed=config.seed, settings=resume_settings(config)
+            )
             writers[split] = ShardedJsonlWriter(
                 directory, manifest=manifest, records_per_shard=config.records_per_shard
             )

@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 from unime.atomic import write_jsonl_atomic
+from unime.data_synth.manifest import make_output_directory
 from unime.data_synth.scenes import Shape, random_scene, scene_key
 from unime.errors import ConfigError
 
@@ -47,7 +48,7 @@ def write_text_pairs(
 ) -> dict[str, Path]:
     """Write `train.jsonl` and `held_out.jsonl` of text pairs (query: a description, positive: a paraphrase)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_output_directory(directory)
     rng = random.Random(seed)
     seen: set[tuple] = set()
     paths = {"train": directory / "train.jsonl", "held_out": directory / "held_out.jsonl"}

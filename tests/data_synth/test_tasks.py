@@ -18,6 +18,7 @@ from unime.data_synth.tasks import (
     RECIPES,
     TaskSynthConfig,
     plan,
+    resume_settings,
     split_directory,
     to_row,
     write_task_examples,
@@ -200,7 +201,9 @@ def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, written):
     """The state a SIGKILL leaves (flushed lines, a torn last line, no manifest update) is resumed exactly."""
     directory = split_directory(tmp_path, "train", ALL)
     (directory / "images").mkdir(parents=True)
-    manifest = Manifest(prompt_version=PROMPT_VERSION, model="procedural", seed=CONFIG.seed)
+    manifest = Manifest(
+        prompt_version=PROMPT_VERSION, model="procedural", seed=CONFIG.seed, settings=resume_settings(CONFIG)
+    )
     writer = ShardedJsonlWriter(directory, manifest=manifest, records_per_shard=CONFIG.records_per_shard)
     done = 0
     for item in plan(CONFIG):
@@ -210,6 +213,9 @@ def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, written):
     partial = next(directory.glob(".shard-*.partial"))
     with partial.open("a") as handle:
         handle.write('{"key": "train-00000')  # torn
+    # The atomic writes it was in the middle of: a shard and an image, left half-written.
+    (directory / ".shard-00001.jsonl.0123456789ab.tmp").write_text('{"query": ')
+    (directory / "images" / ".0a1b2c.png.0123456789ab.tmp").write_bytes(b"\x89PNG")
     del writer  # killed: never closed
 
     resumed = write_task_examples(tmp_path, CONFIG)
@@ -217,6 +223,43 @@ def test_an_interrupted_run_resumes_to_the_same_output(tmp_path, written):
         assert _rows(resumed, split) == _rows(written, split)
         assert resumed.manifests[split].kept == written.manifests[split].kept
         assert resumed.manifests[split].generated == written.manifests[split].generated
+    # The orphaned temporary files are gone; the images are those of an uninterrupted run.
+    assert not list(directory.rglob("*.tmp"))
+    assert sorted(p.name for p in (directory / "images").iterdir()) == sorted(
+        p.name for p in (written.directories["train"] / "images").iterdir()
+    )
+
+
+def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    from unime.cli import main
+
+    small = ["--train", "6", "--held-out", "3"]
+    assert main(["synth", "tasks", str(tmp_path), *small, "--negatives", "3"]) == 0
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+    # Other negatives and another held-out size into the same folder: refused, each difference named.
+    assert main(["synth", "tasks", str(tmp_path), "--train", "6", "--held-out", "5", "--negatives", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "negatives: was 3, now 2" in error and "held_out: was 3, now 5" in error
+    assert str(tmp_path / "train" / "manifest.json") in error and "Traceback" not in error
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before  # nothing mixed in
+    # The same settings resume (nothing to do); only the shard size may change.
+    assert main(["synth", "tasks", str(tmp_path), *small, "--negatives", "3"]) == 0
+    assert write_task_examples(tmp_path, TaskSynthConfig(train=6, held_out=3, records_per_shard=2)).manifests
+
+
+@pytest.mark.parametrize("kind", ["tasks", "shapes", "text"])
+def test_synth_into_a_file_is_an_error_naming_it(tmp_path, capsys, kind):
+    from unime.cli import main
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "below"):
+        assert main(["synth", kind, str(out), "--train", "2", "--held-out", "1"]) == 2
+        error = capsys.readouterr().err
+        assert f"{out}: cannot write the output folder there" in error and f"{a_file}" in error
+        assert "Traceback" not in error and "NotADirectoryError" not in error
+    assert a_file.read_text() == "not a folder"
 
 
 def test_the_recipes_cover_every_task_kind_and_modality():
