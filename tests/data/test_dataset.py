@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,33 @@ def test_skip_mode_keeps_good_rows_and_counts_bad_ones(image_dir: Path) -> None:
     assert sum(report.reasons.values()) == len(BAD_ROWS)
     assert "skipped" in report.summary() and "field 'query' is missing" in report.summary()
     assert [e.origin for e in examples] == [f"{path}:1", f"{path}:{len(rows)}"]
+    # Every skipped row by file and 1-based line, with its reason.
+    assert [(row["file"], row["line"]) for row in report.skipped_rows] == [
+        (str(path), line) for line in range(2, len(rows))
+    ]
+    for row, (_, message) in zip(report.skipped_rows, BAD_ROWS, strict=True):
+        assert re.search(message, row["reason"]) and not row["reason"].startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("layout", "name"), [("mmeb", "empty.jsonl"), ("mmeb", "empty.parquet"), ("sentences", "empty.txt")]
+)
+def test_converting_an_empty_file_is_an_error_naming_it(tmp_path: Path, capsys, layout: str, name: str) -> None:
+    from unime.cli import main
+
+    empty = tmp_path / name
+    if name.endswith(".parquet"):
+        import datasets
+
+        datasets.Dataset.from_list([{"qry": "x", "qry_image_path": "", "pos_text": "y", "pos_image_path": ""}]).select(
+            []
+        ).to_parquet(str(empty))
+    else:
+        empty.write_text("\n" if name.endswith(".txt") else "")
+    out = tmp_path / "out.jsonl"
+    assert main(["convert", layout, str(empty), str(out)]) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_rows_without_enough_negatives_are_bad_for_hard_negative_recipes(image_dir: Path) -> None:

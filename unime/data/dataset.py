@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,8 @@ class LoadReport:
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
     examples_of_errors: list[str] = field(default_factory=list)
+    skipped_rows: list[dict[str, Any]] = field(default_factory=list)
+    """Every skipped row: {"file", "line" (1-based line of JSONL, 1-based row of parquet), "reason"}."""
 
     def summary(self) -> str:
         text = f"{self.kept} examples kept, {self.skipped} skipped"
@@ -82,7 +84,7 @@ def load_examples(
             except DataError as err:
                 if on_error == "raise":
                     raise
-                _count_skip(report, err)
+                _count_skip(report, err, path, row_number)
                 continue
             examples.append(example)
     report.kept = len(examples)
@@ -91,11 +93,23 @@ def load_examples(
     return examples, report
 
 
-def _count_skip(report: LoadReport, err: DataError) -> None:
+def require_rows(rows: Iterable[dict], source: str | Path) -> Iterator[dict]:
+    """`rows`, passed through; raises `DataError` naming `source` at the end when there were none (a converter
+    writing an empty training file would only fail later, far from the cause)."""
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        raise DataError(f"{source}: no rows to convert (the file is empty)")
+
+
+def _count_skip(report: LoadReport, err: DataError, path: Path, row_number: int) -> None:
     report.skipped += 1
     message = str(err)
     # The reason without the file:row prefix, so that identical problems are counted together.
     report.reasons[message.split(": ", 1)[-1].split(" (")[0]] += 1
+    report.skipped_rows.append({"file": str(path), "line": row_number, "reason": message.split(": ", 1)[-1]})
     if len(report.examples_of_errors) < 10:
         report.examples_of_errors.append(message)
 
@@ -132,7 +146,7 @@ def _read_rows(path: Path, on_error: str, report: LoadReport):
                 error = DataError(f"{path}:{line_number}: not valid JSON ({err.msg} at column {err.colno})")
                 if on_error == "raise":
                     raise error from err
-                _count_skip(report, error)
+                _count_skip(report, error, path, line_number)
                 continue
             yield line_number, row
 

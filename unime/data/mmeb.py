@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unime.atomic import write_jsonl_atomic
-from unime.data.dataset import DataError
+from unime.data.dataset import DataError, require_rows
 
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 _IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
@@ -55,5 +55,4 @@ def convert_mmeb_file(in_path: str | Path, out_path: str | Path, *, source: str 
     rows = (
         convert_mmeb_row(row, source=source, origin=f"{in_path}:{index}") for index, row in enumerate(table, start=1)
     )
-    count = write_jsonl_atomic(out_path, rows)
-    return count
+    return write_jsonl_atomic(out_path, require_rows(rows, in_path))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from unime.atomic import write_jsonl_atomic
-from unime.data.dataset import DataError
+from unime.data.dataset import DataError, require_rows
 
 
 def read_sentences(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -42,4 +42,4 @@ def convert_sentences_file(in_path: str | Path, out_path: str | Path, *, source:
     """Write each sentence as a training row whose query and positive are the sentence."""
     source = source or Path(in_path).stem
     rows = ({"query": {"text": s}, "positive": {"text": s}, "source": source} for _, s in read_sentences(in_path))
-    return write_jsonl_atomic(out_path, rows)
+    return write_jsonl_atomic(out_path, require_rows(rows, in_path))
