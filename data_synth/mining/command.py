@@ -32,11 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="candidates retrieved per query")
     parser.add_argument("--negatives", type=int, default=defaults.negatives, help="negatives kept per row")
     parser.add_argument(
-        "--margin", type=float, default=defaults.margin, help="drop candidates with sim > sim(positive) - margin"
+        "--margin",
+        type=float,
+        default=defaults.margin,
+        help="drop a candidate as a false negative when sim > sim(positive) + margin, as the loss's margin does "
+        "(UniME: 0.1)",
     )
     parser.add_argument("--judge", help="reranker model directory: judge scores filter candidates and are written")
     parser.add_argument(
-        "--judge-margin", type=float, default=defaults.judge_margin, help="drop judge score > positive's - this"
+        "--judge-margin",
+        type=float,
+        default=defaults.judge_margin,
+        help="with --judge: drop a candidate when its judge score > the positive's + this",
     )
     parser.add_argument("--window", help="a:b: sample from filtered ranks a..b-1 (mmE5) instead of the hardest")
     parser.add_argument("--method", choices=["auto", "exact", "ivf"], default=defaults.method, help="faiss search")
@@ -45,6 +52,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="embedding cache folder (default: <out folder>/.embedding-cache)")
     parser.add_argument("--shard", help="i/N: mine only the rows this shard owns (0-based i)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--max-bad-share",
+        type=float,
+        default=defaults.max_bad_share,
+        help="fail when more than this share of input rows (or corpus lines) is invalid (default 0: any)",
+    )
+    parser.add_argument(
+        "--skip-bad-rows", action="store_true", help="drop every invalid row (listed with file:line in the manifest)"
+    )
     parser.add_argument("--device", help="torch device for the models (default: cuda if available)")
 
 
@@ -64,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         keep_existing=args.keep_existing,
         batch_size=args.batch_size,
         seed=args.seed,
+        max_bad_share=1.0 if args.skip_bad_rows else args.max_bad_share,
     )
     shard = parse_shard(args.shard)
     load_kwargs = {"device": args.device} if args.device else {}
@@ -92,4 +109,19 @@ def run(args: argparse.Namespace) -> int:
         f"search {details['search'].get('method')}, dropped {details['dropped_by_margin']} by margin and "
         f"{details['dropped_by_judge']} by judge; {details['rows_short_of_negatives']} rows short of negatives"
     )
+    print_dropped_rows(details["dropped_rows"], out.with_name(out.stem + ".manifest.json"))
     return 0
+
+
+SHOWN_DROPPED_ROWS = 20
+"""Dropped rows printed in the summary; the manifest lists them all."""
+
+
+def print_dropped_rows(dropped: list[dict], manifest_path: Path) -> None:
+    if not dropped:
+        return
+    print(f"dropped {len(dropped)} invalid row(s):")
+    for row in dropped[:SHOWN_DROPPED_ROWS]:
+        print(f"  {row['file']}:{row['line']}: {row['reason']}")
+    if len(dropped) > SHOWN_DROPPED_ROWS:
+        print(f"  ... and {len(dropped) - SHOWN_DROPPED_ROWS} more, all listed in {manifest_path}")

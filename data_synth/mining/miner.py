@@ -1,14 +1,17 @@
 """Mine hard negatives for training rows: embed, search, drop false negatives, sample, score, write.
 
 For each row (query, positive): the corpus (all rows' positives, or a given corpus) is searched for the query's
-top-K by the embedder's cosine similarity. A candidate equal to the positive or the query is skipped. A
-candidate is a false negative, and dropped, when its similarity reaches the positive's minus `margin` (s >=
-s_pos - margin; UniME masks s > s_pos + 0.1, about margin -0.1; a small positive margin is NV-Retriever-style
-caution); with a judge (our reranker, or an MLLM's p(yes) as UniME-V2 does), also when the judge's score
-reaches the positive's minus `judge_margin`. Of the rest, in rank order, the `negatives` hardest are kept,
-or, with a rank `window` (a, b), a seeded sample of ranks a..b-1 as mmE5 does. Rows get the negatives and
-`scores` = [positive, *negatives]: the judge's scores when there is a judge (soft labels for the KL loss), else
-the embedding similarities.
+top-K by the embedder's cosine similarity. A candidate showing the same as the positive or the query (same text,
+same image bytes) is skipped. A candidate is a false negative, and dropped, when its similarity exceeds the
+positive's by more than `margin`: s > s_pos + margin, the comparison of the training loss
+(`unime.losses.select_hard_negatives`), so `margin` means the same in `unime mine` and in a recipe's
+`loss.margin`. UniME uses 0.1; 0 drops whatever scores above the positive; a negative margin is NV-Retriever-style
+caution that also drops candidates just below the positive (and ties with it, such as a re-encoded copy of its
+image). With a judge (our reranker, or an MLLM's p(yes) as UniME-V2 does), a candidate is also dropped when the
+judge's score exceeds the positive's by more than `judge_margin`. Of the rest, in rank order, the `negatives`
+hardest are kept, or, with a rank `window` (a, b), a seeded sample of ranks a..b-1 as mmE5 does. Rows get the
+negatives and `scores` = [positive, *negatives]: the judge's scores when there is a judge (soft labels for the
+KL loss), else the embedding similarities.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from PIL import Image
 from unime.atomic import write_jsonl_atomic
 from unime.data.dataset import DataError, image_problem, load_examples, parse_side
 from unime.data.schema import Side, TrainExample
-from unime.data_synth.manifest import Manifest
+from unime.data_synth.manifest import Manifest, make_output_directory
 from unime.data_synth.mining.cache import EmbeddingCache, content_key
 from unime.data_synth.mining.search import SearchMethod, search
 from unime.data_synth.sharding import ALL, Shard
@@ -54,9 +57,13 @@ class MiningConfig:
     negatives: int = 8
     """Negatives kept per row (UniME trains on the 8 hardest)."""
     margin: float = 0.0
-    """Drop a candidate whose similarity is >= the positive's minus this (negative: allow some above it)."""
+    """Drop a candidate as a false negative when its similarity is > the positive's plus this, as the training
+    loss's `margin` does (UniME: 0.1; 0: anything above the positive; negative: also some just below it)."""
     judge_margin: float = 0.0
-    """With a judge: drop a candidate whose judge score is >= the positive's minus this."""
+    """With a judge: drop a candidate whose judge score is > the positive's plus this (same meaning as `margin`)."""
+    max_bad_share: float = 0.0
+    """Fail when more than this share of the input rows, or of the corpus lines, is invalid (0: any bad row
+    fails, as in training; 1: accept every drop). Dropped rows are listed with file, line and reason."""
     window: tuple[int, int] | None = None
     """Sample from ranks a..b-1 of the filtered candidates (0-based) instead of taking the hardest."""
     method: SearchMethod = "auto"
@@ -77,6 +84,9 @@ class MiningReport:
     rows_written: int = 0
     rejected: Counter = field(default_factory=Counter)
     """Input rows (and corpus lines) not used, by reason."""
+    dropped_rows: list[dict[str, Any]] = field(default_factory=list)
+    """Every input row and corpus line not used: {"file", "line" (1-based), "reason"}."""
+    corpus_lines_read: int = 0
     candidates_retrieved: int = 0
     dropped_same_content: int = 0
     dropped_by_margin: int = 0
@@ -106,10 +116,6 @@ def side_content(side: Side) -> tuple:
     return (side.text, str(side.image) if side.image is not None else None, side.instruction)
 
 
-def _side_look(side: Side) -> tuple:
-    return (side.text, str(side.image) if side.image is not None else None)
-
-
 def row_key(example: TrainExample) -> str:
     """The idempotent key of a row (for `--shard`): its query and positive."""
     return content_key("row", side_content(example.query), side_content(example.positive))
@@ -136,6 +142,12 @@ class SideEmbedder:
         if key not in self._image_digests:
             self._image_digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
         return self._image_digests[key]
+
+    def look(self, side: Side) -> tuple:
+        """What a side shows: its text and its image's bytes. A copy of the positive's image under another name is
+        the positive, never a negative, whatever the margin (at margin 0 it would tie with the positive, and a tie
+        is not above it)."""
+        return (side.text, self._digest(side.image) if side.image is not None else None)
 
     def _instruction(self, side: Side, role: str) -> str | None:
         """The instruction the embedder will apply (the side's own, else the model's default for the role)."""
@@ -217,9 +229,17 @@ def judge_scores(judge: Judge, pairs: Sequence[tuple[Side, Side]], batch_size: i
     return scores
 
 
+def is_false_negative(score: float, positive_score: float, margin: float) -> bool:
+    """A candidate scoring more than `margin` above the positive is taken for an unlabelled positive: the rule of
+    the training loss (`unime.losses.select_hard_negatives`), for similarities and judge scores alike."""
+    return bool(score > positive_score + margin)
+
+
 def _check(config: MiningConfig) -> None:
     if config.top_k < 1 or config.negatives < 1:
         raise ConfigError(f"top_k and negatives must be >= 1, got {config.top_k} and {config.negatives}")
+    if not 0.0 <= config.max_bad_share <= 1.0:
+        raise ConfigError(f"max_bad_share must be in [0, 1], got {config.max_bad_share}")
     if config.window is not None:
         a, b = config.window
         if not 0 <= a < b <= config.top_k:
@@ -282,9 +302,9 @@ def mine_hard_negatives(
     existing_offset = 0
     existing_sims: list[list[float]] = []
     for row, example in enumerate(examples):
-        skip = {_side_look(example.positive), _side_look(example.query)}
+        skip = {sides.look(example.positive), sides.look(example.query)}
         own = list(example.negatives) if config.keep_existing else []
-        skip |= {_side_look(n) for n in own}
+        skip |= {sides.look(n) for n in own}
         sims_own = []
         if own and existing_vectors is not None:
             block = existing_vectors[existing_offset : existing_offset + len(own)]  # [n, D]
@@ -296,10 +316,10 @@ def mine_hard_negatives(
             if index < 0:
                 continue
             report.candidates_retrieved += 1
-            if _side_look(corpus[index]) in skip:
+            if sides.look(corpus[index]) in skip:
                 report.dropped_same_content += 1
                 continue
-            if sim >= positive_sims[row] - config.margin:
+            if is_false_negative(sim, positive_sims[row], config.margin):
                 report.dropped_by_margin += 1
                 continue
             kept.append((int(index), float(sim)))
@@ -336,7 +356,7 @@ def mine_hard_negatives(
             positive_score, own_scores, candidate_scores = judged[row]
             filtered = []
             for (index, sim, _), score in zip(candidates, candidate_scores, strict=True):
-                if score >= positive_score - config.judge_margin:
+                if is_false_negative(score, positive_score, config.judge_margin):
                     report.dropped_by_judge += 1
                     continue
                 filtered.append((index, sim, score))
@@ -390,7 +410,8 @@ def mined_row_to_dict(mined: MinedRow, out_dir: Path) -> dict:
 
 def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
     """Candidate documents from JSONL, one side per line ({"text", "image", "instruction"}; images relative to
-    the file). Bad lines (not JSON, no text or image, unreadable image) are counted by reason and skipped."""
+    the file). Bad lines (not JSON, no text or image, unreadable image) are skipped: counted by reason in
+    `report.rejected` and listed with their line in `report.dropped_rows`."""
     import json
 
     path = Path(path)
@@ -398,28 +419,47 @@ def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
         raise ConfigError(f"{path}: corpus file does not exist")
     sides: list[Side] = []
     checked: dict[Path, str | None] = {}
+
+    def drop(number: int, kind: str, reason: str) -> None:
+        report.rejected[f"corpus: {kind}"] += 1
+        report.dropped_rows.append({"file": str(path), "line": number, "reason": reason})
+
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            report.corpus_lines_read += 1
             try:
                 raw = json.loads(line)
-            except json.JSONDecodeError:
-                report.rejected["corpus: not valid JSON"] += 1
+            except json.JSONDecodeError as err:
+                drop(number, "not valid JSON", f"not valid JSON ({err.msg} at column {err.colno})")
                 continue
             try:
                 side = parse_side(raw, f"{path}:{number}", path.parent)
             except DataError as err:
-                report.rejected[f"corpus: {str(err).split(': ', 2)[-1]}"] += 1
+                reason = str(err).split(": ", 1)[-1]
+                drop(number, reason.split(": ", 1)[-1], reason)
                 continue
             if side.image is not None:
                 if side.image not in checked:
                     checked[side.image] = image_problem(side.image)
                 if checked[side.image] is not None:
-                    report.rejected["corpus: unreadable or missing image"] += 1
+                    drop(number, "unreadable or missing image", str(checked[side.image]))
                     continue
             sides.append(side)
     return sides
+
+
+def check_bad_share(what: str, bad: int, total: int, max_share: float, dropped: list[dict[str, Any]]) -> None:
+    """Refuse to go on when more than `max_share` of `total` rows are bad, naming the first few."""
+    if bad == 0 or bad <= max_share * total:
+        return
+    first = "; ".join(f"{row['file']}:{row['line']}: {row['reason']}" for row in dropped[:3])
+    raise DataError(
+        f"{bad} of {total} {what} are invalid ({bad / max(total, 1):.1%}, more than the accepted "
+        f"{max_share:.1%}): {first}{' ...' if bad > 3 else ''}. Fix them, or pass --skip-bad-rows (or "
+        "--max-bad-share) to drop them; each dropped row is listed in the manifest"
+    )
 
 
 def training_files(path: str | Path) -> list[Path]:
@@ -461,14 +501,26 @@ def mine_file(
     unreadable images) are counted by reason in the manifest and not written. Returns the written path and its
     manifest."""
     config = config or MiningConfig()
+    _check(config)
     report = MiningReport()
+    out = output_path_for(out_path, shard)
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; give the JSONL file to write")
+    make_output_directory(out.parent)
     examples, load_report = load_examples(training_files(train_path), on_error="skip", check_images=True)
     report.rows_read = load_report.kept + load_report.skipped
     for reason, count in load_report.reasons.items():
         # One count per kind of problem, not per file: the paths are in the loader's messages, not the reason.
         report.rejected[re.sub(r"image file '[^']*'", "image file", reason)] += count
+    report.dropped_rows += load_report.skipped_rows
+    check_bad_share("training rows", load_report.skipped, report.rows_read, config.max_bad_share, report.dropped_rows)
     owned = [example for example in examples if shard.owns(row_key(example))]
     corpus = read_corpus(corpus_path, report) if corpus_path is not None else None
+    if corpus is not None:
+        corpus_dropped = report.dropped_rows[load_report.skipped :]
+        check_bad_share(
+            "corpus lines", len(corpus_dropped), report.corpus_lines_read, config.max_bad_share, corpus_dropped
+        )
     if corpus is None:
         # The corpus is every row's positive, owned or not: shards mine from the same pool.
         unique: dict[tuple, Side] = {}
@@ -477,8 +529,6 @@ def mine_file(
         corpus = list(unique.values())
     cache = EmbeddingCache(cache_dir, model_id)
     mined, report = mine_hard_negatives(owned, embedder, config, corpus=corpus, judge=judge, cache=cache, report=report)
-    out = output_path_for(out_path, shard)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report.rows_written = write_jsonl_atomic(out, (mined_row_to_dict(row, out.parent) for row in mined))
     manifest = Manifest(
         generated=len(owned) + sum(load_report.reasons.values()),

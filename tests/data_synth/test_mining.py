@@ -7,6 +7,8 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from unime import save_tiny
 from unime.cli import main
@@ -18,7 +20,6 @@ from unime.data_synth.mining.miner import (
     mine_hard_negatives,
     read_corpus,
     row_key,
-    side_content,
 )
 from unime.data_synth.mining.search import (
     EXACT_BELOW,
@@ -71,8 +72,9 @@ def cache():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """T->I rows (caption query, image positive) and a corpus holding every positive plus byte-identical copies
-    of three positives' images under other names: planted false negatives."""
+    """T->I rows (caption query, image positive) and a corpus holding every positive plus, for three positives,
+    a re-encoded copy of the image (same pixels, other bytes: a planted false negative that ties with the
+    positive) and a byte-identical copy under another name (the positive itself)."""
     root = tmp_path_factory.mktemp("mine")
     config = TaskSynthConfig(train=ROWS, held_out=0, negatives=1, seed=2, image_size=48, recipes=("retrieval_t2i",))
     result = write_task_examples(root, config)
@@ -83,15 +85,27 @@ def data(tmp_path_factory):
     lines = []
     for example in examples:
         lines.append({"image": str(example.positive.image.relative_to(root))})
-    planted = {}
+    planted, identical = {}, {}
     for number, example in enumerate(examples[:3]):
         target = copies / f"copy-{number}.png"
-        shutil.copyfile(example.positive.image, target)
+        with Image.open(example.positive.image) as image:
+            image.save(target, compress_level=0)
+        assert target.read_bytes() != example.positive.image.read_bytes()
         planted[row_key(example)] = str(target)
-        lines.append({"image": f"copies/{target.name}"})
+        twin = copies / f"twin-{number}.png"
+        shutil.copyfile(example.positive.image, twin)
+        identical[row_key(example)] = str(twin)
+        lines += [{"image": f"copies/{target.name}"}, {"image": f"copies/{twin.name}"}]
     corpus_file = root / "corpus.jsonl"
     corpus_file.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return {"root": root, "train": train, "examples": examples, "corpus": corpus_file, "planted": planted}
+    return {
+        "root": root,
+        "train": train,
+        "examples": examples,
+        "corpus": corpus_file,
+        "planted": planted,
+        "identical": identical,
+    }
 
 
 def _vectors(embedder, examples, corpus):
@@ -106,15 +120,21 @@ def _vectors(embedder, examples, corpus):
 def test_false_negatives_are_dropped_by_the_margin(tiny_embedders, data, cache):
     embedder = tiny_embedders("qwen2_vl")
     corpus = read_corpus(data["corpus"], MiningReport())
-    config = MiningConfig(top_k=len(corpus), negatives=4, margin=0.0)
+    # A re-encoded copy ties with the positive (s == s_pos up to batching noise): a tie is not above the
+    # positive, so only a margin below 0 drops it (s > s_pos + margin).
+    margin = -1e-3
+    config = MiningConfig(top_k=len(corpus), negatives=4, margin=margin)
     mined, report = mine_hard_negatives(data["examples"], embedder, config, corpus=corpus, cache=cache)
 
-    # Without the filter, each planted copy (the positive's own image, under another name) is mined.
-    everything = MiningConfig(top_k=len(corpus), negatives=len(corpus), margin=-10.0)
-    unfiltered, _ = mine_hard_negatives(data["examples"], embedder, everything, corpus=corpus, cache=cache)
+    # Without the filter, each planted copy is mined; the byte-identical twin never is (it is the positive).
+    everything = MiningConfig(top_k=len(corpus), negatives=len(corpus), margin=10.0)
+    unfiltered, loose = mine_hard_negatives(data["examples"], embedder, everything, corpus=corpus, cache=cache)
+    assert loose.dropped_by_margin == 0 and loose.dropped_same_content >= len(data["examples"]) + 3
     for row in unfiltered:
+        negatives = {str(side.image) for side in row.negatives}
+        assert data["identical"].get(row_key(row.example)) not in negatives
         if row_key(row.example) in data["planted"]:
-            assert data["planted"][row_key(row.example)] in {str(side.image) for side in row.negatives}
+            assert data["planted"][row_key(row.example)] in negatives
 
     queries, positives, documents = _vectors(embedder, data["examples"], corpus)
     assert report.dropped_by_margin >= 3
@@ -124,12 +144,13 @@ def test_false_negatives_are_dropped_by_the_margin(tiny_embedders, data, cache):
         positive_sim = float(queries[number] @ positives[number])
         sims = documents @ queries[number]
         for index in row.mined:
-            assert sims[index] < positive_sim + 1e-5  # kept negatives score below the positive
-        # Every candidate at or above the positive's similarity was dropped; the hardest ones below were kept.
+            assert sims[index] <= positive_sim + margin + 1e-5  # kept negatives are not above s_pos + margin
+        # Every candidate above s_pos + margin was dropped; the hardest ones at or below it were kept.
+        positive_bytes = row.example.positive.image.read_bytes()
         allowed = [
             i
             for i in np.argsort(-sims)
-            if sims[i] < positive_sim - 1e-5 and side_content(corpus[i]) != side_content(row.example.positive)
+            if sims[i] < positive_sim + margin - 1e-5 and corpus[i].image.read_bytes() != positive_bytes
         ]
         # (compared by similarity: near-ties may swap places between batchings)
         assert sorted(sims[row.mined]) == pytest.approx(sorted(sims[allowed[:4]]), abs=1e-4)
@@ -144,9 +165,10 @@ def test_judge_scores_are_written_and_filter_false_negatives(tiny_embedders, dat
     embedder = tiny_embedders("qwen2_vl")
     corpus = read_corpus(data["corpus"], MiningReport())
     examples = data["examples"][:6]
-    config = MiningConfig(top_k=8, negatives=3, margin=-10.0, judge_margin=0.0)  # only the judge filters
+    # Only the judge filters; the planted copies tie with the positive (same pixels), which judge_margin < 0 drops.
+    config = MiningConfig(top_k=8, negatives=3, margin=10.0, judge_margin=-1e-4)
     mined, report = mine_hard_negatives(examples, embedder, config, corpus=corpus, judge=judge, cache=cache)
-    assert report.dropped_by_judge >= 3  # at least the planted copies: their judge score equals the positive's
+    assert report.dropped_by_judge >= 3  # at least the planted copies
     for row in mined:
         assert data["planted"].get(row_key(row.example)) not in {str(side.image) for side in row.negatives}
         from PIL import Image
@@ -161,11 +183,11 @@ def test_judge_scores_are_written_and_filter_false_negatives(tiny_embedders, dat
 def test_rank_window_samples_inside_the_window(tiny_embedders, data, cache):
     embedder = tiny_embedders("qwen2_vl")
     examples = data["examples"]
-    config = MiningConfig(top_k=12, negatives=2, margin=-10.0, window=(3, 8), seed=4)
+    config = MiningConfig(top_k=12, negatives=2, margin=10.0, window=(3, 8), seed=4)
     mined, _ = mine_hard_negatives(examples, embedder, config, cache=cache)
     again, _ = mine_hard_negatives(examples, embedder, config, cache=cache)
     assert [row.mined for row in mined] == [row.mined for row in again]  # seeded
-    everything = MiningConfig(top_k=12, negatives=12, margin=-10.0)
+    everything = MiningConfig(top_k=12, negatives=12, margin=10.0)
     hardest, _ = mine_hard_negatives(examples, embedder, everything, cache=cache)
     for row, ranked in zip(mined, hardest, strict=True):
         window = ranked.mined[3:8]
@@ -183,11 +205,30 @@ def test_mine_command_end_to_end(tiny_dir, data, tmp_path, capsys):
     train.write_text("\n".join([*lines, json.dumps(bad)]) + "\n")
 
     out = tmp_path / "mined" / "train.jsonl"
-    args = [str(tiny_dir), str(train), str(out), "--top-k", "6", "--negatives", "2", "--margin", "-10"]
+    args = [str(tiny_dir), str(train), str(out), "--top-k", "6", "--negatives", "2", "--margin", "10"]
+    # A bad row fails the run by default, naming its file and 1-based line, before anything is embedded.
+    capsys.readouterr()
+    assert main(["mine", *args]) == 2
+    error = capsys.readouterr().err
+    assert f"{train}:{ROWS + 1}: field 'positive.image'" in error and "--skip-bad-rows" in error
+    assert "1 of 15 training rows" in error and not out.exists()
+    # Above the accepted share it still fails; at or below it, or with --skip-bad-rows, the row is dropped.
+    assert main(["mine", *args, "--max-bad-share", "0.05"]) == 2
+    elsewhere = tmp_path / "share" / "train.jsonl"  # (its own embedding cache: the checks below count embeddings)
+    assert main(["mine", *args[:2], str(elsewhere), *args[3:], "--max-bad-share", "0.1"]) == 0
+    args.append("--skip-bad-rows")
     assert main(["mine", *args]) == 0
+    printed = capsys.readouterr().out
+    assert f"dropped 1 invalid row(s):\n  {train}:{ROWS + 1}: field 'positive.image'" in printed
     manifest = json.loads((tmp_path / "mined" / "train.manifest.json").read_text())
     assert manifest["kept"] == ROWS and manifest["generated"] == ROWS + 1
     assert manifest["rejected"] == {"field 'positive.image': image file is not a readable image": 1}
+    [dropped] = manifest["details"]["dropped_rows"]
+    assert dropped["file"] == str(train) and dropped["line"] == ROWS + 1
+    assert (
+        dropped["reason"].startswith("field 'positive.image': image file")
+        and "not a readable image" in dropped["reason"]
+    )
     examples, _ = load_examples([out], min_negatives=2)  # image paths relative to the output's folder
     assert len(examples) == ROWS and all(len(e.scores) == 3 for e in examples)
     first_run = out.read_bytes()
@@ -228,10 +269,62 @@ def test_mine_command_end_to_end(tiny_dir, data, tmp_path, capsys):
 
 def test_keep_existing_negatives_come_first_and_are_scored(tiny_embedders, data, cache):
     examples = data["examples"]
-    config = MiningConfig(top_k=6, negatives=3, margin=-10.0, keep_existing=True)
+    config = MiningConfig(top_k=6, negatives=3, margin=10.0, keep_existing=True)
     mined, _ = mine_hard_negatives(examples, tiny_embedders("qwen2_vl"), config, cache=cache)
     for row in mined:
         own = list(row.example.negatives)  # the generator's one-attribute negative
         assert len(own) == 1 and row.negatives[: len(own)] == own
         assert len(row.negatives) == 3 and len(row.scores) == 4
         assert own[0].image not in {side.image for side in row.negatives[1:]}
+
+
+class _TableEmbedder:
+    """A text embedder whose vectors are given: unit 2-D vectors at a chosen cosine to the query (1, 0)."""
+
+    def __init__(self, cosines: dict[str, float]):
+        self.vectors = {text: np.array([c, np.sqrt(1.0 - c * c)], dtype=np.float32) for text, c in cosines.items()}
+
+    def encode(self, inputs, prompt=None, batch_size=32, normalize_embeddings=True):
+        return np.stack([self.vectors[text] for text in inputs])
+
+
+class _TableJudge:
+    def __init__(self, scores: dict[str, float]):
+        self.scores = scores
+
+    def predict(self, pairs, batch_size=32, show_progress_bar=False):
+        return np.array([self.scores[document] for _, document in pairs])
+
+
+@pytest.mark.parametrize(
+    ("margin", "kept"),
+    [(0.1, ["c", "d", "e"]), (0.0, ["e"]), (-0.25, [])],
+)
+def test_miner_and_loss_drop_the_same_false_negatives(margin, kept):
+    """Hand-computed: s_pos = 0.5; candidates a..e at 0.7, 0.65, 0.59, 0.55, 0.3. A candidate is a false
+    negative when s > s_pos + margin, in the miner (similarity and judge score alike) and in the UniME loss."""
+    from unime.data.schema import Side, TrainExample
+    from unime.losses.contrastive import select_hard_negatives
+
+    sims = {"p": 0.5, "a": 0.7, "b": 0.65, "c": 0.59, "d": 0.55, "e": 0.3}
+    embedder = _TableEmbedder({"q": 1.0, **sims})
+    example = TrainExample(query=Side(text="q"), positive=Side(text="p"))
+    corpus = [Side(text=name) for name in sims]
+    names = list(sims)
+
+    # The loss: one query over [positive, a..e]; the columns it may pick, padding left out.
+    scores = torch.tensor([[sims[name] for name in names]])
+    indices, valid = select_hard_negatives(scores, torch.tensor([0]), margin=margin, k=len(names))
+    by_loss = sorted(names[i] for i in indices[0][valid[0]].tolist())
+    assert by_loss == kept
+
+    config = MiningConfig(top_k=len(corpus), negatives=len(corpus), margin=margin)
+    [row], report = mine_hard_negatives([example], embedder, config, corpus=corpus)
+    assert sorted(side.text for side in row.negatives) == kept
+    assert report.dropped_by_margin == 5 - len(kept) and report.dropped_same_content == 1
+
+    # The judge margin has the same meaning: judge scores equal to the similarities drop the same candidates.
+    judged = MiningConfig(top_k=len(corpus), negatives=len(corpus), margin=10.0, judge_margin=margin)
+    [row], report = mine_hard_negatives([example], embedder, judged, corpus=corpus, judge=_TableJudge(sims))
+    assert sorted(side.text for side in row.negatives) == kept
+    assert report.dropped_by_judge == 5 - len(kept) and report.dropped_by_margin == 0

@@ -67,8 +67,8 @@ class MiningSettings:
     """Candidates retrieved per query by the stage-1 model."""
     negatives: int = 5
     """Negatives per training row after mining, the row's own included (stage 2's `data.num_negatives`)."""
-    margin: float = -0.1
-    """Drop candidates scoring >= the positive's similarity minus this as false negatives (-0.1: UniME's mask,
+    margin: float = 0.1
+    """Drop candidates scoring > the positive's similarity plus this as false negatives (0.1: UniME's mask,
     s > s_pos + 0.1; the text-only stage-1 model scores images weakly, so a stricter margin drops nearly all)."""
     keep_existing: bool = True
     """Keep the rows' own one-attribute negatives first and fill up to `negatives` with mined ones."""

@@ -180,7 +180,7 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
     text_rows, _ = mine(
         data["text_train"],
         "text_train.jsonl",
-        MiningConfig(top_k=settings.top_k, negatives=settings.text_negatives, margin=-math.inf, seed=config.seed),
+        MiningConfig(top_k=settings.top_k, negatives=settings.text_negatives, margin=math.inf, seed=config.seed),
     )
     progress.close()
     details = manifest.details
