@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from unime.data.dataset import DataError
-from unime.eval.data import BadRow, OnBadRows, SkipReport, handle_bad_row, read_rows, resolve_image
+from unime.eval.data import (
+    BadRow,
+    OnBadRows,
+    SkipReport,
+    handle_bad_row,
+    read_numbered_rows,
+    resolve_image,
+    row_origin,
+)
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
@@ -46,7 +54,7 @@ def load_compositional(
     image_root = Path(image_root) if image_root is not None else folder / "images"
     data = CompositionalSet(folder.name, ItemTable(), ItemTable(), [])
     for path in files:
-        for number, row in enumerate(read_rows(path)):
+        for number, row in read_numbered_rows(path, dataset=data.name, on_bad_rows=on_bad_rows, skipped=data.skipped):
             try:
                 if not isinstance(row.get("caption"), str) or not row["caption"].strip():
                     raise BadRow("row without a caption", "field 'caption' must be a non-empty string")
@@ -59,7 +67,7 @@ def load_compositional(
                     raise BadRow("row without an image", "field 'filename' must be a non-empty path")
                 image = resolve_image(image_root, filename, "row")
             except BadRow as err:
-                where = f"{path.name} row {number} (id {row.get('id')!r})"
+                where = f"{row_origin(path, number, data.name)} (id {row.get('id')!r})"
                 handle_bad_row(err, where, on_bad_rows, data.skipped)
                 continue
             data.rows.append(

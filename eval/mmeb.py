@@ -28,7 +28,15 @@ from typing import Any
 import numpy as np
 
 from unime.data.dataset import DataError
-from unime.eval.data import BadRow, OnBadRows, SkipReport, handle_bad_row, read_rows, resolve_image
+from unime.eval.data import (
+    BadRow,
+    OnBadRows,
+    SkipReport,
+    handle_bad_row,
+    read_numbered_rows,
+    resolve_image,
+    row_origin,
+)
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item, clean_text
@@ -135,19 +143,19 @@ def load_dataset(
     category, split = _categories(root).get(name, ("other", "other"))
     dataset = MMEBDataset(name, category, split, ItemTable(), [], ItemTable(), [])
     for path in files:
-        rows = read_rows(path)
+        rows = read_numbered_rows(path, dataset=name, on_bad_rows=on_bad_rows, skipped=dataset.skipped)
         if rows:
-            missing = [column for column in COLUMNS if column not in rows[0]]
+            missing = [column for column in COLUMNS if column not in rows[0][1]]
             if missing:
                 raise DataError(
                     f"{path}: dataset {name!r} is not in the MMEB eval layout: missing column(s) {missing}; "
                     f"expected {list(COLUMNS)}"
                 )
-        for number, row in enumerate(rows):
+        for number, row in rows:
             try:
                 query, candidates = _parse_row(row, image_root)
             except BadRow as err:
-                handle_bad_row(err, f"dataset {name!r}, {path.name} row {number}", on_bad_rows, dataset.skipped)
+                handle_bad_row(err, row_origin(path, number, name), on_bad_rows, dataset.skipped)
                 continue
             dataset.query_rows.append(dataset.queries.add(query))
             dataset.lists.append([dataset.candidates.add(candidate) for candidate in candidates])

@@ -100,13 +100,15 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += _table(("dataset", "top K", *keys), rows) + [""]
     skipped = _skipped(results)
     if skipped:
-        lines += (
-            ["## Skipped rows", ""] + [f"- {where}: {count} ({reasons})" for where, count, reasons in skipped] + [""]
-        )
+        lines += ["## Skipped rows", ""]
+        for where, count, reasons, examples in skipped:
+            lines.append(f"- {where}: {count} ({reasons})")
+            lines += [f"  - {example}" for example in examples]  # the first few, each as file:line
+        lines.append("")
     return "\n".join(lines)
 
 
-def _skipped(results: dict[str, Any]) -> list[tuple[str, int, str]]:
+def _skipped(results: dict[str, Any]) -> list[tuple[str, int, str, list[str]]]:
     tasks = results["tasks"]
     entries = []
     for row in tasks.get("mmeb", {}).get("datasets", []):
@@ -116,7 +118,12 @@ def _skipped(results: dict[str, Any]) -> list[tuple[str, int, str]]:
     if "compositional" in tasks:
         entries.append(("compositional", tasks["compositional"]["skipped"]))
     return [
-        (where, skip["count"], ", ".join(f"{reason}: {n}" for reason, n in skip["reasons"].items()))
+        (
+            where,
+            skip["count"],
+            ", ".join(f"{reason}: {n}" for reason, n in skip["reasons"].items()),
+            list(skip.get("examples", [])),
+        )
         for where, skip in entries
         if skip["count"]
     ]

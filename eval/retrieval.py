@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unime.data.dataset import DataError
-from unime.eval.data import BadRow, OnBadRows, SkipReport, handle_bad_row, read_rows, resolve_image
+from unime.eval.data import (
+    BadRow,
+    OnBadRows,
+    SkipReport,
+    handle_bad_row,
+    read_numbered_rows,
+    resolve_image,
+    row_origin,
+)
 from unime.eval.embedding import EmbedStats, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
@@ -48,8 +56,9 @@ def detect_layout(path: Path) -> Layout:
         if (path / "image").is_dir() and (path / "caption").is_dir():
             return "urban1k"
         raise DataError(f"{path}: a retrieval folder must hold image/ and caption/ (Urban1K); or pass a captions file")
-    rows = read_rows(path)
-    first = rows[0] if rows else {}
+    # Only the first row decides: bad lines are left to the loader, which names or skips them.
+    rows = read_numbered_rows(path, on_bad_rows="skip", skipped=SkipReport())
+    first = rows[0][1] if rows else {}
     if "conversations" in first:
         return "sharegpt4v"
     if "caption" in first or "captions" in first:
@@ -78,20 +87,25 @@ def load_retrieval(
     image_index: dict[Path, int] = {}
     if layout == "urban1k":
         image_root = Path(image_root) if image_root is not None else path / "image"
-        rows: list[dict[str, Any]] = [
-            {"image": image.name, "caption": (path / "caption" / f"{image.stem}.txt")}
+        # A row per image file; it is named by that file.
+        rows: list[tuple[str, dict[str, Any]]] = [
+            (
+                f"dataset {dataset.name!r}, {image}",
+                {"image": image.name, "caption": (path / "caption" / f"{image.stem}.txt")},
+            )
             for image in sorted((path / "image").iterdir())
             if image.is_file()
         ]
     else:
         image_root = Path(image_root) if image_root is not None else path.parent
-        rows = read_rows(path)
+        numbered = read_numbered_rows(path, dataset=dataset.name, on_bad_rows=on_bad_rows, skipped=dataset.skipped)
+        rows = [(row_origin(path, number, dataset.name), row) for number, row in numbered]
     rows = rows[:limit] if limit is not None else rows
-    for number, row in enumerate(rows):
+    for where, row in rows:
         try:
             image, captions = _parse(row, layout, image_root)
         except BadRow as err:
-            handle_bad_row(err, f"{dataset.name}: row {number}", on_bad_rows, dataset.skipped)
+            handle_bad_row(err, where, on_bad_rows, dataset.skipped)
             continue
         if image not in image_index:
             image_index[image] = len(dataset.images)

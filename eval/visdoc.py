@@ -23,7 +23,16 @@ from typing import Any
 import numpy as np
 
 from unime.data.dataset import DataError
-from unime.eval.data import BadRow, OnBadRows, SkipReport, handle_bad_row, read_rows, resolve_image
+from unime.eval.data import (
+    BadRow,
+    OnBadRows,
+    SkipReport,
+    check_image,
+    handle_bad_row,
+    read_numbered_rows,
+    resolve_image,
+    row_origin,
+)
 from unime.eval.embedding import EmbedStats, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
@@ -42,14 +51,21 @@ class VisDocDataset:
     skipped: SkipReport = field(default_factory=SkipReport)
 
 
-def _table(folder: Path, name: str) -> list[dict[str, Any]]:
+def _table(folder: Path, name: str, dataset: VisDocDataset, on_bad_rows: OnBadRows) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of one table, each with where it is (`dataset 'X', file:line`)."""
     candidates = [folder / f"{name}.{suffix}" for suffix in ("parquet", "jsonl")]
     files = [path for path in candidates if path.is_file()]
     if not files and (folder / name).is_dir():
         files = sorted(p for p in (folder / name).iterdir() if p.suffix in (".parquet", ".jsonl"))
     if not files:
         raise DataError(f"{folder}: no '{name}' table; expected {name}.parquet, {name}.jsonl or {name}/*.parquet")
-    return [row for path in files for row in read_rows(path)]
+    return [
+        (row_origin(path, number, dataset.name), row)
+        for path in files
+        for number, row in read_numbered_rows(
+            path, dataset=dataset.name, on_bad_rows=on_bad_rows, skipped=dataset.skipped
+        )
+    ]
 
 
 def _field(row: dict[str, Any], *names: str) -> Any:
@@ -67,7 +83,7 @@ def load_visdoc(
     image_dir.mkdir(parents=True, exist_ok=True)
     dataset = VisDocDataset(name or folder.name, [], [], [])
     page_index: dict[str, int] = {}
-    for number, row in enumerate(_table(folder, "corpus")):
+    for where, row in _table(folder, "corpus", dataset, on_bad_rows):
         try:
             corpus_id = _field(row, "corpus-id", "corpus_id", "_id", "id")
             if corpus_id is None:
@@ -75,25 +91,25 @@ def load_visdoc(
             image = _page_image(row.get("image"), folder, image_dir)
             text = row.get("text") if isinstance(row.get("text"), str) and row["text"].strip() else None
         except BadRow as err:
-            handle_bad_row(err, f"{dataset.name}: corpus row {number}", on_bad_rows, dataset.skipped)
+            handle_bad_row(err, where, on_bad_rows, dataset.skipped)
             continue
         page_index[str(corpus_id)] = len(dataset.pages)
         dataset.pages.append(Item(text=text, image=image, role="document"))
     qrels: dict[str, dict[int, float]] = defaultdict(dict)
-    for number, row in enumerate(_table(folder, "qrels")):
+    for where, row in _table(folder, "qrels", dataset, on_bad_rows):
         query_id, corpus_id = _field(row, "query-id", "query_id"), _field(row, "corpus-id", "corpus_id")
         score = float(row.get("score", 1))
         if str(corpus_id) not in page_index:
             handle_bad_row(
                 BadRow("judgement of an unknown page", f"corpus-id {corpus_id!r} is not in the corpus"),
-                f"{dataset.name}: qrels row {number}",
+                where,
                 on_bad_rows,
                 dataset.skipped,
             )
             continue
         if score > 0:
             qrels[str(query_id)][page_index[str(corpus_id)]] = score
-    for number, row in enumerate(_table(folder, "queries")):
+    for where, row in _table(folder, "queries", dataset, on_bad_rows):
         query_id = _field(row, "query-id", "query_id", "_id", "id")
         text = _field(row, "query", "text")
         try:
@@ -103,9 +119,9 @@ def load_visdoc(
                 raise BadRow("query without a relevant page", f"query-id {query_id!r} has no positive qrels")
         except BadRow as err:
             # BEIR drops unjudged queries: skip them always, and count them.
-            dataset.skipped.add(f"{dataset.name}: queries row {number}: {err}", err.reason)
+            dataset.skipped.add(f"{where}: {err}", err.reason)
             if err.reason != "query without a relevant page":
-                handle_bad_row(err, f"{dataset.name}: queries row {number}", on_bad_rows, SkipReport())
+                handle_bad_row(err, where, on_bad_rows, SkipReport())
             continue
         dataset.queries.append(Item(text=text.strip(), role="query"))
         dataset.relevant.append(qrels[str(query_id)])
@@ -123,6 +139,7 @@ def _page_image(image: Any, folder: Path, image_dir: Path) -> Path:
             path = image_dir / (hashlib.sha256(data).hexdigest()[:24] + Path(image.get("path") or "x.png").suffix)
             if not path.is_file():
                 path.write_bytes(data)
+            check_image(path, "page image (stored in the table)")
             return path
         if image.get("path"):
             return resolve_image(folder, image["path"], "page")

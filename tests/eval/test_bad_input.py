@@ -46,7 +46,7 @@ def _write(root: Path, name: str, rows: list[dict]) -> None:
 )
 def test_a_bad_row_is_named_with_its_dataset_and_row(root, row, message):
     _write(root, "Toy", [GOOD, row])
-    with pytest.raises(DataError, match=r"dataset 'Toy', test.jsonl row 1: " + message.replace("(", r"\(")):
+    with pytest.raises(DataError, match=r"dataset 'Toy', \S*/Toy/test.jsonl:2: " + message.replace("(", r"\(")):
         load_dataset(root, "Toy")
 
 
@@ -78,7 +78,9 @@ def test_retrieval_and_sugarcrepe_name_their_bad_rows(root):
     captions.write_text(
         json.dumps([{"image": "images/a.png", "caption": ["x"]}, {"image": "images/b.png", "caption": "y"}])
     )
-    with pytest.raises(DataError, match=r"captions: row 1: missing image: row image 'images/b.png'"):
+    with pytest.raises(
+        DataError, match=r"dataset 'captions', \S*captions.json:2: missing image: row image 'images/b.png'"
+    ):
         load_retrieval(captions)
     assert load_retrieval(captions, on_bad_rows="skip").skipped.count == 1
     folder = root / "sugar"
@@ -91,7 +93,9 @@ def test_retrieval_and_sugarcrepe_name_their_bad_rows(root):
             }
         )
     )
-    with pytest.raises(DataError, match=r"swap_att.json row 0 \(id '7'\): row without a negative caption"):
+    with pytest.raises(
+        DataError, match=r"dataset 'sugar', \S*swap_att.json:1 \(id '7'\): row without a negative caption"
+    ):
         load_compositional(folder, image_root=root / "images")
     data = load_compositional(folder, image_root=root / "images", on_bad_rows="skip")
     assert data.skipped.count == 1 and len(data.rows) == 1
@@ -110,7 +114,7 @@ def test_visdoc_names_bad_judgements_and_counts_unjudged_queries(tmp_path, scene
     pq.write_table(pa.Table.from_pylist(queries), tmp_path / "queries.parquet")
     qrels = [{"query-id": "q1", "corpus-id": "p1", "score": 1}, {"query-id": "q1", "corpus-id": "p9", "score": 1}]
     pq.write_table(pa.Table.from_pylist(qrels), tmp_path / "qrels.parquet")
-    with pytest.raises(DataError, match=r"qrels row 1: judgement of an unknown page: corpus-id 'p9'"):
+    with pytest.raises(DataError, match=r"qrels.parquet:2: judgement of an unknown page: corpus-id 'p9'"):
         load_visdoc(tmp_path, image_dir=tmp_path / "img")
     data = load_visdoc(tmp_path, image_dir=tmp_path / "img", on_bad_rows="skip")
     assert len(data.queries) == 1
@@ -132,6 +136,47 @@ def test_retrieval_layouts_of_sharegpt4v_and_urban1k_are_read(root):
     (urban / "image" / "7.png").write_bytes((root / "images" / "a.png").read_bytes())
     (urban / "caption" / "7.txt").write_text("a long caption\n")
     (urban / "image" / "8.png").write_bytes((root / "images" / "a.png").read_bytes())
-    with pytest.raises(DataError, match=r"Urban1k: row 1: image without a caption: 8.txt is missing"):
+    with pytest.raises(
+        DataError, match=r"dataset 'Urban1k', \S*/image/8.png: image without a caption: 8.txt is missing"
+    ):
         load_retrieval(urban)
     assert load_retrieval(urban, on_bad_rows="skip").captions == ["a long caption"]
+
+
+def test_a_corrupt_image_is_a_bad_row_named_with_its_dataset_and_line(root, tiny_encoder):
+    (root / "images" / "broken.png").write_bytes(b"not a png at all")
+    _write(root, "Toy", [GOOD, {**GOOD, "qry_img_path": "broken.png"}, GOOD])
+    with pytest.raises(
+        DataError, match=r"dataset 'Toy', \S*/Toy/test.jsonl:2: unreadable image: query image 'broken.png'"
+    ):
+        load_dataset(root, "Toy")
+    dataset = load_dataset(root, "Toy", on_bad_rows="skip")
+    assert len(dataset.lists) == 2 and dict(dataset.skipped.reasons) == {"unreadable image": 1}
+    assert dataset.skipped.examples[0].startswith(f"dataset 'Toy', {root / 'Toy' / 'test.jsonl'}:2: ")
+
+
+def test_a_line_that_is_not_json_is_named_by_its_line_and_can_be_skipped(root):
+    (root / "Toy").mkdir()
+    (root / "Toy" / "test.jsonl").write_text(json.dumps(GOOD) + "\n\n" + '{"qry_text": \n' + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"dataset 'Toy', \S*/Toy/test.jsonl:3: not valid JSON"):
+        load_dataset(root, "Toy")
+    dataset = load_dataset(root, "Toy", on_bad_rows="skip")
+    assert len(dataset.lists) == 2 and dict(dataset.skipped.reasons) == {"not valid JSON": 1}
+
+
+def test_eval_command_exits_0_when_asked_to_skip_and_reports_the_rows(root, tmp_path, capsys):
+    from unime.cli import main
+
+    (root / "images" / "broken.png").write_bytes(b"not a png at all")
+    _write(root, "Toy", [GOOD, {**GOOD, "qry_img_path": "broken.png"}, GOOD, {**GOOD, "tgt_text": ["", "x"]}])
+    args = ["eval", "run", "--mmeb", str(root), "--out", str(tmp_path / "out"), "--no-plots", "--no-cache", "--quiet"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"dataset 'Toy', {root / 'Toy' / 'test.jsonl'}:2: unreadable image: query image 'broken.png'" in error
+    assert main([*args, "--skip-bad-rows"]) == 0
+    printed = capsys.readouterr().out
+    assert "MMEB Toy: 2 (unreadable image: 1, candidate list without its positive: 1)" in printed
+    assert f"{root / 'Toy' / 'test.jsonl'}:2: unreadable image" in printed
+    assert f"{root / 'Toy' / 'test.jsonl'}:4: candidate list without its positive" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["tasks"]["mmeb"]["datasets"][0]["skipped"]["count"] == 2
