@@ -13,19 +13,22 @@ import torch
 from unime.data.schema import TrainExample
 
 
-def retrieval_recall(embedder, examples: Sequence[TrainExample], *, batch_size: int = 32) -> dict[str, float]:
+def retrieval_recall(
+    embedder, examples: Sequence[TrainExample], *, batch_size: int = 32, truncate_dim: int | None = None
+) -> dict[str, float]:
     """Recall@1 and @5 of each query's own positive among all positives of `examples`, and hard-negative accuracy.
 
     `hard_negative_accuracy` is the share of (query, mined negative) pairs where the positive scores higher than
-    the negative: it measures fine-grained discrimination that in-batch recall can miss.
+    the negative: it measures fine-grained discrimination that in-batch recall can miss. `truncate_dim` scores
+    the first dims of every embedding only (a matryoshka truncation, as `Embedder.encode` makes it).
     """
-    q = _embed_sides(embedder, [e.query for e in examples], batch_size)  # [N, D]
-    p = _embed_sides(embedder, [e.positive for e in examples], batch_size)  # [N, D]
+    q = _embed_sides(embedder, [e.query for e in examples], batch_size, truncate_dim)  # [N, D]
+    p = _embed_sides(embedder, [e.positive for e in examples], batch_size, truncate_dim)  # [N, D]
     ranks = _own_positive_ranks(q, p)  # [N]
     metrics = {"recall@1": float((ranks < 1).float().mean()), "recall@5": float((ranks < 5).float().mean())}
     pairs = [(i, side) for i, e in enumerate(examples) for side in e.negatives]
     if pairs:
-        n = _embed_sides(embedder, [side for _, side in pairs], batch_size)  # [P, D]
+        n = _embed_sides(embedder, [side for _, side in pairs], batch_size, truncate_dim)  # [P, D]
         owners = torch.tensor([i for i, _ in pairs])
         negative_scores = (q[owners] * n).sum(-1)  # [P]
         wins = int((negative_scores < (q * p).sum(-1)[owners]).sum())
@@ -71,12 +74,13 @@ def reranked_recall(
     }
 
 
-def _embed_sides(embedder, sides, batch_size: int) -> torch.Tensor:
+def _embed_sides(embedder, sides, batch_size: int, truncate_dim: int | None = None) -> torch.Tensor:
     """`[N, D]` embeddings of training-row sides, each with its own instruction, in eval mode."""
     was_training = embedder.training
     embedder.eval()
     try:
-        return _encode(embedder, [s.as_input() for s in sides], [s.instruction for s in sides], batch_size)
+        inputs, instructions = [s.as_input() for s in sides], [s.instruction for s in sides]
+        return _encode(embedder, inputs, instructions, batch_size, truncate_dim)
     finally:
         embedder.train(was_training)
 
@@ -92,12 +96,12 @@ def _public_input(side) -> dict:
     return {key: value for key, value in (("text", side.text), ("image", side.image)) if value is not None}
 
 
-def _encode(embedder, inputs, instructions, batch_size: int) -> torch.Tensor:
+def _encode(embedder, inputs, instructions, batch_size: int, truncate_dim: int | None = None) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
             features = embedder.tokenize(inputs[start : start + batch_size], instructions[start : start + batch_size])
-            out.append(embedder.embed(features).float().cpu())
+            out.append(embedder.embed(features, truncate_dim=truncate_dim).float().cpu())
     return torch.cat(out)
 
 

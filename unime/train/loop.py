@@ -194,6 +194,8 @@ def training_task(config: TrainConfig, module, model, examples: Sequence[TrainEx
 
     if data.random_negatives:
         raise ConfigError("data.random_negatives applies to rerankers (model.kind: reranker)")
+    # The saved directory lists the truncations this run trained, for every consumer (`unime_config.json`).
+    module.config.matryoshka_dims = list(config.loss.matryoshka_dims)
     collator = EmbeddingCollator(
         module,
         teacher_cache=fill_teacher_cache(config, examples, accelerator),
