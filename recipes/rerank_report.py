@@ -9,6 +9,9 @@ the unified loss with the weight W and the direction D taken from different side
 W = 1 + D_SFT).
 
     OMP_NUM_THREADS=1 .venv/bin/python recipes/rerank_report.py [--seeds 0 1 2] [--out runs/rerank_report]
+
+`--train-pairs` and `--held-out-pairs` size the paraphrase corpus (the README's table: 400 and 100); the test suite
+runs a reduced report with fewer pairs and steps (tests/rerank/test_rerank_report.py).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 
@@ -38,9 +42,27 @@ VARIANTS: dict[str, list[str]] = {
     ],
     "W = 1 + D_SFT": ["loss.name=rerank_unified", "loss.rerank_weight=one", "loss.rerank_direction=sft"],
 }
+METRICS = ("ndcg@10", "mrr", "recall@1")
+"""The table's metric columns, in order."""
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+class RerankReport(NamedTuple):
+    """What the report measured and the table it prints (a NamedTuple: recipes load as files, outside any package,
+    where dataclasses cannot resolve postponed annotations)."""
+
+    start: Path
+    """The model every variant starts from."""
+    held_out: int
+    """Held-out queries, each ranking its positive among shuffled candidates."""
+    untrained: dict[str, float]
+    """The start model's reranking metrics, with `random_mrr` (a random order's MRR), before any training."""
+    results: dict[str, dict[str, list[float]]]
+    """Variant -> metric -> one value per seed."""
+    table: list[str]
+    """The table's markdown lines: a header, a separator and one row per variant."""
+
+
+def main(argv: list[str] | None = None) -> RerankReport:
     import importlib.util
 
     import unime
@@ -55,10 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", default="runs/rerank_report")
     parser.add_argument("--start", help="the model every variant starts from (default: train stage 1 first)")
+    parser.add_argument("--train-pairs", type=int, default=400, help="training paraphrase pairs (stage 1, rerankers)")
+    parser.add_argument("--held-out-pairs", type=int, default=100, help="held-out paraphrase pairs (the metrics)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. optim.max_steps=100")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    data = write_text_pairs(out / "data" / "text")
+    data = write_text_pairs(out / "data" / "text", train=args.train_pairs, held_out=args.held_out_pairs)
     held_out, _ = load_examples([data["held_out"]])
 
     def recipe(name: str):
@@ -101,13 +125,19 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
         f"before training: nDCG@10 {untrained['ndcg@10']:.3f}, MRR {untrained['mrr']:.3f} "
         f"(random order: MRR {untrained['random_mrr']:.3f})\n"
     )
-    print("| variant | nDCG@10 | MRR | recall@1 | MRR per seed |")
-    print("|---|---|---|---|---|")
+    table = table_lines(results)
+    print("\n".join(table))
+    return RerankReport(Path(start), len(held_out), untrained, results, table)
+
+
+def table_lines(results: dict[str, dict[str, list[float]]]) -> list[str]:
+    """The markdown table: per variant, each metric's mean ± standard deviation over seeds, then MRR per seed."""
+    lines = ["| variant | nDCG@10 | MRR | recall@1 | MRR per seed |", "|---|---|---|---|---|"]
     for name, metrics in results.items():
-        cells = [_mean_spread(metrics[key]) for key in ("ndcg@10", "mrr", "recall@1")]
+        cells = [_mean_spread(metrics[key]) for key in METRICS]
         per_seed = ", ".join(f"{value:.2f}" for value in metrics["mrr"])
-        print(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
-    return results
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} |")
+    return lines
 
 
 def _stage1_model(train_embedder, out: Path, data_overrides: list[str]) -> Path:
