@@ -67,9 +67,9 @@ def held_out_teacher(config, held_out):
     from accelerate import PartialState
 
     from unime.data.collator import distill_text
-    from unime.train.teacher import TeacherCache
+    from unime.train.teacher import distill_teacher_cache
 
-    cache = TeacherCache(config.distill.cache_dir, config.distill.teacher, batch_size=config.distill.batch_size)
+    cache = distill_teacher_cache(config.distill)
     with PartialState().main_process_first():
         cache.ensure([distill_text(e, side) for e in held_out for side in (e.query, e.positive)])
     return cache

@@ -19,8 +19,11 @@ TEMPORARY_SUFFIX = ".tmp"
 """Every temporary file of an atomic write is `.<name>.<random>.tmp`."""
 
 
-def _create_temporary(path: Path) -> tuple[int, Path]:
-    """Create and open a new, empty temporary file beside `path`; the kernel applies the umask to mode 0666."""
+def create_temporary(path: Path) -> tuple[int, Path]:
+    """Create and open (write-only) a new, empty temporary file beside `path`; returns its descriptor and path.
+
+    The kernel applies the umask to mode 0666, so the published file has the mode any other file would have.
+    """
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}"
         try:
@@ -36,7 +39,7 @@ def atomic_write(path: str | os.PathLike, mode: Literal["w", "wb"] = "w") -> Ite
     without an exception."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path)
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle

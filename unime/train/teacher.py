@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unime.atomic import write_json_atomic
+from unime.atomic import create_temporary, write_json_atomic
 from unime.errors import ModelLoadError, UnimeError
 from unime.train.config import DistillSettings
 
@@ -386,15 +385,15 @@ class TeacherCache:
 
     def _write_shard(self, keys: list[str], embeddings: torch.Tensor) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".shard-", suffix=".pt.tmp")
+        fd, tmp = create_temporary(self.root / "shard.pt")
         try:
             with os.fdopen(fd, "wb") as handle:
                 torch.save({"keys": list(keys), "embeddings": embeddings.contiguous()}, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            path = self._publish(Path(tmp))
+            path = self._publish(tmp)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         self._load_shard(path)
 
     def _publish(self, tmp: Path) -> Path:
