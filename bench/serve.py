@@ -218,7 +218,7 @@ def _echo_model_process(conn) -> None:
 def _echo_batcher():
     import numpy as np
 
-    from unime.serve.app import split_batch
+    from unime.serve.app import join_batches, split_batch
     from unime.serve.backends import BatchResult
     from unime.serve.batching import MicroBatcher
 
@@ -226,8 +226,8 @@ def _echo_batcher():
         return BatchResult(values=np.zeros((len(inputs), 64), dtype=np.float32), tokens=[1] * len(inputs))
 
     return MicroBatcher(
-        "echo", run, split_batch, max_queue=8, max_batch_items=8, max_batch_tokens=10**6, wait_ms=0, batching=False,
-        retry_after_s=1,
+        "echo", run, split_batch, join=join_batches, max_queue=8, max_batch_items=8, max_batch_tokens=10**6,
+        wait_ms=0, batching=False, retry_after_s=1,
     )  # fmt: skip
 
 
@@ -248,7 +248,7 @@ def ipc_cost_us(requests: list[dict], rounds: int = 3) -> tuple[float, float]:
         start_time = time.perf_counter()
         for inputs in items:
             with batcher.arriving():
-                pending = batcher.enqueue(inputs, [None], 1)
+                pending = batcher.enqueue(inputs, [None], [1])
             await pending
         return 1e6 * (time.perf_counter() - start_time) / len(items)
 

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import hmac
-import json
 import logging
 import os
 import time
@@ -14,7 +13,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,20 +22,24 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from unime.errors import InvalidInputError
 from unime.pooling import finish_embeddings
 from unime.serve.backends import BatchResult, EmbedderBackend, RerankerBackend
-from unime.serve.batching import MicroBatcher, estimated_tokens
+from unime.serve.batching import MicroBatcher
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
-from unime.serve.images import ImagePolicy
 from unime.serve.metrics import ServerMetrics
 from unime.serve.protocol import (
+    EmbeddingCall,
     EmbeddingRequest,
     Limits,
+    PromptTokens,
+    RerankCall,
     RerankRequest,
     echo_document,
+    load_json,
     parse_embedding_request,
     parse_rerank_request,
 )
@@ -47,7 +51,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 logger = logging.getLogger("unime.serve")
 
-ROUTES = ("/health", "/v1/models", "/metrics", "/v1/embeddings", "/v1/rerank", "/docs", "/openapi.json")
+ROUTES = ("/health", "/ready", "/v1/models", "/metrics", "/v1/embeddings", "/v1/rerank", "/docs", "/openapi.json")
+
+INTERNAL_ERROR = "internal server error; the server log has the details"
+"""The one message a 500 carries: an exception's text and traceback go to the log, never to the client."""
 
 
 class BodyTooLargeError(RequestError):
@@ -67,12 +74,17 @@ class Batcher(Protocol):
         """Requests waiting for the model."""
         ...
 
+    @property
+    def oldest_wait_s(self) -> float:
+        """Seconds the longest-waiting queued request has waited for the model (readiness)."""
+        ...
+
     def arriving(self) -> contextlib.AbstractContextManager:
         """Announce a request whose body is in and that is being decoded, until it is queued."""
         ...
 
-    def enqueue(self, inputs: list[Any], instructions: list[str | None], cost: int) -> asyncio.Future:
-        """Queue a request; its future gets its `BatchResult` (or the error to answer with)."""
+    def enqueue(self, inputs: list[Any], instructions: list[str | None], costs: list[int]) -> asyncio.Future:
+        """Queue a request (`costs`: each input's tokens); its future gets its `BatchResult` (or the error)."""
         ...
 
     def close(self, timeout: float | None = None) -> None:
@@ -102,6 +114,13 @@ def split_batch(result: BatchResult, sizes: list[int]) -> list[BatchResult]:
         )
         start += size
     return parts
+
+
+def join_batches(parts: list[BatchResult]) -> BatchResult:
+    """The results of a request's slices (`MicroBatcher`), back in one."""
+    return BatchResult(
+        values=np.concatenate([part.values for part in parts]), tokens=[n for part in parts for n in part.tokens]
+    )
 
 
 def error_response(err: RequestError) -> JSONResponse:
@@ -180,26 +199,6 @@ class GuardMiddleware:
         return limited_receive
 
 
-T = TypeVar("T")
-
-
-async def parse_body(raw: bytes, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
-    """The body, JSON-decoded and validated (images decoded) in one trip to the thread pool.
-
-    Decoding can be slow (large bodies, images) and must not stall the event loop; one hand-off per request
-    instead of one for the JSON and one for the validation halves the thread switches on the hot path.
-    """
-    return await run_in_threadpool(_decode_and_parse, raw, parse, limits)
-
-
-def _decode_and_parse(raw: bytes, parse: Callable[[Any, Limits], T], limits: Limits) -> T:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(f"the body is not valid JSON ({err})", param="body") from err
-    return parse(body, limits)
-
-
 class FastJSONResponse(JSONResponse):
     """A JSON response rendered by orjson where installed (the `serve` extra): a 64-float vector in 3 us, not 68.
 
@@ -237,6 +236,7 @@ def host_models(
             name,
             run,
             split_batch,
+            join=join_batches,
             max_queue=config.max_queue,
             max_batch_items=config.max_batch_items,
             max_batch_tokens=config.max_batch_tokens,
@@ -265,15 +265,9 @@ def host_models(
 
 def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: ServerMetrics) -> Any:
     """The ASGI app serving `hosted` (from `host_models`, or an HTTP worker's remote batchers), guarded."""
-    limits = Limits(
-        max_items=config.max_items,
-        max_text_chars=config.max_text_chars,
-        images=ImagePolicy(
-            max_pixels=config.max_image_pixels,
-            allow_remote=config.allow_remote_images,
-            timeout_s=config.remote_image_timeout_s,
-        ),
-    )
+    limits = Limits.of(config)
+    directories = {"embedder": config.embedder_dir, "reranker": config.reranker_dir}
+    tokens = {kind: PromptTokens(directories[kind], kind) for kind in hosted}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -299,13 +293,27 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
     async def on_invalid_input(request: Request, err: InvalidInputError) -> JSONResponse:
         return error_response(RequestError(str(err), index=err.index))
 
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, err: HTTPException) -> JSONResponse:
+        # Routing's refusals (no such route, a method the route does not take), in the API's error shape.
+        if err.status_code == 404:
+            refusal = RequestError(f"no route {request.url.path}; routes: {', '.join(ROUTES)}", param="path")
+        elif err.status_code == 405:
+            refusal = RequestError(f"{request.url.path} does not take {request.method}", param="method")
+        else:
+            refusal = RequestError(str(err.detail), param=None)
+        refusal.status = err.status_code
+        response = error_response(refusal)
+        response.headers.update(err.headers or {})  # Allow, for a 405
+        return response
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
-        # A model-side failure (e.g. an engine refusing a prompt longer than its context): JSON, logged, and the
-        # server keeps serving; the batcher has already isolated the request at fault.
-        logger.exception("request to %s failed", request.url.path)
+        # A failure of ours (or a model-side one the batcher has isolated to this request): logged with its
+        # traceback, and answered with a fixed message, so that no internal detail reaches the client.
         name = getattr(err, "type_name", type(err).__name__)  # a model process's error, forwarded by name
-        body = {"error": {"message": f"{name}: {err}", "type": "server_error", "param": None}}
+        logger.error("request to %s failed: %s: %s", request.url.path, name, err, exc_info=err)
+        body = {"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None}}
         body["error"].update(index=None, code=500)
         return JSONResponse(body, status_code=500)
 
@@ -320,9 +328,35 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
             raise RequestError(f"this server hosts no {kind}", status=404)
         if asked is not None and asked != model.name:
             raise RequestError(
-                f"unknown model {asked!r}; this server's {kind} is {model.name!r}", param="model", status=404
+                f"unknown model {asked!r}; this server's {kind} is {model.name!r} (models: "
+                f"{', '.join(repr(m.name) for m in hosted.values())})",
+                param="model",
+                status=404,
             )
         return model
+
+    def prepare_embeddings(raw: bytes) -> tuple[EmbeddingCall, HostedModel, str | None, list[int]]:
+        # In the thread pool, in one trip: decoding (JSON, images) and token counting are slow for large bodies.
+        call = parse_embedding_request(load_json(raw), limits)
+        model = model_for("embedder", call.model)
+        if call.dimensions is not None and call.dimensions > model.backend.dimension:
+            raise RequestError(
+                f"must be <= {model.backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
+            )
+        instruction = (
+            call.instruction if call.instruction is not None else model.backend.instruction_for(call.input_type)
+        )
+        costs = tokens["embedder"].embedding_costs(call.items, instruction, config.max_input_tokens)
+        return call, model, instruction, costs
+
+    def prepare_rerank(raw: bytes) -> tuple[RerankCall, HostedModel, list[int]]:
+        call = parse_rerank_request(load_json(raw), limits)
+        model = model_for("reranker", call.model)
+        costs = tokens["reranker"].rerank_costs(call.query, call.documents, call.instruction, config.max_input_tokens)
+        return call, model, costs
+
+    def waits() -> dict[str, float]:
+        return {kind: m.batcher.oldest_wait_s for kind, m in hosted.items()}
 
     @app.get("/health", summary="Liveness: the models are loaded and the workers run")
     async def health() -> dict[str, Any]:
@@ -335,6 +369,24 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
             "http_workers": config.http_workers,
             "pid": os.getpid(),  # the process that answered: one of the HTTP workers where there are several
         }
+
+    @app.get("/ready", summary="Readiness: 503 while a queued request has waited longer than max_queue_wait_s")
+    async def ready() -> JSONResponse:
+        oldest = waits()
+        stuck = {kind: wait for kind, wait in oldest.items() if wait > config.max_queue_wait_s}
+        models = {
+            kind: {"queue": m.batcher.depth, "oldest_wait_s": round(oldest[kind], 3)} for kind, m in hosted.items()
+        }
+        if not stuck:
+            return JSONResponse({"status": "ready", "max_queue_wait_s": config.max_queue_wait_s, "models": models})
+        kind, wait = max(stuck.items(), key=lambda entry: entry[1])
+        refusal = RequestError(
+            f"not ready: a request queued for the {kind} has waited {wait:.1f} s, longer than max_queue_wait_s "
+            f"({config.max_queue_wait_s:g} s)",
+            status=503,
+        )
+        body = {**refusal.to_json(), "status": "not ready", "models": models}
+        return JSONResponse(body, 503, headers={"Retry-After": str(config.retry_after_s)})
 
     @app.get("/v1/models", summary="The hosted models (OpenAI-compatible)")
     async def models() -> dict[str, Any]:
@@ -358,18 +410,10 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
     async def embeddings(request: Request) -> FastJSONResponse:
         raw = await request.body()
         with arriving("embedder"):
-            call = await parse_body(raw, parse_embedding_request, limits)
-            model = model_for("embedder", call.model)
-            backend = model.backend
-            if call.dimensions is not None and call.dimensions > backend.dimension:
-                raise RequestError(
-                    f"must be <= {backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
-                )
-            instruction = call.instruction if call.instruction is not None else backend.instruction_for(call.input_type)
-            cost = sum(estimated_tokens(item) for item in call.items)
-            pending = model.batcher.enqueue(call.items, [instruction] * len(call.items), cost)
+            call, model, instruction, costs = await run_in_threadpool(prepare_embeddings, raw)
+            pending = model.batcher.enqueue(call.items, [instruction] * len(call.items), costs)
         result: BatchResult = await pending
-        vectors = truncate(result.values, call.dimensions, backend.normalize)
+        vectors = truncate(result.values, call.dimensions, model.backend.normalize)
         metrics.items.labels("/v1/embeddings").inc(len(call.items))
         tokens = sum(result.tokens)
         return FastJSONResponse(
@@ -392,11 +436,9 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
     async def rerank(request: Request) -> FastJSONResponse:
         raw = await request.body()
         with arriving("reranker"):
-            call = await parse_body(raw, parse_rerank_request, limits)
-            model = model_for("reranker", call.model)
+            call, model, costs = await run_in_threadpool(prepare_rerank, raw)
             pairs = [(call.query, document) for document in call.documents]
-            cost = sum(estimated_tokens(call.query) + estimated_tokens(document) for document in call.documents)
-            pending = model.batcher.enqueue(pairs, [call.instruction] * len(pairs), cost)
+            pending = model.batcher.enqueue(pairs, [call.instruction] * len(pairs), costs)
         result: BatchResult = await pending
         scores = np.asarray(result.values, dtype=np.float64)
         order = np.argsort(-scores, kind="stable")[: call.top_n]
@@ -462,8 +504,11 @@ def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str
 
 
 def hosted_names(config: ServeConfig) -> tuple[str | None, str | None]:
-    """Public names of the embedder and the reranker: the served name, else the directory's name."""
-    from pathlib import Path
+    """Public names of the embedder and the reranker: the served names, else the directories' names.
+
+    `served_model_name` names the embedder (the reranker when it is hosted alone), `reranker_served_model_name`
+    the reranker.
+    """
 
     def name(directory: str | None) -> str | None:
         return Path(directory).resolve().name if directory else None
@@ -474,6 +519,8 @@ def hosted_names(config: ServeConfig) -> tuple[str | None, str | None]:
             embedder = config.served_model_name
         else:
             reranker = config.served_model_name
+    if config.reranker_served_model_name:
+        reranker = config.reranker_served_model_name
     return embedder, reranker
 
 

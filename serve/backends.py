@@ -116,7 +116,7 @@ class TransformersEmbedder:
     def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
         vectors = torch.empty(len(items), self.dimension, dtype=torch.float32)
         tokens = [0] * len(items)
-        lengths = [estimated_tokens(item) for item in items]
+        lengths = [estimated_tokens(item, instruction) for item, instruction in zip(items, instructions, strict=True)]
         with torch.inference_mode():
             for chunk in self.passes.plan(lengths):
                 with self.passes.timed(chunk, lengths):
@@ -145,7 +145,10 @@ class TransformersReranker:
 
         scores = torch.empty(len(pairs), dtype=torch.float32)
         tokens = [0] * len(pairs)
-        lengths = [estimated_tokens(query) + estimated_tokens(document) for query, document in pairs]
+        lengths = [
+            estimated_tokens(query, instruction) + estimated_tokens(document)
+            for (query, document), instruction in zip(pairs, instructions, strict=True)
+        ]
         with torch.inference_mode():
             for chunk in self.passes.plan(lengths):
                 with self.passes.timed(chunk, lengths):

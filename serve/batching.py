@@ -5,9 +5,10 @@ worker takes the oldest request, waits up to `wait_ms` for more, merges what fit
 batch through the backend and hands each request its own slice of the results. Requests whose bodies have
 arrived but are still being decoded (JSON, images) are announced to the batcher (`arriving`): a batch waits
 for them too, up to `arriving_wait_ms`, so that under load they join it instead of forming a small batch
-of their own right after it. A request larger than the budget runs alone (the backend splits it into forward
-passes). When a merged batch fails, each of its requests is run again alone, so that one bad request fails only
-itself.
+of their own right after it. A request larger than the budget is cut: each batch takes the inputs of it that
+fit, and the rest goes to the back of the queue, so that requests queued behind a large one run between its
+slices instead of waiting for all of it (the model time any request waits for is one batch, not one request).
+When a merged batch fails, each of its requests is run again alone, so that one bad request fails only itself.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput
 from unime.serve.errors import QueueFullError, ShuttingDownError
 
 logger = logging.getLogger("unime.serve")
 
 
-def estimated_tokens(item: EmbedInput) -> int:
-    """A cheap token estimate for the budget: about 3 characters a token, one token per 28x28 pixels."""
-    return 16 + len(item.text or "") // 3 + item.image_pixels // (28 * 28)
+PIXELS_PER_TOKEN = 28 * 28
+"""Image pixels per prompt token (Qwen2-VL's 14x14 patches merged 2x2), for token estimates and budgets."""
+
+
+def estimated_tokens(item: EmbedInput, instruction: str | None = None) -> int:
+    """A cheap token estimate: about 3 characters a token (the instruction's too), one token per 28x28 pixels."""
+    return 16 + (len(item.text or "") + len(instruction or "")) // 3 + item.image_pixels // PIXELS_PER_TOKEN
 
 
 Done = Callable[[Any, "BaseException | None"], None]
@@ -67,16 +73,36 @@ class ArrivalPattern:
 
 @dataclass
 class Job:
-    """One request's inputs, waiting for a batch."""
+    """One request's inputs, waiting for a batch (a large one for several batches, a slice in each)."""
 
     inputs: list[Any]
     """Inputs (embedder) or (query, document) pairs (reranker)."""
     instructions: list[str | None]
     """One instruction per input."""
-    cost: int
-    """Estimated tokens, for the batch budget."""
+    costs: list[int]
+    """Tokens of each input (its whole prompt), for the batch budget."""
     done: Done
-    enqueued: float = field(default_factory=time.perf_counter)
+    waiting_since: float = field(default_factory=time.perf_counter)
+    """When it was queued, or queued again after its last slice ran: how long it has waited for the model."""
+    taken: int = 0
+    """Inputs handed to batches so far (the next slice starts here)."""
+    parts: list[Any] = field(default_factory=list)
+    """Results of its slices that have run, in order."""
+    finished: bool = False
+    """Resolved (all slices ran, or one failed): slices not yet run are dropped."""
+
+
+@dataclass
+class Slice:
+    """The inputs `start:stop` of a job, run in one batch."""
+
+    job: Job
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
 class MicroBatcher:
@@ -88,6 +114,7 @@ class MicroBatcher:
         run: Callable[[Sequence[Any], Sequence[str | None]], Any],
         split: Callable[[Any, list[int]], list[Any]],
         *,
+        join: Callable[[list[Any]], Any],
         max_queue: int,
         max_batch_items: int,
         max_batch_tokens: int,
@@ -98,10 +125,12 @@ class MicroBatcher:
         observe_batch: Callable[[int, int], None] = lambda items, requests: None,
         observe_queue: Callable[[int], None] = lambda depth: None,
     ):
-        """`run(inputs, instructions)` computes a batch; `split(result, sizes)` cuts it into per-job results."""
+        """`run(inputs, instructions)` computes a batch; `split(result, sizes)` cuts it into per-slice results, and
+        `join(results)` puts the results of a request's slices back together."""
         self.name = name
         self._run = run
         self._split = split
+        self._join = join
         self.max_queue = max_queue
         self.max_batch_items = max_batch_items
         self.max_batch_tokens = max_batch_tokens
@@ -138,36 +167,50 @@ class MicroBatcher:
             if delta < 0:
                 self._condition.notify()
 
-    async def submit(self, inputs: list[Any], instructions: list[str | None], cost: int) -> Any:
+    async def submit(self, inputs: list[Any], instructions: list[str | None], costs: list[int]) -> Any:
         """Queue a request and wait for its results; raises QueueFullError when the queue is full."""
-        return await self.enqueue(inputs, instructions, cost)
+        return await self.enqueue(inputs, instructions, costs)
 
-    def enqueue(self, inputs: list[Any], instructions: list[str | None], cost: int) -> asyncio.Future:
+    def enqueue(self, inputs: list[Any], instructions: list[str | None], costs: list[int]) -> asyncio.Future:
         """Queue a request; its future gets the results. Raises QueueFullError when the queue is full."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.put(inputs, instructions, cost, functools.partial(settle_threadsafe, loop, future))
+        self.put(inputs, instructions, costs, functools.partial(settle_threadsafe, loop, future))
         return future
 
-    def put(self, inputs: list[Any], instructions: list[str | None], cost: int, done: Done) -> None:
+    def put(self, inputs: list[Any], instructions: list[str | None], costs: list[int], done: Done) -> None:
         """Queue a request from any thread; `done(result, error)` gets its outcome, from the worker thread.
 
-        Raises QueueFullError when the queue is full, ShuttingDownError once `close` has begun.
+        `costs` are the tokens of each input. Raises QueueFullError when the queue is full, ShuttingDownError
+        once `close` has begun.
         """
-        job = Job(inputs, instructions, cost, done)
+        if not len(inputs) == len(instructions) == len(costs):
+            raise ValueError(f"{len(inputs)} inputs, {len(instructions)} instructions and {len(costs)} costs")
+        job = Job(list(inputs), list(instructions), list(costs), done)
         with self._condition:
             if self._closing:
                 raise ShuttingDownError()
             if len(self._queue) >= self.max_queue:
                 raise QueueFullError(self.name, self.retry_after_s)
             self._queue.append(job)
-            self._arrivals.arrived(job.enqueued)
+            self._arrivals.arrived(job.waiting_since)
             self._observe_queue(len(self._queue))
             self._condition.notify()
 
     @property
     def depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """Seconds the longest-waiting queued request has waited for the model (0 when none waits).
+
+        A request cut into slices waits from the end of its last slice, not from its arrival: while the model
+        keeps working through it and the requests between its slices, it is served, not stuck.
+        """
+        with self._condition:
+            since = min((job.waiting_since for job in self._queue), default=None)
+        return 0.0 if since is None else max(0.0, time.perf_counter() - since)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish the queued ones, stop the worker."""
@@ -179,27 +222,27 @@ class MicroBatcher:
     # ------------------------------------------------------------------------------------------------
     # Worker side
     # ------------------------------------------------------------------------------------------------
-    def _take_batch(self) -> list[Job] | None:
+    def _take_batch(self) -> list[Slice] | None:
         with self._condition:
             while not self._queue:
                 if self._closing:
                     return None
                 self._condition.wait()
-            jobs = [self._queue.popleft()]
+            batch = [self._take_slice(budget_items=self.max_batch_items, budget_tokens=self.max_batch_tokens)]
+            items, tokens = batch[0].size, sum(batch[0].job.costs[batch[0].start : batch[0].stop])
             if self.batching:
-                items, tokens = len(jobs[0].inputs), jobs[0].cost
                 start = time.perf_counter()
                 deadline = start + (self.wait_s if self._arrivals.expect_company() else 0.0)
                 arriving_deadline = start + max(self.wait_s, self.arriving_wait_s)
-                while True:
+                while items < self.max_batch_items and tokens < self.max_batch_tokens:
                     if self._queue:
-                        nxt = self._queue[0]
-                        if items + len(nxt.inputs) > self.max_batch_items or tokens + nxt.cost > self.max_batch_tokens:
+                        piece = self._take_slice(self.max_batch_items - items, self.max_batch_tokens - tokens)
+                        if piece is None:  # its next input does not fit what is left of the budget
                             break
-                        jobs.append(self._queue.popleft())
-                        items, tokens = items + len(nxt.inputs), tokens + nxt.cost
+                        batch.append(piece)
+                        items, tokens = items + piece.size, tokens + sum(piece.job.costs[piece.start : piece.stop])
                         continue
-                    if self._closing or items >= self.max_batch_items:
+                    if self._closing:
                         break
                     now = time.perf_counter()
                     # Requests being decoded will be queued in a moment: wait for them (enqueue or a failed
@@ -209,32 +252,83 @@ class MicroBatcher:
                         break
                     self._condition.wait(until - now)
             self._observe_queue(len(self._queue))
-            return jobs
+            return batch
+
+    def _take_slice(self, budget_items: int, budget_tokens: int) -> Slice | None:
+        """The inputs of the oldest queued request that fit the budget (at least one when the batch is empty).
+
+        The request leaves the queue; one with inputs left goes back to its end once this slice has run
+        (`_requeue`), behind the requests that came meanwhile. Called with the lock held.
+        """
+        job = self._queue[0]
+        empty_batch = budget_items == self.max_batch_items and budget_tokens == self.max_batch_tokens
+        stop, tokens = job.taken, 0
+        while stop < len(job.inputs) and stop - job.taken < budget_items:
+            if tokens + job.costs[stop] > budget_tokens and not (empty_batch and stop == job.taken):
+                break  # a single input larger than the whole budget still runs, alone
+            tokens += job.costs[stop]
+            stop += 1
+        if stop == job.taken:
+            return None
+        self._queue.popleft()
+        piece = Slice(job, job.taken, stop)
+        job.taken = stop
+        return piece
 
     def _work(self) -> None:
         while True:
-            jobs = self._take_batch()
-            if jobs is None:
+            batch = self._take_batch()
+            if batch is None:
                 return
-            self._observe_batch(sum(len(job.inputs) for job in jobs), len(jobs))
+            self._observe_batch(sum(piece.size for piece in batch), len(batch))
             try:
-                self._run_jobs(jobs)
+                self._run_slices(batch)
             except BaseException as err:  # noqa: BLE001 - the worker must survive to serve later requests
-                if len(jobs) == 1:
-                    _resolve(jobs[0], error=err)
+                if len(batch) == 1:
+                    self._fail(batch[0], err)
                 else:
-                    for job in jobs:  # find the request at fault: each runs alone
+                    for piece in batch:  # find the request at fault: each runs alone
                         try:
-                            self._run_jobs([job])
-                        except BaseException as job_err:  # noqa: BLE001
-                            _resolve(job, error=job_err)
+                            self._run_slices([piece])
+                        except BaseException as piece_err:  # noqa: BLE001
+                            self._fail(piece, piece_err)
+            finally:
+                self._requeue([piece.job for piece in batch])
 
-    def _run_jobs(self, jobs: list[Job]) -> None:
-        inputs = [item for job in jobs for item in job.inputs]
-        instructions = [instruction for job in jobs for instruction in job.instructions]
+    def _run_slices(self, batch: list[Slice]) -> None:
+        batch = [piece for piece in batch if not piece.job.finished]  # a request whose earlier slice failed
+        if not batch:
+            return
+        inputs = [item for piece in batch for item in piece.job.inputs[piece.start : piece.stop]]
+        instructions = [text for piece in batch for text in piece.job.instructions[piece.start : piece.stop]]
         result = self._run(inputs, instructions)
-        for job, part in zip(jobs, self._split(result, [len(job.inputs) for job in jobs]), strict=True):
-            _resolve(job, result=part)
+        for piece, part in zip(batch, self._split(result, [piece.size for piece in batch]), strict=True):
+            piece.job.parts.append(part)
+            if piece.stop == len(piece.job.inputs):
+                piece.job.finished = True
+                parts = piece.job.parts
+                _resolve(piece.job, result=parts[0] if len(parts) == 1 else self._join(parts))
+
+    def _fail(self, piece: Slice, error: BaseException) -> None:
+        """Resolve a request with the error of one of its slices; its other inputs are not run."""
+        job = piece.job
+        if isinstance(error, InvalidInputError) and error.index is not None and piece.start:
+            # The index counts from the start of the slice: make it the request's own.
+            error = InvalidInputError(error.index + piece.start, str(error).split(": ", 1)[-1])
+        job.finished = True
+        _resolve(job, error=error)
+
+    def _requeue(self, jobs: list[Job]) -> None:
+        """Requests with inputs left go to the end of the queue, waiting again from now."""
+        left = [job for job in jobs if not job.finished and job.taken < len(job.inputs)]
+        if not left:
+            return
+        now = time.perf_counter()
+        with self._condition:
+            for job in left:
+                job.waiting_since = now
+                self._queue.append(job)
+            self._observe_queue(len(self._queue))
 
 
 def _resolve(job: Job, *, result: Any = None, error: BaseException | None = None) -> None:

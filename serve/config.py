@@ -28,16 +28,28 @@ class ServeConfig:
     api_key: str | None = None
     """When set, every route (health, metrics and the docs included) needs `Authorization: Bearer <key>`."""
     served_model_name: str | None = None
-    """Name reported in `/v1/models` and responses; default: the embedder's (else reranker's) directory name."""
+    """Name of the embedder in `/v1/models`, responses and the `model` field of `/v1/embeddings` (of the reranker
+    when no embedder is hosted); default: its directory's name."""
+    reranker_served_model_name: str | None = None
+    """Name of the reranker in `/v1/models`, responses and the `model` field of `/v1/rerank`; default: its
+    directory's name (or `served_model_name` when no embedder is hosted)."""
 
     max_body_bytes: int = 16 * 1024 * 1024
     """Largest request body accepted (413 above it); images count in their base64 form."""
     max_items: int = 256
     """Most inputs in one `/v1/embeddings` request, or documents in one `/v1/rerank` request."""
     max_text_chars: int = 20_000
-    """Longest text accepted in one input."""
+    """Longest text accepted in one field: an input, the query, a document, the instruction."""
+    max_input_tokens: int = 16_384
+    """Longest prompt accepted for one input (embedder) or one query + document pair (reranker), in tokens after
+    templating: instruction, template and text, and images at one token per 28x28 pixels."""
     max_image_pixels: int = 4096 * 4096
     """Largest image (width x height) accepted, checked from its header before decoding (decompression bombs)."""
+    max_request_pixels: int = 2 * 4096 * 4096
+    """Most image pixels in one request, all its images together, each checked from its header before decoding.
+    (A merged batch holds at most `max_batch_tokens` tokens, images counted at one token per 28x28 pixels.)"""
+    max_image_aspect_ratio: float = 200.0
+    """Widest or tallest image accepted (long side / short side); Qwen2-VL's image processor refuses more."""
     allow_remote_images: bool = False
     """Accept `http(s)://` image URLs (never to loopback, private, link-local or reserved addresses)."""
     remote_image_timeout_s: float = 5.0
@@ -45,13 +57,17 @@ class ServeConfig:
 
     max_queue: int = 256
     """Requests waiting for the model at most; one more is answered 503 with Retry-After."""
+    max_queue_wait_s: float = 30.0
+    """Readiness: `/ready` answers 503 while a queued request has waited longer than this for the model (a request
+    larger than a batch waits from the end of its last slice)."""
     batching: bool = True
     """Merge requests that arrive together into one batch (off: each request runs alone, batch-1 for
     one-item requests)."""
     max_batch_items: int = 64
     """Most inputs (or pairs) in one merged batch."""
     max_batch_tokens: int = 16_384
-    """Most estimated tokens in one merged batch (texts by length, images by pixel count)."""
+    """Most tokens in one merged batch (prompts after templating, images at one token per 28x28 pixels). A request
+    with more is run in slices, and the requests queued behind it run between them."""
     batch_wait_ms: float = 2.0
     """How long the batcher waits for more requests after the first one before it runs a batch."""
     batch_wait_arriving_ms: float = 20.0
@@ -80,9 +96,18 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.embedder_dir is None and self.reranker_dir is None:
             raise ValueError("give an embedder directory, a reranker directory (--reranker), or both")
-        for name in ("max_body_bytes", "max_items", "max_text_chars", "max_image_pixels", "max_queue"):
+        positive = ("max_body_bytes", "max_items", "max_text_chars", "max_input_tokens", "max_image_pixels")
+        for name in (*positive, "max_request_pixels", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.reranker_served_model_name and self.reranker_dir is None:
+            raise ValueError("a reranker name (--reranker-served-model-name) needs a reranker (--reranker)")
+        if self.served_model_name and self.served_model_name == self.reranker_served_model_name:
+            raise ValueError(f"the embedder and the reranker are both named {self.served_model_name!r}")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s}")
+        if self.max_image_aspect_ratio < 1:
+            raise ValueError(f"max_image_aspect_ratio must be >= 1, got {self.max_image_aspect_ratio}")
         if self.http_workers < 0:
             raise ValueError(f"http_workers must be >= 0, got {self.http_workers}")
         if self.max_batch_items < 1 or self.max_batch_tokens < 1:

@@ -180,15 +180,37 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on every route (default: $UNIME_API_KEY, else none)"
     )
-    parser.add_argument("--served-model-name", help="model name in /v1/models (default: the directory's name)")
+    parser.add_argument(
+        "--served-model-name", help="the embedder's name in /v1/models and /v1/embeddings (default: its directory's)"
+    )
+    parser.add_argument(
+        "--reranker-served-model-name",
+        help="the reranker's name in /v1/models and /v1/rerank (default: its directory's)",
+    )
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--max-items", type=int, default=defaults.max_items, help="inputs or documents per request")
     parser.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars)
+    parser.add_argument(
+        "--max-input-tokens",
+        type=int,
+        default=defaults.max_input_tokens,
+        help="tokens of one input's (or query + document's) prompt after templating, instruction included",
+    )
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
+    parser.add_argument(
+        "--max-request-pixels", type=int, default=defaults.max_request_pixels, help="image pixels of one request"
+    )
+    parser.add_argument("--max-image-aspect-ratio", type=float, default=defaults.max_image_aspect_ratio)
     parser.add_argument(
         "--allow-remote-images", action="store_true", help="accept public http(s) image URLs (never private ones)"
     )
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting requests before 503")
+    parser.add_argument(
+        "--max-queue-wait-s",
+        type=float,
+        default=defaults.max_queue_wait_s,
+        help="/ready answers 503 while a queued request has waited longer than this",
+    )
     parser.add_argument("--no-batching", action="store_true", help="run each request alone (no micro-batching)")
     parser.add_argument("--max-batch-items", type=int, default=defaults.max_batch_items)
     parser.add_argument("--max-batch-tokens", type=int, default=defaults.max_batch_tokens)
@@ -229,12 +251,17 @@ def _run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             api_key=args.api_key or os.environ.get("UNIME_API_KEY") or None,
             served_model_name=args.served_model_name,
+            reranker_served_model_name=args.reranker_served_model_name,
             max_body_bytes=args.max_body_bytes,
             max_items=args.max_items,
             max_text_chars=args.max_text_chars,
+            max_input_tokens=args.max_input_tokens,
             max_image_pixels=args.max_image_pixels,
+            max_request_pixels=args.max_request_pixels,
+            max_image_aspect_ratio=args.max_image_aspect_ratio,
             allow_remote_images=args.allow_remote_images,
             max_queue=args.max_queue,
+            max_queue_wait_s=args.max_queue_wait_s,
             batching=not args.no_batching,
             max_batch_items=args.max_batch_items,
             max_batch_tokens=args.max_batch_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -25,6 +26,7 @@ def _batcher(batches: list[list[str]], arriving_wait_ms: float) -> MicroBatcher:
         "m",
         run,
         split,
+        join=lambda parts: [item for part in parts for item in part],
         max_queue=8,
         max_batch_items=8,
         max_batch_tokens=1000,
@@ -36,14 +38,14 @@ def _batcher(batches: list[list[str]], arriving_wait_ms: float) -> MicroBatcher:
 
 
 async def _first_then_announced_second(batcher: MicroBatcher, *, second_fails: bool) -> list:
-    first = batcher.enqueue(["a"], [None], 1)
+    first = batcher.enqueue(["a"], [None], [1])
     pending = [first]
     try:
         with batcher.arriving():  # "b" has arrived and is being decoded while the worker holds "a"
             await asyncio.sleep(0.05)
             if second_fails:
                 raise ValueError("b is not valid JSON")
-            pending.append(batcher.enqueue(["b"], [None], 1))
+            pending.append(batcher.enqueue(["b"], [None], [1]))
     except ValueError:
         pass
     # A guard against a batch left waiting (the wait is a minute): far above the milliseconds this takes.
@@ -102,10 +104,111 @@ def test_a_lone_request_does_not_wait_for_company_that_never_comes() -> None:
 
     async def one_request() -> list:
         # A guard against a batch left waiting (the wait is a minute): far above the milliseconds this takes.
-        return await asyncio.wait_for(batcher.enqueue(["a"], [None], 1), 30)
+        return await asyncio.wait_for(batcher.enqueue(["a"], [None], [1]), 30)
 
     try:
         assert asyncio.run(one_request()) == ["a"]
     finally:
         batcher.close(5)
     assert batches == [["a"]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A request larger than the budget runs in slices, with the requests queued behind it between them
+# ------------------------------------------------------------------------------------------------------------
+def test_a_large_request_is_cut_and_a_small_one_runs_between_its_slices() -> None:
+    batches: list[list[str]] = []
+    batcher = _batcher(batches, 0)
+    batcher.max_batch_tokens = 100
+    release = threading.Event()
+    original = batcher._run
+
+    def held_run(inputs, instructions):  # the first batch waits until both requests are queued
+        release.wait(30)
+        return original(inputs, instructions)
+
+    batcher._run = held_run
+
+    async def two_requests() -> tuple[list, list]:
+        large = batcher.enqueue([f"L{i}" for i in range(6)], [None] * 6, [40] * 6)  # 240 tokens: 3 slices
+        await asyncio.sleep(0.05)  # the first slice has been taken
+        small = batcher.enqueue(["s"], [None], [10])
+        release.set()
+        return await asyncio.wait_for(large, 30), await asyncio.wait_for(small, 30)
+
+    try:
+        large, small = asyncio.run(two_requests())
+    finally:
+        batcher.close(5)
+    assert large == [f"L{i}" for i in range(6)] and small == ["s"]  # each gets its own results, in order
+    # No batch is over the budget; the small request ran right after the first slice, not after all of them.
+    assert batches == [["L0", "L1"], ["s", "L2", "L3"], ["L4", "L5"]]
+
+
+def test_an_input_larger_than_the_whole_budget_runs_alone() -> None:
+    batches: list[list[str]] = []
+    batcher = _batcher(batches, 0)
+    batcher.max_batch_tokens = 100
+
+    async def one() -> list:
+        return await asyncio.wait_for(batcher.enqueue(["a", "huge", "b"], [None] * 3, [10, 500, 10]), 30)
+
+    try:
+        assert asyncio.run(one()) == ["a", "huge", "b"]
+    finally:
+        batcher.close(5)
+    assert batches == [["a"], ["huge"], ["b"]]
+
+
+def test_a_failed_slice_fails_its_request_with_the_request_s_own_index_and_drops_the_rest() -> None:
+    from unime.errors import InvalidInputError
+
+    batches: list[list[str]] = []
+    batcher = _batcher(batches, 0)
+    batcher.max_batch_tokens = 20
+    original = batcher._run
+
+    def run(inputs, instructions):
+        if "bad" in inputs:
+            raise InvalidInputError(inputs.index("bad"), "cannot read it")
+        return original(inputs, instructions)
+
+    batcher._run = run
+
+    async def one() -> None:
+        await asyncio.wait_for(batcher.enqueue(["a", "b", "c", "bad", "d", "e"], [None] * 6, [10] * 6), 30)
+
+    try:
+        with pytest.raises(InvalidInputError, match="input 3: cannot read it"):
+            asyncio.run(one())
+        assert batcher.depth == 0
+    finally:
+        batcher.close(5)
+    assert batches == [["a", "b"]]  # the slice after the failed one never ran
+
+
+def test_oldest_wait_counts_queued_requests_not_one_being_served() -> None:
+    batches: list[list[str]] = []
+    batcher = _batcher(batches, 0)
+    release = threading.Event()
+    original = batcher._run
+    batcher._run = lambda inputs, instructions: (release.wait(30), original(inputs, instructions))[1]
+
+    async def scenario() -> tuple[float, float, float]:
+        first = batcher.enqueue(["a"], [None], [1])
+        await asyncio.sleep(0.05)
+        running_only = batcher.oldest_wait_s  # "a" is running: nothing waits
+        second = batcher.enqueue(["b"], [None], [1])
+        await asyncio.sleep(0.3)
+        waiting = batcher.oldest_wait_s  # "b" has waited behind the held batch
+        release.set()
+        await asyncio.wait_for(first, 30)
+        await asyncio.wait_for(second, 30)
+        return running_only, waiting, batcher.oldest_wait_s
+
+    try:
+        running_only, waiting, after = asyncio.run(scenario())
+    finally:
+        release.set()
+        batcher.close(5)
+    assert running_only == 0.0 and waiting >= 0.25 and after == 0.0
