@@ -208,9 +208,15 @@ class MicroBatcher:
         A request cut into slices waits from the end of its last slice, not from its arrival: while the model
         keeps working through it and the requests between its slices, it is served, not stuck.
         """
-        with self._condition:
-            since = min((job.waiting_since for job in self._queue), default=None)
+        since = self.oldest_waiting_since
         return 0.0 if since is None else max(0.0, time.perf_counter() - since)
+
+    @property
+    def oldest_waiting_since(self) -> float | None:
+        """`time.perf_counter()` (the system's monotonic clock, the same in every process) since which the
+        longest-waiting queued request has waited; None when none waits. Safe to read from `observe_queue`."""
+        with self._condition:  # reentrant: observe_queue is called with it held
+            return min((job.waiting_since for job in self._queue), default=None)
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish the queued ones, stop the worker."""
