@@ -76,7 +76,8 @@ class ServeConfig:
     retry_after_s: int = 1
     """Retry-After sent with a 503 when the queue is full."""
     shutdown_grace_s: float = 30.0
-    """On SIGTERM/SIGINT, how long requests in flight may take to finish before the server exits anyway."""
+    """On SIGTERM/SIGINT, how long requests in flight may take to finish; those still unanswered then get 503 with
+    Retry-After, and the server exits 0 without waiting for the model."""
     http_workers: int = 0
     """HTTP front-end processes (`unime.serve.workers`): each accepts connections on the one listening socket,
     parses and decodes requests (JSON, base64, images) and sends the decoded inputs to this process, which loads

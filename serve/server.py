@@ -2,21 +2,33 @@
 
     unime serve MODEL_DIR [--reranker DIR] [--backend auto|vllm|transformers] [--port 8000] [--api-key KEY]
 
-On SIGTERM or SIGINT the server stops accepting connections, lets the requests in flight finish (up to
-`shutdown_grace_s`), stops its batchers and exits 0. With `http_workers` > 0, HTTP is served by that many
-worker processes in front of this one (`unime.serve.workers`).
+On SIGTERM or SIGINT the server stops accepting connections and lets the requests in flight finish, for up to
+`shutdown_grace_s`. Requests still unanswered then get 503 with Retry-After (`ShutdownDeadline`), and the process
+exits 0: at once if a batch is still running on the model (a forward pass cannot be interrupted, and an
+interpreter exit under a running torch or vLLM thread aborts the process), else after stopping its batchers.
+With `http_workers` > 0, HTTP is served by that many worker processes in front of this one
+(`unime.serve.workers`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import multiprocessing
+import os
 import signal
 import sys
 from typing import Any
 
 from unime.serve.config import ServeConfig
+from unime.serve.errors import RequestError
 
 logger = logging.getLogger("unime.serve")
+
+DEADLINE_MARGIN_S = 5
+"""uvicorn's own graceful-shutdown timeout is this much longer than the grace period: a backstop that cancels what
+is left only if the 503s of `ShutdownDeadline` could not be sent in that time."""
 
 
 def load_models(config: ServeConfig) -> dict[str, Any]:
@@ -41,6 +53,99 @@ def build_app(config: ServeConfig):
     return create_app(config, host_models(config, metrics, **load_models(config)), metrics)
 
 
+class ShutdownDeadline:
+    """The requests open in one HTTP process, and their 503 when the shutdown grace period ends.
+
+    `middleware` tracks each HTTP request's task; `expire` cancels the ones still open, and each answers 503 with
+    Retry-After instead of the 500 a cancelled request would get. After `expire`, the app's lifespan shutdown is
+    skipped: it would wait for the batchers, which may still be running the work of the requests just answered.
+    """
+
+    def __init__(self, retry_after_s: int):
+        self.retry_after_s = retry_after_s
+        self.expired = False
+        self._open: set[asyncio.Task] = set()
+
+    def expire(self) -> None:
+        self.expired = True
+        if self._open:
+            logger.warning("shutdown grace period over: answering %d open requests 503", len(self._open))
+        for task in list(self._open):
+            task.cancel(msg="shutdown grace period over")
+
+    def middleware(self, app: Any) -> Any:
+        """The ASGI app `app` with its HTTP requests tracked (installed inside the guard, so metrics see 503)."""
+
+        async def tracked(scope: dict, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                await self._lifespan(app, scope, receive, send)
+            elif scope["type"] == "http":
+                await self._request(app, scope, receive, send)
+            else:
+                await app(scope, receive, send)
+
+        return tracked
+
+    async def _request(self, app: Any, scope: dict, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        started = False
+
+        async def send_tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self._open.add(task)
+        try:
+            await app(scope, receive, send_tracked)
+        except asyncio.CancelledError:
+            # Our cancel alone (not uvicorn's backstop): answer it.
+            if not (self.expired and task.cancelling() == 1):
+                raise
+            task.uncancel()
+            if not started:
+                await self._answer_unavailable(scope, receive, send_tracked)
+        finally:
+            self._open.discard(task)
+
+    async def _lifespan(self, app: Any, scope: dict, receive: Any, send: Any) -> None:
+        skipped = False
+
+        async def receive_unless_expired() -> dict:
+            nonlocal skipped
+            message = await receive()
+            if message["type"] == "lifespan.shutdown" and self.expired:
+                # The server goes on stopping; the app, still waiting for this message, is cancelled with the
+                # event loop (the process then exits without waiting for the batchers).
+                skipped = True
+                await send({"type": "lifespan.shutdown.complete"})
+                await asyncio.Future()
+            return message
+
+        async def send_unless_skipped(message: dict) -> None:
+            if not skipped:
+                await send(message)
+
+        await app(scope, receive_unless_expired, send_unless_skipped)
+
+    async def _answer_unavailable(self, scope: dict, receive: Any, send: Any) -> None:
+        from unime.serve.app import error_response
+
+        err = RequestError(
+            "the server shut down before this request was answered (its shutdown grace period ran out); retry",
+            status=503,
+        )
+        err.retry_after_s = self.retry_after_s
+        await error_response(err)(scope, receive, send)
+
+
+def install_shutdown_deadline(guarded_app: Any, config: ServeConfig) -> ShutdownDeadline:
+    """Put a `ShutdownDeadline` between `create_app`'s guard and its routes."""
+    deadline = ShutdownDeadline(config.retry_after_s)
+    guarded_app.app = deadline.middleware(guarded_app.app)
+    return deadline
+
+
 def uvicorn_config(app: Any, config: ServeConfig) -> Any:
     import uvicorn
 
@@ -49,10 +154,31 @@ def uvicorn_config(app: Any, config: ServeConfig) -> Any:
         host=config.host,
         port=config.port,
         log_level="warning",
-        timeout_graceful_shutdown=int(config.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(config.shutdown_grace_s) + DEADLINE_MARGIN_S,
         # The body limit is the guard's job; this bounds the headers uvicorn buffers.
         h11_max_incomplete_event_size=64 * 1024,
     )
+
+
+def graceful_server(guarded_app: Any, config: ServeConfig) -> tuple[Any, ShutdownDeadline]:
+    """A uvicorn server for `guarded_app` (from `create_app`) whose shutdown ends with the grace period.
+
+    When the grace period ends, the requests still open are answered 503 and the server stops without the app's
+    lifespan shutdown: the caller sees `deadline.expired` and exits.
+    """
+    import uvicorn
+
+    deadline = install_shutdown_deadline(guarded_app, config)
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            timer = asyncio.get_running_loop().call_later(config.shutdown_grace_s, deadline.expire)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    return GracefulServer(uvicorn_config(guarded_app, config)), deadline
 
 
 def banner(config: ServeConfig) -> str:
@@ -68,17 +194,38 @@ def serve(config: ServeConfig) -> int:
         from unime.serve.workers import serve_with_http_workers
 
         return serve_with_http_workers(config)
-    import uvicorn
 
-    server = uvicorn.Server(uvicorn_config(build_app(config), config))
+    server, deadline = graceful_server(build_app(config), config)
     print(banner(config), flush=True)
     # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler
     # that was in place before it started: a no-op here, so that a graceful stop ends with exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _after_graceful_stop)
     server.run()
+    if deadline.expired:
+        exit_now(0, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
     print("unime serve: stopped", flush=True)
     return 0
+
+
+def exit_now(status: int, message: str | None = None) -> None:
+    """End the process without waiting for the batcher threads, which may be inside a forward pass.
+
+    The interpreter's normal exit would run C++ destructors under a running torch/vLLM thread, which aborts the
+    process ("terminate called without an active exception", SIGABRT); and it can take seconds to free what a
+    process holds (a machine short of memory pages it back in) when the grace period is already spent. Child
+    processes (a vLLM engine core) are stopped first, as the engine's own shutdown would have.
+    """
+    if message is not None:
+        print(message, flush=True)
+    logging.shutdown()
+    for child in multiprocessing.active_children():
+        child.terminate()
+    for child in multiprocessing.active_children():
+        child.join(5)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

@@ -32,10 +32,13 @@ Design.
   directory: whichever worker answers, it reports the whole server.
 - Stopping. SIGTERM/SIGINT to the main process: it sends SIGTERM to the workers, which stop accepting, finish
   their requests in flight (the model process keeps serving them) and exit; then the batchers finish and close,
-  and the main process exits 0. A worker that exits on its own (a crash, SIGKILL) stops the whole server with
-  exit status 1 and a message naming it, rather than leaving it serving with fewer workers. Workers run in a
-  process group of their own, so that a terminal's Ctrl-C reaches them only through the main process (twice
-  would force uvicorn out), and stop on their own if the main process disappears (their pipe closes).
+  and the main process exits 0. Requests still unanswered when `shutdown_grace_s` is over get 503 with
+  Retry-After from their worker (`unime.serve.server.ShutdownDeadline`), and the main process exits 0 without
+  waiting for a batch still running on the model. A worker that exits on its own (a crash, SIGKILL) stops the
+  whole server with exit status 1 and a message naming it, rather than leaving it serving with fewer workers.
+  Workers run in a process group of their own, so that a terminal's Ctrl-C reaches them only through the main
+  process (twice would force uvicorn out), and stop on their own if the main process disappears (their pipe
+  closes).
 
 Measured (`bench/serve.py --http-workers 2`, tiny model, on a shared 2-core machine): a one-item request
 through the pipe and back, the model answering at once, takes 540 us against 77 us through an in-process
@@ -309,16 +312,14 @@ def run_http_worker(
     from unime.serve.metrics import MULTIPROC_ENV, share_metrics_in
 
     share_metrics_in(os.environ[MULTIPROC_ENV])
-    import uvicorn
-
     from unime.serve.app import HostedModel, create_app
     from unime.serve.metrics import ServerMetrics
-    from unime.serve.server import uvicorn_config
+    from unime.serve.server import exit_now, graceful_server
 
     channel = Channel(conn)
     hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, depths)) for kind, name, info in models}
     metrics = ServerMetrics()
-    server = uvicorn.Server(uvicorn_config(create_app(config, hosted, metrics), config))
+    server, deadline = graceful_server(create_app(config, hosted, metrics), config)
 
     def stop() -> None:
         server.should_exit = True
@@ -337,6 +338,8 @@ def run_http_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop())
     server.run(sockets=[sock])
+    if deadline.expired:  # its requests are answered; the main process is waiting for it
+        exit_now(0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,16 +348,22 @@ def run_http_worker(
 def serve_with_http_workers(config: ServeConfig) -> int:
     """Load the models, start the workers, supervise them until a signal or a worker's death."""
     from unime.serve.metrics import share_metrics_in
+    from unime.serve.server import exit_now
 
     metrics_dir = tempfile.mkdtemp(prefix="unime-metrics-")
     try:
         share_metrics_in(metrics_dir)
-        return _serve(config)
+        status, busy = _serve(config)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if busy:  # a batch outlasted the grace period: its requests were answered 503 by the workers
+        exit_now(status, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
+    print("unime serve: stopped", flush=True)
+    return status
 
 
-def _serve(config: ServeConfig) -> int:
+def _serve(config: ServeConfig) -> tuple[int, bool]:
+    """Serve until the workers have stopped: the exit status, and whether a batcher is still busy."""
     import uvicorn
 
     from unime.serve.app import host_models
@@ -385,16 +394,23 @@ def _serve(config: ServeConfig) -> int:
         workers.append(process)
     sock.close()  # the workers hold it now: once they have all stopped, connections are refused
 
-    status = _supervise(config, workers, service, forget_process)
+    status, stopping_since = _supervise(config, workers, service, forget_process)
+    # The workers have answered every request, those past the grace period 503: the batchers get what is left of
+    # the grace period to finish, and a join that returns before the deadline means that they did.
+    deadline = stopping_since + config.shutdown_grace_s
     for model in hosted.values():
-        model.batcher.close(config.shutdown_grace_s)
-    service.join(5)
-    print("unime serve: stopped", flush=True)
-    return status
+        model.batcher.close(max(0.0, deadline - time.monotonic()))
+    busy = time.monotonic() >= deadline
+    service.join(0.1 if busy else 5)
+    return status, busy
 
 
-def _supervise(config: ServeConfig, workers: list, service: ModelService, forget_process: Callable) -> int:
-    """Wait for a signal (stop the workers gracefully) or a worker's exit (stop the server, exit status 1)."""
+def _supervise(
+    config: ServeConfig, workers: list, service: ModelService, forget_process: Callable
+) -> tuple[int, float]:
+    """Wait for a signal (stop the workers gracefully) or a worker's exit (stop the server, exit status 1).
+
+    Returns the exit status and when the stop began (`time.monotonic()`)."""
     signals: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum)) for sig in _STOP_SIGNALS}
     status, stopping_since, forced, announced_ready = 0, None, False, False
@@ -432,7 +448,7 @@ def _supervise(config: ServeConfig, workers: list, service: ModelService, forget
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return status
+    return status, stopping_since if stopping_since is not None else time.monotonic()
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

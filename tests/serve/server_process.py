@@ -182,6 +182,12 @@ def assert_graceful_stop_under_load(server: ServerProcess, items: list, clients:
     for thread in threads:
         thread.start()
     warmed.wait(timeout=120)  # every client has had one answer: the server is under load
+    # Past the barrier the clients send again: wait until the server holds their requests (all but one at least,
+    # plus this /metrics request), or the stop could find none in flight.
+    deadline = time.monotonic() + 60
+    while metric_value(_metrics(server), "unime_requests_in_flight", 0.0) < clients:
+        assert time.monotonic() < deadline, "the clients' requests never reached the server"
+        time.sleep(0.01)
     stop.set()  # no new requests from here on; those already sent must all be answered
     time.sleep(0.05)
     killed_at = time.monotonic()
@@ -197,3 +203,62 @@ def assert_graceful_stop_under_load(server: ServerProcess, items: list, clients:
     except httpx.ConnectError:
         return
     raise AssertionError("the server still accepts connections after it stopped")
+
+
+def assert_deadline_answers_503(server: ServerProcess, items: list, clients: int, grace_s: float) -> None:
+    """SIGTERM while `clients` requests of `items` are in the server, more than it can finish in `grace_s`.
+
+    Requests finished within the grace period are answered 200; the others 503 with Retry-After once it is over
+    (not before); the process then exits 0 without waiting for the model, and without an abort.
+    """
+    outcomes: list[tuple[httpx.Response | str, float]] = []
+    lock = threading.Lock()
+    connected = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        with server.client() as http:
+            http.get("/health")  # the connection is accepted before the stop: the request cannot be refused
+            connected.wait(timeout=60)
+            try:
+                outcome: httpx.Response | str = http.post("/v1/embeddings", json={"input": items})
+            except httpx.HTTPError as err:  # sent and never answered
+                outcome = f"lost: {err!r}"
+            with lock:
+                outcomes.append((outcome, time.monotonic()))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    connected.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    # Every request is in the server (the guard counts it, the /metrics request itself included).
+    while metric_value(_metrics(server), "unime_requests_in_flight", 0.0) < clients + 1:
+        assert time.monotonic() < deadline, "the requests never reached the server"
+        time.sleep(0.05)
+    signalled = time.monotonic()
+    server.terminate()
+    for thread in threads:
+        thread.join(timeout=120)
+    status = server.process.wait(timeout=60)
+    exited = time.monotonic() - signalled
+    log = server.log()
+    assert status == 0, log
+    assert "terminate called" not in log and "Traceback" not in log, log
+    assert "unime serve: stopped" in log, log
+    lost = [outcome for outcome, _ in outcomes if isinstance(outcome, str)]
+    assert len(outcomes) == clients and not lost, (lost, log)
+    statuses = [outcome.status_code for outcome, _ in outcomes]
+    assert set(statuses) <= {200, 503}, [outcome.text for outcome, _ in outcomes]
+    late = [(outcome, at - signalled) for outcome, at in outcomes if outcome.status_code == 503]
+    assert late, f"every request finished within the {grace_s} s grace period: make them slower ({statuses})"
+    for response, after in late:
+        assert response.headers["Retry-After"] == "1"
+        error = response.json()["error"]
+        assert (error["code"], error["type"]) == (503, "server_overloaded")
+        assert "grace period" in error["message"]
+        assert after >= grace_s * 0.9, f"answered 503 {after:.2f} s after the signal, before the grace period ended"
+    assert exited < grace_s + 10, f"the server took {exited:.1f} s to exit after the grace period of {grace_s} s"
+
+
+def _metrics(server: ServerProcess) -> str:
+    return httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=30).text

@@ -1,4 +1,5 @@
-"""A full queue answers 503 with Retry-After; SIGTERM under load finishes every request in flight."""
+"""A full queue answers 503 with Retry-After; SIGTERM under load finishes every request in flight, and the requests
+that outlast the shutdown grace period get 503 with Retry-After while the server exits 0."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import httpx
 import pytest
 
 from tests.serve.server_process import (
+    assert_deadline_answers_503,
     assert_full_queue_answers_503,
     assert_graceful_stop_under_load,
     start_server,
@@ -63,3 +65,20 @@ def test_graceful_shutdown_finishes_requests_in_flight(server, heavy_items):
     server at any moment, each waiting for the ones ahead, so several are in flight when SIGTERM lands.
     """
     assert_graceful_stop_under_load(server, heavy_items * 4, clients=MAX_QUEUE)
+
+
+GRACE_S = 1.0
+
+
+@pytest.mark.parametrize("http_workers", [0, 2], ids=["one-process", "http-workers"])
+def test_requests_past_the_grace_period_get_503_and_the_server_exits_0(
+    serve_models, heavy_items, tmp_path, http_workers
+):
+    """Six requests of 256 text+image items (a few seconds of model time) against a grace period of 1 s."""
+    args = [str(serve_models["embedder"]), "--backend", "transformers", "--no-batching"]
+    args += ["--shutdown-grace-s", str(GRACE_S), "--http-workers", str(http_workers)]
+    server = start_server(args, tmp_path / "grace.log", timeout=180)
+    try:
+        assert_deadline_answers_503(server, heavy_items * 32, clients=6, grace_s=GRACE_S)
+    finally:
+        server.stop()
