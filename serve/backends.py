@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from unime.batching import PassCostModel, cost_aware_batches
-from unime.errors import InvalidInputError
+from unime.errors import InvalidInputError, UnimeError
 from unime.inputs import EmbedInput
 from unime.pooling import finish_embeddings
 from unime.serve.batching import estimated_tokens
@@ -164,11 +164,39 @@ class TransformersReranker:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _engine_options(dtype: str | None, tensor_parallel_size: int, enforce_eager: bool, gpu_memory: float | None):
+MEMORY_FLAGS = ("--gpu-memory-utilization", "--kv-cache-gib")
+"""The `unime serve` flags that size an engine's memory, named in its errors."""
+
+
+class EngineStartError(UnimeError):
+    """A vLLM engine did not start; the message names the model and the flags to change."""
+
+
+def _engine_options(
+    tensor_parallel_size: int, enforce_eager: bool, gpu_memory: float | None, kv_cache_gib: float | None
+) -> dict[str, Any]:
+    """Deployment options of an engine; its memory as `unime.vllm_compat.engine_memory_kwargs` sizes it (on CPU by
+    default a KV cache from the memory available, where vLLM's default would refuse to start beside other work)."""
+    from unime.vllm_compat import engine_memory_kwargs
+
     options: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager}
-    if gpu_memory is not None:
-        options["gpu_memory_utilization"] = gpu_memory
+    options.update(engine_memory_kwargs(gpu_memory, kv_cache_gib, flags=MEMORY_FLAGS))
     return options
+
+
+def start_engine(model_dir: str, kwargs: dict[str, Any]) -> Any:
+    """`vllm.LLM(**kwargs)`; a failure to start becomes an EngineStartError saying what to change."""
+    from vllm import LLM
+
+    from unime.vllm_compat import engine_memory_hint
+
+    try:
+        return LLM(**kwargs)
+    except Exception as err:  # noqa: BLE001 - the engine reports start-up failures with many types
+        raise EngineStartError(
+            f"the vLLM engine for {model_dir} did not start ({type(err).__name__}: {err}); "
+            f"{engine_memory_hint(MEMORY_FLAGS)}"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -193,17 +221,16 @@ class VllmEmbedder:
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
         gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
     ):
-        from vllm import LLM
-
         from unime.vllm_compat import EmbeddingPrompts, embedder_engine_kwargs
 
         self.prompts = EmbeddingPrompts(model_dir)
         self.config = self.prompts.config
         self.normalize = self.config.normalize
         kwargs = embedder_engine_kwargs(model_dir, dtype=dtype)
-        kwargs.update(_engine_options(dtype, tensor_parallel_size, enforce_eager, gpu_memory_utilization))
-        self.llm = LLM(**kwargs)
+        kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
+        self.llm = start_engine(model_dir, kwargs)
         self.dimension = int(self.llm.llm_engine.model_config.get_hidden_size())
         self.name = "vllm"
 
@@ -232,15 +259,14 @@ class VllmReranker:
         tensor_parallel_size: int = 1,
         enforce_eager: bool = False,
         gpu_memory_utilization: float | None = None,
+        kv_cache_gib: float | None = None,
     ):
-        from vllm import LLM
-
         from unime.vllm_compat import RerankPrompts, reranker_engine_kwargs
 
         self.prompts = RerankPrompts(model_dir)
         kwargs = reranker_engine_kwargs(model_dir, dtype=dtype)
-        kwargs.update(_engine_options(dtype, tensor_parallel_size, enforce_eager, gpu_memory_utilization))
-        self.llm = LLM(**kwargs)
+        kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
+        self.llm = start_engine(model_dir, kwargs)
         self.name = "vllm"
 
     def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
@@ -269,6 +295,7 @@ def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
             tensor_parallel_size=config.tensor_parallel_size,
             enforce_eager=config.enforce_eager,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_gib=config.kv_cache_gib,
         )
     return TransformersEmbedder(
         model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
@@ -283,6 +310,7 @@ def load_reranker(backend: str, model_dir: str, config: Any) -> RerankerBackend:
             tensor_parallel_size=config.tensor_parallel_size,
             enforce_eager=config.enforce_eager,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_gib=config.kv_cache_gib,
         )
     return TransformersReranker(
         model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items

@@ -92,7 +92,11 @@ class ServeConfig:
     enforce_eager: bool = False
     """vLLM backend: skip CUDA graphs / torch.compile (faster start, what tests use)."""
     gpu_memory_utilization: float | None = None
-    """vLLM backend: fraction of GPU memory per engine (default vLLM's; lower it to host both models)."""
+    """vLLM backend: fraction of GPU memory per engine (default vLLM's; lower it to host both models). On CPU, vLLM
+    reads it as the share of all memory to reserve, which must be available at start."""
+    kv_cache_gib: float | None = None
+    """vLLM backend: KV cache size per engine, in GiB (default on GPU: what `gpu_memory_utilization` leaves; on
+    CPU: a quarter of the memory available at start, at most 4 GiB, unless VLLM_CPU_KVCACHE_SPACE is set)."""
 
     def __post_init__(self) -> None:
         if self.embedder_dir is None and self.reranker_dir is None:

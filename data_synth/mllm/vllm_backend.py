@@ -29,6 +29,10 @@ from unime.data_synth.mllm.backend import GenerationRequest, GenerationResult
 from unime.data_synth.mllm.vllm_worker import END_OF_REQUESTS, chunk_name
 from unime.data_synth.sharding import stable_hash
 from unime.errors import ConfigError
+from unime.vllm_compat import engine_memory_kwargs
+
+MEMORY_SETTINGS = ("gpu_memory_utilization", "extra_engine_args.kv_cache_memory_bytes")
+"""The settings that size the engine's memory, named in its errors."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ class VllmBackendConfig:
     chat_template: str | None = None
     """A Jinja chat template file to use instead of the model's own."""
     gpu_memory_utilization: float | None = None
-    """Fraction of each GPU's memory the engine may take (None: vLLM's default)."""
+    """Fraction of each GPU's memory the engine may take (None: vLLM's default on a GPU; on CPU, where vLLM reads it
+    as a share of all memory, a KV cache sized from the memory available, as `unime.vllm_compat.
+    engine_memory_kwargs` chooses, unless `extra_engine_args` gives `kv_cache_memory_bytes`)."""
     extra_engine_args: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments for `vllm.LLM`."""
 
@@ -97,7 +103,12 @@ class VllmBackend:
             "seed": self.config.seed,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
         }
-        if self.config.gpu_memory_utilization is not None:
+        if "kv_cache_memory_bytes" not in self.config.extra_engine_args:
+            # The server's choice (`unime serve`): vLLM's CPU default reserves 92% of all memory and refuses to
+            # start beside other work. Checked here, before any engine starts, so that a setting that cannot fit
+            # fails with a message naming it rather than in the engine's process.
+            args.update(engine_memory_kwargs(self.config.gpu_memory_utilization, flags=MEMORY_SETTINGS))
+        elif self.config.gpu_memory_utilization is not None:
             args["gpu_memory_utilization"] = self.config.gpu_memory_utilization
         args.update(self.config.extra_engine_args)
         return args

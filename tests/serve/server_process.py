@@ -40,13 +40,17 @@ def b64_image(image: Image.Image, fmt: str = "PNG") -> str:
 class ServerProcess:
     """`unime serve ...` in a subprocess; its output goes to a log file that failures print."""
 
-    def __init__(self, args: list[str], log_path: Path, *, env: dict[str, str] | None = None, api_key: str = API_KEY):
+    def __init__(
+        self, args: list[str], log_path: Path, *, env: dict[str, str | None] | None = None, api_key: str = API_KEY
+    ):
+        """`env` is added to this process's environment; a None value removes the variable."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
         command = [sys.executable, "-m", "unime.cli", "serve", *args, "--port", str(self.port), "--api-key", api_key]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        full_env = {name: value for name, value in full_env.items() if value is not None}
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
@@ -99,7 +103,7 @@ def model_args(models: dict[str, Path], *, reranker: bool = True, backend: str =
     return [*args, "--backend", backend]
 
 
-def start_server(args: list[str], log_path: Path, *, timeout: float, env: dict[str, str] | None = None):
+def start_server(args: list[str], log_path: Path, *, timeout: float, env: dict[str, str | None] | None = None):
     server = ServerProcess(args, log_path, env=env)
     server.wait_ready(timeout)
     return server

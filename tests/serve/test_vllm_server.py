@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from tests.serve.server_process import cosines, data_url, start_server
+from unime.vllm_compat import KVCACHE_ENV
 
 pytestmark = [
     pytest.mark.vllm,
@@ -19,8 +24,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(serve_models, tmp_path_factory):
+    """Started with the default memory settings while this process holds memory (vLLM's own default, 92% of all
+    memory, would refuse to start; the KV cache is sized from the memory available instead)."""
     tmp = tmp_path_factory.mktemp("vllm-serve")
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": str(tmp / "cache")}
+    env = {KVCACHE_ENV: None, "VLLM_CACHE_ROOT": str(tmp / "cache")}
     args = [
         str(serve_models["embedder"]),
         "--reranker",
@@ -31,9 +38,38 @@ def server(serve_models, tmp_path_factory):
         "--batch-wait-ms",
         "20",
     ]
-    proc = start_server(args, tmp / "server.log", timeout=400, env=env)
+    with memory_held_by_another_process():
+        proc = start_server(args, tmp / "server.log", timeout=400, env=env)
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+@contextlib.contextmanager
+def memory_held_by_another_process(share_left: float = 0.88) -> Iterator[None]:
+    """Hold (touched) memory until at most `share_left` of all memory is available, as other work would."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    ballast = np.ones(max(0, memory.available - int(share_left * memory.total)), dtype=np.uint8)
+    try:
+        yield
+    finally:
+        del ballast
+
+
+def test_the_engines_took_a_kv_cache_sized_from_the_available_memory(server):
+    log = server.log()
+    assert "Explicitly set" in log and "GiB for KV cache" in log, log  # vLLM-cpu's line for a given size
+
+
+def test_memory_settings_that_cannot_fit_are_refused_before_any_engine_starts(serve_models, tmp_path):
+    """Exit 2 and a message naming the flag, in seconds (no engine starts), without a stack trace."""
+    for flag, value in (("--gpu-memory-utilization", "0.999"), ("--kv-cache-gib", "100000")):
+        command = [sys.executable, "-m", "unime.cli", "serve", str(serve_models["embedder"]), "--backend", "vllm"]
+        done = subprocess.run([*command, flag, value], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "unime serve: error: " in done.stderr and flag in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_the_embedder_runs_on_vllm(server):

@@ -1,0 +1,57 @@
+"""How much memory a vLLM engine is given (`unime.vllm_compat.plan_engine_memory`): on CPU by default a KV cache
+sized from the memory available, so that it starts beside other work; settings that cannot fit refused early,
+naming the flag to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from unime.errors import ConfigError
+from unime.serve.backends import MEMORY_FLAGS
+from unime.vllm_compat import GIB, default_cpu_kv_cache_bytes, plan_engine_memory
+
+TOTAL = 24 * GIB
+
+
+def plan(
+    gpu: float | None = None, kv: float | None = None, *, on_cpu: bool = True, available: int = 12 * GIB, env=None
+):
+    return plan_engine_memory(
+        gpu, kv, on_cpu=on_cpu, total_bytes=TOTAL, available_bytes=available, env_kv_cache=env, flags=MEMORY_FLAGS
+    )
+
+
+@pytest.mark.parametrize(
+    ("available", "expected"),
+    [(12 * GIB, 3 * GIB), (40 * GIB, 4 * GIB), (GIB // 2, 256 << 20), (6 * GIB + 12345, int(1.5 * GIB))],
+)
+def test_the_cpu_default_is_a_quarter_of_the_available_memory_within_bounds(available, expected):
+    assert default_cpu_kv_cache_bytes(available) == expected
+    assert plan(available=available) == {"kv_cache_memory_bytes": expected}
+
+
+def test_the_default_leaves_vllms_memory_share_alone_where_it_does_not_apply():
+    assert plan(on_cpu=False) == {}  # GPU: vLLM's own default
+    assert plan(env="2") == {}  # VLLM_CPU_KVCACHE_SPACE decides
+
+
+def test_given_settings_are_passed_as_given():
+    assert plan(0.3) == {"gpu_memory_utilization": 0.3}
+    assert plan(kv=1.5) == {"kv_cache_memory_bytes": int(1.5 * GIB)}
+    assert plan(0.95, on_cpu=False) == {"gpu_memory_utilization": 0.95}
+
+
+def test_a_cpu_share_larger_than_the_available_memory_names_the_flag():
+    with pytest.raises(ConfigError) as caught:
+        plan(0.92, available=12 * GIB)  # vLLM's default share: 22 GiB of 24, with 12 available
+    message = str(caught.value)
+    assert "--gpu-memory-utilization" in message and "below 0.50" in message and "--kv-cache-gib" in message
+
+
+@pytest.mark.parametrize(
+    ("gpu", "kv", "flag"),
+    [(None, 20.0, "--kv-cache-gib"), (None, -1.0, "--kv-cache-gib"), (1.5, None, "--gpu-memory-utilization")],
+)
+def test_impossible_settings_name_their_flag(gpu, kv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        plan(gpu, kv)
