@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.serve.server_process import (
     assert_deadline_answers_503,
     assert_full_queue_answers_503,
     assert_graceful_stop_under_load,
+    data_url,
     start_server,
 )
 
@@ -52,6 +54,16 @@ def test_remote_images_never_reach_private_addresses(server, url):
     error = response.json()["error"]
     assert (error["param"], error["index"]) == ("input[1].image", 1)
     assert "non-public" in error["message"]
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO"])
+def test_image_formats_other_than_the_five_are_refused(server, fmt):
+    payload = {"input": ["a", {"text": "b", "image": data_url(Image.new("RGB", (16, 16)), fmt)}]}
+    response = httpx.post(f"{server.url}/v1/embeddings", json=payload, headers=server.headers, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["index"]) == ("input[1].image", 1)
+    assert "PNG, JPEG, WebP, GIF or BMP" in error["message"]
 
 
 def test_full_queue_answers_503_with_retry_after(server, heavy_items):
