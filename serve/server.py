@@ -2,11 +2,11 @@
 
     unime serve MODEL_DIR [--reranker DIR] [--backend auto|vllm|transformers] [--port 8000] [--api-key KEY]
 
-On SIGTERM or SIGINT the server stops accepting connections and lets the requests in flight finish, for up to
-`shutdown_grace_s`. Requests still unanswered then get 503 with Retry-After (`ShutdownDeadline`), and the process
-exits 0: at once if a batch is still running on the model (a forward pass cannot be interrupted, and an
-interpreter exit under a running torch or vLLM thread aborts the process), else after stopping its batchers.
-With `http_workers` > 0, HTTP is served by that many worker processes in front of this one
+On SIGTERM or SIGINT the server stops accepting connections, lets the requests in flight finish, stops its
+batchers and exits 0. Requests still unanswered after `shutdown_grace_s` get 503 with Retry-After
+(`ShutdownDeadline`), and the process then exits 0 without waiting for the model, as it does on a second signal:
+a forward pass cannot be interrupted, and an interpreter exit under a running torch or vLLM thread aborts the
+process. With `http_workers` > 0, HTTP is served by that many worker processes in front of this one
 (`unime.serve.workers`).
 """
 
@@ -216,6 +216,8 @@ def _serve_in_one_process(config: ServeConfig) -> int:
     server.run()
     if deadline.expired:
         exit_now(0, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
+    if server.force_exit:  # a second signal: uvicorn stopped without waiting, and so must the batchers
+        exit_now(0, "unime serve: stopped (forced by a second signal; requests in flight were cut short)")
     print("unime serve: stopped", flush=True)
     return 0
 

@@ -186,12 +186,9 @@ def assert_graceful_stop_under_load(server: ServerProcess, items: list, clients:
     for thread in threads:
         thread.start()
     warmed.wait(timeout=120)  # every client has had one answer: the server is under load
-    # Past the barrier the clients send again: wait until the server holds their requests (all but one at least,
-    # plus this /metrics request), or the stop could find none in flight.
-    deadline = time.monotonic() + 60
-    while metric_value(_metrics(server), "unime_requests_in_flight", 0.0) < clients:
-        assert time.monotonic() < deadline, "the clients' requests never reached the server"
-        time.sleep(0.01)
+    # Past the barrier the clients send again: wait until the server holds their requests (all but one at least),
+    # or the stop could find none in flight.
+    wait_in_flight(server, clients - 1)
     stop.set()  # no new requests from here on; those already sent must all be answered
     time.sleep(0.05)
     killed_at = time.monotonic()
@@ -234,11 +231,7 @@ def assert_deadline_answers_503(server: ServerProcess, items: list, clients: int
     for thread in threads:
         thread.start()
     connected.wait(timeout=60)
-    deadline = time.monotonic() + 60
-    # Every request is in the server (the guard counts it, the /metrics request itself included).
-    while metric_value(_metrics(server), "unime_requests_in_flight", 0.0) < clients + 1:
-        assert time.monotonic() < deadline, "the requests never reached the server"
-        time.sleep(0.05)
+    wait_in_flight(server, clients)
     signalled = time.monotonic()
     server.terminate()
     for thread in threads:
@@ -262,6 +255,15 @@ def assert_deadline_answers_503(server: ServerProcess, items: list, clients: int
         assert "grace period" in error["message"]
         assert after >= grace_s * 0.9, f"answered 503 {after:.2f} s after the signal, before the grace period ended"
     assert exited < grace_s + 10, f"the server took {exited:.1f} s to exit after the grace period of {grace_s} s"
+
+
+def wait_in_flight(server: ServerProcess, count: int, timeout: float = 60) -> None:
+    """Wait until the server holds at least `count` requests (its guard counts them as they arrive)."""
+    deadline = time.monotonic() + timeout
+    # The /metrics request asking counts itself.
+    while metric_value(_metrics(server), "unime_requests_in_flight", 0.0) < count + 1:
+        assert time.monotonic() < deadline, f"{count} requests never were in the server at once"
+        time.sleep(0.01)
 
 
 def _metrics(server: ServerProcess) -> str:

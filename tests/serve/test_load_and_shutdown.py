@@ -3,6 +3,11 @@ that outlast the shutdown grace period get 503 with Retry-After while the server
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 from PIL import Image
@@ -13,6 +18,7 @@ from tests.serve.server_process import (
     assert_graceful_stop_under_load,
     data_url,
     start_server,
+    wait_in_flight,
 )
 
 MAX_QUEUE = 4
@@ -92,5 +98,39 @@ def test_requests_past_the_grace_period_get_503_and_the_server_exits_0(
     server = start_server(args, tmp_path / "grace.log", timeout=180)
     try:
         assert_deadline_answers_503(server, heavy_items * 32, clients=6, grace_s=GRACE_S)
+    finally:
+        server.stop()
+
+
+def test_a_second_signal_stops_at_once_and_exits_0(serve_models, heavy_items, tmp_path):
+    """Two requests of 256 items in flight, SIGINT twice: the server stops without waiting for the model."""
+    args = [str(serve_models["embedder"]), "--backend", "transformers", "--no-batching", "--shutdown-grace-s", "30"]
+    server = start_server(args, tmp_path / "forced.log", timeout=180)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            pending = [
+                pool.submit(
+                    httpx.post,
+                    f"{server.url}/v1/embeddings",
+                    json={"input": heavy_items * 32},
+                    headers=server.headers,
+                    timeout=120,
+                )
+                for _ in range(2)
+            ]
+            wait_in_flight(server, 2)
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            server.process.send_signal(signal.SIGINT)
+            status = server.process.wait(timeout=60)
+            exited = time.monotonic() - signalled
+            for future in pending:
+                with contextlib.suppress(httpx.HTTPError):
+                    future.result()
+        log = server.log()
+        assert status == 0, log
+        assert "terminate called" not in log and "stopped (forced" in log, log
+        assert exited < 10, f"{exited:.1f} s to stop after the second signal"
     finally:
         server.stop()
