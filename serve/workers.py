@@ -77,7 +77,18 @@ from unime.serve.errors import RequestError, ShuttingDownError
 logger = logging.getLogger("unime.serve")
 
 KINDS = ("embedder", "reranker")
-"""Hosted model kinds, each with its slot in the shared queue-depth array."""
+"""Hosted model kinds, each with its slot in the shared queue arrays."""
+
+
+@dataclass(frozen=True)
+class SharedQueues:
+    """The model process's queue figures that every worker's `/health` and `/ready` read (shared memory)."""
+
+    depths: Any
+    """Requests queued per kind (a `RawArray("q")` indexed like `KINDS`)."""
+    oldest_since: Any
+    """Per kind, the `time.perf_counter()` since which the longest-waiting queued request waits; 0.0 when none
+    waits (a `RawArray("d")` indexed like `KINDS`)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -270,14 +281,20 @@ _ANNOUNCED: contextvars.ContextVar[list | None] = contextvars.ContextVar("unime_
 class RemoteBatcher:
     """A model process's batcher, as the app in a worker sees it (`unime.serve.app.Batcher`)."""
 
-    def __init__(self, channel: Channel, kind: str, depths: Any):
+    def __init__(self, channel: Channel, kind: str, queues: SharedQueues):
         self._channel = channel
         self.kind = kind
-        self._depths = depths
+        self._queues = queues
 
     @property
     def depth(self) -> int:
-        return int(self._depths[KINDS.index(self.kind)])
+        return int(self._queues.depths[KINDS.index(self.kind)])
+
+    @property
+    def oldest_wait_s(self) -> float:
+        since = self._queues.oldest_since[KINDS.index(self.kind)]
+        # perf_counter is the system's monotonic clock, the same in every process of the machine.
+        return 0.0 if since == 0.0 else max(0.0, time.perf_counter() - since)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -305,7 +322,7 @@ class RemoteBatcher:
 
 
 def run_http_worker(
-    config: ServeConfig, models: list[tuple[str, str, BackendInfo]], conn: Connection, sock: Any, depths: Any
+    config: ServeConfig, models: list[tuple[str, str, BackendInfo]], conn: Connection, sock: Any, queues: SharedQueues
 ) -> None:
     """A worker process: the app with remote batchers, serving HTTP on the inherited socket."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the main process only, which forwards one SIGTERM
@@ -317,7 +334,7 @@ def run_http_worker(
     from unime.serve.server import exit_now, graceful_server
 
     channel = Channel(conn)
-    hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, depths)) for kind, name, info in models}
+    hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, queues)) for kind, name, info in models}
     metrics = ServerMetrics()
     server, deadline = graceful_server(create_app(config, hosted, metrics), config)
 
@@ -371,11 +388,13 @@ def _serve(config: ServeConfig) -> tuple[int, bool]:
     from unime.serve.server import banner, load_models
 
     context = multiprocessing.get_context("spawn")
-    depths = context.RawArray("q", len(KINDS))
+    queues = SharedQueues(context.RawArray("q", len(KINDS)), context.RawArray("d", len(KINDS)))
     metrics = ServerMetrics()
 
     def observe_queue(kind: str, depth: int) -> None:
-        depths[KINDS.index(kind)] = depth
+        # Called on every change of the queue (the batcher's lock held; hosted exists by the first request).
+        queues.depths[KINDS.index(kind)] = depth
+        queues.oldest_since[KINDS.index(kind)] = hosted[kind].batcher.oldest_waiting_since or 0.0
 
     hosted = host_models(config, metrics, observe_queue=observe_queue, **load_models(config))
     service = ModelService(hosted)
@@ -386,7 +405,7 @@ def _serve(config: ServeConfig) -> tuple[int, bool]:
     for index in range(config.http_workers):
         ours, theirs = context.Pipe()
         process = context.Process(
-            target=run_http_worker, args=(config, models, theirs, sock, depths), name=f"unime-http-{index}"
+            target=run_http_worker, args=(config, models, theirs, sock, queues), name=f"unime-http-{index}"
         )
         process.start()
         theirs.close()

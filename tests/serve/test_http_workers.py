@@ -42,6 +42,8 @@ from unime.serve.workers import ModelProcessError, error_fields, error_from_fiel
 
 WORKERS = 2
 MAX_QUEUE = 4
+MAX_QUEUE_WAIT_S = 0.02
+"""Short: requests sliced by --max-batch-items interleave, so none waits long in this module's queue."""
 ITEMS = 32
 """Most items per request here (not test_transformers_server's 8): requests of 32 image+text items take long
 enough to be in flight when SIGTERM lands."""
@@ -66,6 +68,8 @@ def server(serve_models, tmp_path_factory):
         *("--max-image-pixels", str(MAX_PIXELS), "--max-queue", str(MAX_QUEUE)),
         # Each 8-item request fills a batch: a queue of 4 fills under 32 of them, as without batching.
         *("--max-batch-items", "8", "--batch-wait-ms", "20"),
+        # Readiness: a request queued behind a few heavy ones waits longer than this.
+        *("--max-queue-wait-s", str(MAX_QUEUE_WAIT_S)),
     ]
     proc = start_server(args, log, timeout=180)
     yield proc
@@ -179,6 +183,36 @@ def test_requests_of_both_workers_merge_and_metrics_count_the_whole_server(serve
 def test_full_queue_answers_503_with_retry_after(server, heavy_items):
     """The model process refuses (its queue is full); the worker answers as one process would."""
     assert_full_queue_answers_503(server, heavy_items, MAX_QUEUE)
+
+
+def test_ready_reads_the_model_process_queue_in_every_worker(server, heavy_items):
+    """Each worker's /ready answers from the model process's queue (shared memory): 503 exactly while a request
+    there has waited longer than --max-queue-wait-s, 200 again once it drained."""
+
+    def one(_: int) -> int:
+        body = {"input": heavy_items * 4}
+        return httpx.post(f"{server.url}/v1/embeddings", json=body, headers=server.headers, timeout=120).status_code
+
+    seen = []
+    for _burst in range(3):  # sliced requests interleave, so a long wait needs a few of them queued at once
+        with ThreadPoolExecutor(MAX_QUEUE) as pool:
+            answers = pool.map(one, range(2 * MAX_QUEUE))
+            deadline = time.monotonic() + 30
+            while not any(r.status_code == 503 for r in seen) and time.monotonic() < deadline:
+                seen.append(httpx.get(f"{server.url}/ready", headers=server.headers, timeout=60))
+                time.sleep(0.01)
+            assert set(answers) <= {200, 503}
+        if any(r.status_code == 503 for r in seen):
+            break
+    for response in seen:
+        waited = response.json()["models"]["embedder"]["oldest_wait_s"]  # rounded to the millisecond
+        if abs(waited - MAX_QUEUE_WAIT_S) > 0.001:
+            assert response.status_code == (503 if waited > MAX_QUEUE_WAIT_S else 200), response.text
+    not_ready = [r for r in seen if r.status_code == 503]
+    assert not_ready, "no worker's /ready saw a request wait in the model process's queue"
+    assert not_ready[0].headers["Retry-After"] == "1"
+    # Drained: every worker (fresh connections land on either) is ready again.
+    assert {httpx.get(f"{server.url}/ready", headers=server.headers).status_code for _ in range(8)} == {200}
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(server, heavy_items):
