@@ -97,7 +97,7 @@ class HostedModel:
     """A model the server hosts: its public name, its backend and the batcher in front of it.
 
     `backend` is the backend itself, or in an HTTP worker a description of it (`workers.BackendInfo`): the
-    routes read only its `name`, `dimension`, `normalize` and `instruction_for`.
+    routes read only its `name`, `dimension`, `normalize`, `matryoshka_dims` and `instruction_for`.
     """
 
     name: str
@@ -393,7 +393,19 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
         return {
             "object": "list",
             "data": [
-                {"id": m.name, "object": "model", "owned_by": "unime", "kind": kind, "backend": m.backend.name}
+                {
+                    "id": m.name,
+                    "object": "model",
+                    "owned_by": "unime",
+                    "kind": kind,
+                    "backend": m.backend.name,
+                    # An embedder's size and the truncations (`dimensions`) it was trained for; any size works.
+                    **(
+                        {"dimensions": m.backend.dimension, "matryoshka_dimensions": m.backend.matryoshka_dims}
+                        if kind == "embedder"
+                        else {}
+                    ),
+                }
                 for kind, m in hosted.items()
             ],
         }

@@ -41,6 +41,8 @@ class EmbedderBackend(Protocol):
     name: str
     dimension: int
     normalize: bool
+    matryoshka_dims: list[int]
+    """The truncations the model was trained for (its `unime_config.json`); any size up to `dimension` works."""
 
     def instruction_for(self, input_type: str | None) -> str | None: ...
 
@@ -107,6 +109,7 @@ class TransformersEmbedder:
         self.config = self.model.config
         self.dimension = self.model.embedding_dim
         self.normalize = self.config.normalize
+        self.matryoshka_dims = list(self.config.matryoshka_dims)
         self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
@@ -228,6 +231,7 @@ class VllmEmbedder:
         self.prompts = EmbeddingPrompts(model_dir)
         self.config = self.prompts.config
         self.normalize = self.config.normalize
+        self.matryoshka_dims = list(self.config.matryoshka_dims)
         kwargs = embedder_engine_kwargs(model_dir, dtype=dtype)
         kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
         self.llm = start_engine(model_dir, kwargs)

@@ -102,6 +102,7 @@ class BackendInfo:
     """The backend's name (`transformers`, `vllm`), as `/health` and `/v1/models` report it."""
     dimension: int | None = None
     normalize: bool = True
+    matryoshka_dims: list[int] = field(default_factory=list)
     instructions: dict[str, str | None] = field(default_factory=dict)
     """The instruction of each input type (`query`, `document`)."""
 
@@ -112,6 +113,7 @@ class BackendInfo:
             name=backend.name,
             dimension=getattr(backend, "dimension", None),
             normalize=getattr(backend, "normalize", True),
+            matryoshka_dims=list(getattr(backend, "matryoshka_dims", [])),
             instructions={kind: instruction_for(kind) for kind in ("query", "document")} if instruction_for else {},
         )
 

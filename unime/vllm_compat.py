@@ -7,7 +7,7 @@ from it, but three things it would get wrong on its own are set here from `unime
 - the prompt: vLLM's `/v1/embeddings` renders one `messages` list into one vector and knows nothing of unime's
   query/document instructions, so each input's prompt is rendered here, with the same template and renderer
   as `Embedder.tokenize`, and sent to the engine as `{"prompt", "multi_modal_data"}`;
-- matryoshka: vLLM accepts `dimensions` only for models that declare it, so the directory's dims are declared.
+- matryoshka: vLLM accepts `dimensions` only for models that declare it, so any size is declared valid.
 
     from vllm import LLM
     from unime.vllm_compat import EmbeddingPrompts, embedder_engine_kwargs
@@ -61,13 +61,11 @@ def _pooler_fields(config: UnimeConfig) -> dict[str, Any]:
     return {"pooling_type": VLLM_POOLING[config.pooling], "use_activation": config.normalize}
 
 
-def _hf_overrides(config: UnimeConfig) -> dict[str, Any]:
-    # Without these vLLM answers 400 to any `dimensions`; unime allows any truncation, as the model was
-    # trained (or not) for the listed dims, so any dim is declared valid, the listed ones for documentation.
-    overrides: dict[str, Any] = {"is_matryoshka": True}
-    if config.matryoshka_dims:
-        overrides["matryoshka_dimensions"] = list(config.matryoshka_dims)
-    return overrides
+def _hf_overrides() -> dict[str, Any]:
+    # Without `is_matryoshka` vLLM answers 400 to any `dimensions`. The trained dims (`matryoshka_dims`) are left
+    # undeclared on purpose: vLLM would then refuse every other size, while unime's consumers (encode, the
+    # server, sentence-transformers) truncate to any size, so that one directory answers alike everywhere.
+    return {"is_matryoshka": True}
 
 
 def _processor_kwargs(config: UnimeConfig) -> dict[str, Any]:
@@ -106,7 +104,7 @@ def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
 
 def _embedder_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[str, Any]:
     config = _embedder_config(model_dir)
-    return _engine_settings(model_dir, config, _pooler_fields(config), _hf_overrides(config), EMBEDDER_MM_LIMITS, dtype)
+    return _engine_settings(model_dir, config, _pooler_fields(config), _hf_overrides(), EMBEDDER_MM_LIMITS, dtype)
 
 
 def _engine_settings(

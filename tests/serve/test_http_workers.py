@@ -185,6 +185,13 @@ def test_full_queue_answers_503_with_retry_after(server, heavy_items):
     assert_full_queue_answers_503(server, heavy_items, MAX_QUEUE)
 
 
+def test_models_list_the_embedder_size_and_trained_dims_from_either_worker(server):
+    for _ in range(4):  # fresh connections land on either worker
+        listed = httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]
+        embedder = next(m for m in listed if m["kind"] == "embedder")
+        assert (embedder["dimensions"], embedder["matryoshka_dimensions"]) == (64, [32, 16])
+
+
 def test_ready_reads_the_model_process_queue_in_every_worker(server, heavy_items):
     """Each worker's /ready answers from the model process's queue (shared memory): 503 exactly while a request
     there has waited longer than --max-queue-wait-s, 200 again once it drained."""

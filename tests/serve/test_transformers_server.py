@@ -70,6 +70,9 @@ def test_models_health_and_openapi(client):
         ("tiny-embedder", "embedder"),
         ("tiny-reranker", "reranker"),
     }
+    embedder = next(m for m in models["data"] if m["kind"] == "embedder")
+    # The directory's size and trained truncations (conftest records [32, 16]); any size up to 64 is accepted.
+    assert (embedder["dimensions"], embedder["matryoshka_dimensions"]) == (64, [32, 16])
     assert client.get("/health").json()["status"] == "ok"
     schema = client.get("/openapi.json").json()
     assert {"/v1/embeddings", "/v1/rerank", "/health", "/v1/models", "/metrics"} <= set(schema["paths"])
