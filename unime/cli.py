@@ -57,7 +57,7 @@ def _add_demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from unime.demo import run_demo
+    from unime.quickstart.demo import run_demo
 
     run_demo(model=args.model, backbone=args.backbone)
     return 0

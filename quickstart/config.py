@@ -180,7 +180,7 @@ def recipe_config_path(config: QuickstartConfig, name: str) -> Path:
     """A recipe config by path, or by file name under the recipes folder."""
     if Path(name).is_file():
         return Path(name)
-    folder = Path(config.recipes_dir) if config.recipes_dir else Path(__file__).resolve().parents[2] / "recipes"
+    folder = Path(config.recipes_dir) if config.recipes_dir else Path(__file__).resolve().parents[1] / "recipes"
     folder = folder / "configs" if (folder / "configs").is_dir() else folder
     path = folder / name
     if not path.is_file():
