@@ -30,7 +30,7 @@ from unime.eval.data import (
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
-from unime.eval.metrics import pairwise_accuracy
+from unime.metrics import pairwise_accuracy
 
 
 @dataclass

@@ -40,8 +40,8 @@ from unime.eval.data import (
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item, clean_text
-from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k
 from unime.eval.scoring import candidate_list_ranks
+from unime.metrics import hit_at_k, mrr, ndcg_at_k
 
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
 CATEGORIES = ("classification", "vqa", "retrieval", "grounding")

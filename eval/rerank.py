@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from unime.eval.embedding import EmbedStats, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
-from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k
 from unime.eval.mmeb import MMEBDataset
+from unime.metrics import hit_at_k, mrr, ndcg_at_k
 from unime.retrieval import PairScorer, retrieve_then_rerank
 
 

@@ -32,8 +32,8 @@ from unime.eval.data import (
 from unime.eval.embedding import EmbedStats, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
-from unime.eval.metrics import hit_at_k
 from unime.eval.scoring import corpus_ranks
+from unime.metrics import hit_at_k
 
 Layout = Literal["auto", "captions", "sharegpt4v", "urban1k"]
 RECALL_KS = (1, 5, 10)

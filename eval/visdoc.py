@@ -36,8 +36,8 @@ from unime.eval.data import (
 from unime.eval.embedding import EmbedStats, embed_distinct
 from unime.eval.encoders import Encoder
 from unime.eval.items import Item
-from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k_multi, recall_at_k_multi
 from unime.eval.scoring import corpus_ranks, positions_in_list
+from unime.metrics import hit_at_k, mrr, ndcg_at_k_multi, recall_at_k_multi
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from unime.data.schema import TrainExample
+from unime.metrics import hit_at_k, mrr, ndcg_at_k
 
 
 def retrieval_recall(
@@ -148,8 +149,6 @@ def reranking_metrics(
     a seeded random order (so an untrained reranker scores at chance). `random_mrr` is what a random order
     scores on the same lists, the chance line to read the others against.
     """
-    from unime.eval.metrics import hit_at_k, mrr, ndcg_at_k
-
     rng = random.Random(seed)
     pairs, spans, positions = [], [], []
     for index, example in enumerate(examples):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unime.eval.metrics import (
+from unime.metrics import (
     hit_at_k,
     mrr,
     ndcg_at_k,
