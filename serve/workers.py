@@ -33,7 +33,7 @@ Design.
 - Stopping. SIGTERM/SIGINT to the main process: it sends SIGTERM to the workers, which stop accepting, finish
   their requests in flight (the model process keeps serving them) and exit; then the batchers finish and close,
   and the main process exits 0. Requests still unanswered when `shutdown_grace_s` is over get 503 with
-  Retry-After from their worker (`unime.serve.server.ShutdownDeadline`), and the main process exits 0 without
+  Retry-After from their worker (`unime.serve.lifecycle.ShutdownDeadline`), and the main process exits 0 without
   waiting for a batch still running on the model. A worker that exits on its own (a crash, SIGKILL) stops the
   whole server with exit status 1 and a message naming it, rather than leaving it serving with fewer workers.
   Workers run in a process group of their own, so that a terminal's Ctrl-C reaches them only through the main
@@ -332,8 +332,8 @@ def run_http_worker(
 
     share_metrics_in(os.environ[MULTIPROC_ENV])
     from unime.serve.app import HostedModel, create_app
+    from unime.serve.lifecycle import exit_now, graceful_server
     from unime.serve.metrics import ServerMetrics
-    from unime.serve.server import exit_now, graceful_server
 
     channel = Channel(conn)
     hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, queues)) for kind, name, info in models}
@@ -366,8 +366,8 @@ def run_http_worker(
 # --------------------------------------------------------------------------------------------------------
 def serve_with_http_workers(config: ServeConfig) -> int:
     """Load the models, start the workers, supervise them until a signal or a worker's death."""
+    from unime.serve.lifecycle import exit_now
     from unime.serve.metrics import share_metrics_in
-    from unime.serve.server import exit_now
 
     metrics_dir = tempfile.mkdtemp(prefix="unime-metrics-")
     try:
@@ -386,8 +386,8 @@ def _serve(config: ServeConfig) -> tuple[int, bool]:
     import uvicorn
 
     from unime.serve.app import host_models
+    from unime.serve.lifecycle import banner, load_models
     from unime.serve.metrics import ServerMetrics, forget_process
-    from unime.serve.server import banner, load_models
 
     context = multiprocessing.get_context("spawn")
     queues = SharedQueues(context.RawArray("q", len(KINDS)), context.RawArray("d", len(KINDS)))

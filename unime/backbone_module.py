@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
+from unime.saving import save_model_directory
 
 # Every SDPA kernel except cuDNN's. Torch tries cuDNN first for masked attention on Hopper and newer GPUs, and
 # cuDNN builds an execution plan for each new (batch, length) shape, hundreds of milliseconds each time. Batches
@@ -90,6 +91,4 @@ class BackboneModule(nn.Module):
         With a LoRA adapter attached, `merge_lora=True` writes merged full weights (the live model keeps its
         adapter); `merge_lora=False` writes the adapter alone, loadable beside its base.
         """
-        from unime.saving import save_model_directory
-
         save_model_directory(self, directory, merge_lora=merge_lora)

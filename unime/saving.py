@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from unime.atomic import write_json_atomic
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # backbone_module imports this module to save itself: the type only, no circle at run time
     from unime.backbone_module import BackboneModule
 
 # unime pooling name -> sentence-transformers Pooling mode
