@@ -207,7 +207,7 @@ def import_circles(imports: tuple[Import, ...]) -> list[str]:
     """Each circle of runtime imports between modules, as its chain of imports (file:line each)."""
     edges: dict[str, dict[str, Import]] = defaultdict(dict)
     for imp in imports:
-        lazy_app_import = layer(imp.source) == "cli" and imp.local
+        lazy_app_import = layer(imp.source) == "cli" and imp.local and layer(imp.target) != "library"
         if not imp.type_only and not lazy_app_import:
             edges[imp.source].setdefault(imp.target, imp)
     return [_describe(circle, edges) for circle in _strongly_connected(edges) if len(circle) > 1]
