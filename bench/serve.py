@@ -220,7 +220,7 @@ def _echo_batcher():
 
     from unime.serve.app import join_batches, split_batch
     from unime.serve.backends import BatchResult
-    from unime.serve.batching import MicroBatcher
+    from unime.serve.micro_batching import MicroBatcher
 
     def run(inputs, instructions):
         return BatchResult(values=np.zeros((len(inputs), 64), dtype=np.float32), tokens=[1] * len(inputs))

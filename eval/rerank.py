@@ -6,7 +6,7 @@ show_progress_bar=...) -> scores` (higher = more relevant), such as `unime.Reran
 `sentence_transformers.CrossEncoder`. A query or document goes to `predict` as a str (text), a PIL image, or a
 `{"text", "image"}` dict (both).
 
-Each query's list goes through `unime.retrieval.retrieve_then_rerank` (the one retrieve-then-rerank of the
+Each query's list goes through `unime.retrieve_rerank.retrieve_then_rerank` (the one retrieve-then-rerank of the
 toolkit, shared with the server): its top K by embedding similarity, reordered by the reranker's score or, with
 `fusion_weight` w, by first-stage score + w * reranker score (ties keep the first-stage order). A positive
 outside the top K keeps its first-stage rank (below every reranked candidate). Before reranking, ties count
@@ -28,7 +28,7 @@ from unime.eval.encoders import Encoder
 from unime.eval.items import Item
 from unime.eval.mmeb import MMEBDataset
 from unime.metrics import hit_at_k, mrr, ndcg_at_k
-from unime.retrieval import PairScorer, retrieve_then_rerank
+from unime.retrieve_rerank import PairScorer, retrieve_then_rerank
 
 
 def reranker_input(item: Item) -> Any:

@@ -20,11 +20,11 @@ from unime.eval.compositional import load_compositional, run_compositional
 from unime.eval.data import OnBadRows
 from unime.eval.embedding import EmbedStats
 from unime.eval.encoders import Encoder
+from unime.eval.image_text_retrieval import Layout, load_retrieval, run_retrieval
 from unime.eval.mmeb import load_dataset, run_mmeb
 from unime.eval.rerank import run_rerank
-from unime.eval.retrieval import Layout, load_retrieval, run_retrieval
 from unime.eval.visdoc import run_visdoc
-from unime.retrieval import PairScorer
+from unime.retrieve_rerank import PairScorer
 
 
 @dataclass

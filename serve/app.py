@@ -27,10 +27,10 @@ from starlette.exceptions import HTTPException
 from unime.errors import InvalidInputError
 from unime.pooling import finish_embeddings
 from unime.serve.backends import BatchResult, EmbedderBackend, RerankerBackend
-from unime.serve.batching import MicroBatcher
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
 from unime.serve.metrics import ServerMetrics
+from unime.serve.micro_batching import MicroBatcher
 from unime.serve.protocol import (
     EmbeddingCall,
     EmbeddingRequest,

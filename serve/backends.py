@@ -18,11 +18,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from unime.batching import PassCostModel, cost_aware_batches
 from unime.errors import InvalidInputError, UnimeError
 from unime.inputs import EmbedInput
+from unime.pass_planning import PassCostModel, cost_aware_batches
 from unime.pooling import finish_embeddings
-from unime.serve.batching import estimated_tokens
+from unime.serve.micro_batching import estimated_tokens
 
 Pair = tuple[EmbedInput, EmbedInput]
 
@@ -74,7 +74,7 @@ def _instruction_for(config: Any, input_type: str | None) -> str | None:
 class ForwardPasses:
     """How a merged batch is cut into forward passes, from what this model's passes have cost so far.
 
-    Inputs are sorted by estimated length and cut where the predicted time (`unime.batching.cost_aware_batches`,
+    Inputs are sorted by estimated length and cut where the predicted time (`unime.pass_planning.cost_aware_batches`,
     with costs fitted by a `PassCostModel` on the passes timed here) is least: a model whose per-pass overhead
     dominates runs the batch as one pass; a compute-bound one runs passes of similar lengths instead of padding
     short texts to the longest image prompt. Before enough passes are timed, it cuts as few passes as the item

@@ -25,10 +25,10 @@ from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput, parse_input
 from unime.loading import load_processor
 from unime.prompts import PromptRenderer, apply_embedding_template, reranker_chat_template, set_chat_template
-from unime.serve.batching import PIXELS_PER_TOKEN
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
 from unime.serve.images import ImagePolicy, decode_image
+from unime.serve.micro_batching import PIXELS_PER_TOKEN
 
 # --------------------------------------------------------------------------------------------------------
 # Published schema (OpenAPI)

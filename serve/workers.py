@@ -259,7 +259,7 @@ class Channel:
                 self.send(("bye",))
 
     def _read(self) -> None:
-        from unime.serve.batching import settle_threadsafe
+        from unime.serve.micro_batching import settle_threadsafe
 
         while True:
             try:

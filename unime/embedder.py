@@ -19,10 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unime.backbone_module import BackboneModule
-from unime.batching import shape_sorted_batches
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError
 from unime.inputs import EmbedInput, is_single_input, load_image, parse_inputs
+from unime.pass_planning import shape_sorted_batches
 from unime.pooling import finish_embeddings, pool
 from unime.prompts import PromptRenderer, apply_embedding_template
 

@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unime.backbone_module import BackboneModule
-from unime.batching import shape_sorted_batches
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError, ModelLoadError
 from unime.inputs import EmbedInput, is_single_input, load_image, parse_input
+from unime.pass_planning import shape_sorted_batches
 from unime.pooling import pool
 from unime.prompts import PromptRenderer, reranker_chat_template, set_chat_template
 

@@ -37,7 +37,7 @@ from unime.data_synth.mining.cache import EmbeddingCache, content_key
 from unime.data_synth.mining.search import SearchMethod, search
 from unime.data_synth.sharding import ALL, Shard
 from unime.errors import ConfigError
-from unime.retrieval import PairScorer
+from unime.retrieve_rerank import PairScorer
 
 Judge = PairScorer
 """A judge scores (query, document) pairs, higher = more relevant: `predict(pairs, batch_size=...,

@@ -9,8 +9,8 @@ import pytest
 
 from unime.data.dataset import DataError
 from unime.eval.compositional import load_compositional
+from unime.eval.image_text_retrieval import load_retrieval
 from unime.eval.mmeb import list_datasets, load_dataset, run_mmeb
-from unime.eval.retrieval import load_retrieval
 
 GOOD = {
     "qry_text": "<|image_1|>\nWhat colour?",

@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 
 from unime.serve.app import INTERNAL_ERROR, HostedModel, create_app, join_batches, split_batch
 from unime.serve.backends import BatchResult
-from unime.serve.batching import MicroBatcher
 from unime.serve.config import ServeConfig
 from unime.serve.metrics import ServerMetrics
+from unime.serve.micro_batching import MicroBatcher
 
 
 @dataclass

@@ -49,10 +49,10 @@ def reranked_recall(
     """Recall@1 of each query's own positive among all positives, before and after reranking the top K.
 
     The embedder shortlists `top_k` positives per query (as `retrieval_recall` ranks them), the reranker reorders
-    the shortlist (`unime.retrieval.retrieve_then_rerank`, with optional score fusion); a positive the shortlist
+    the shortlist (`unime.retrieve_rerank.retrieve_then_rerank`, with optional score fusion); a positive the shortlist
     missed stays missed. `recall@k` is the ceiling reranking can reach.
     """
-    from unime.retrieval import retrieve_then_rerank
+    from unime.retrieve_rerank import retrieve_then_rerank
 
     q = _embed_sides(embedder, [e.query for e in examples], batch_size)  # [N, D]
     p = _embed_sides(embedder, [e.positive for e in examples], batch_size)  # [N, D]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unime.retrieval import retrieve_then_rerank, top_k
+from unime.retrieve_rerank import retrieve_then_rerank, top_k
 
 
 class LengthScorer:

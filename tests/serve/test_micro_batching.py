@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from unime.serve.batching import ArrivalPattern, MicroBatcher
+from unime.serve.micro_batching import ArrivalPattern, MicroBatcher
 
 
 def _batcher(batches: list[list[str]], arriving_wait_ms: float) -> MicroBatcher:

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from unime.batching import PassCostModel, cost_aware_batches, shape_sorted_batches
+from unime.pass_planning import PassCostModel, cost_aware_batches, shape_sorted_batches
 
 
 def predicted_cost(batches: list[list[int]], lengths: list[int], pass_cost: float, token_cost: float) -> float:
