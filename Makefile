@@ -2,7 +2,7 @@
 # a no-op once the install is current).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench docs docs-build
 
 setup:
 	bash scripts/setup.sh
@@ -12,9 +12,19 @@ setup:
 demo: setup
 	OMP_NUM_THREADS=1 .venv/bin/unime quickstart
 
-# Everything this machine can run: lint, then the whole test suite.
-test: setup lint
+# Everything this machine can run: lint, the docs site in strict mode (a broken link, a page missing from the
+# navigation or an API page that fails to render stops it), then the whole test suite, which runs every Python
+# block of README.md and docs/ (tests/test_docs.py).
+test: setup lint docs-build
 	$(PY) -m pytest
+
+# The site goes to site/ (git-ignored).
+docs-build: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet
+
+# The docs site served locally, rebuilt on every change: http://127.0.0.1:8000
+docs: setup
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve
 
 lint: setup
 	$(PY) -m ruff check .
