@@ -18,10 +18,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from unime import vllm_compat
 from unime.errors import InvalidInputError, UnimeError
 from unime.inputs import EmbedInput
+from unime.loading import load
 from unime.pass_planning import PassCostModel, cost_aware_batches
 from unime.pooling import finish_embeddings
+from unime.reranker import yes_probability
 from unime.serve.micro_batching import estimated_tokens
 
 Pair = tuple[EmbedInput, EmbedInput]
@@ -103,9 +106,7 @@ class TransformersEmbedder:
     """`unime.load(dir)`'s Embedder, fed a merged batch whose inputs may each carry their own instruction."""
 
     def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
-        import unime
-
-        self.model = unime.load(model_dir, dtype=dtype or "auto", device=device)
+        self.model = load(model_dir, dtype=dtype or "auto", device=device)
         self.config = self.model.config
         self.dimension = self.model.embedding_dim
         self.normalize = self.config.normalize
@@ -137,15 +138,11 @@ class TransformersReranker:
     """`unime.load(dir)`'s Reranker, fed a merged batch of pairs, each with its own instruction."""
 
     def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
-        import unime
-
-        self.model = unime.load(model_dir, dtype=dtype or "auto", device=device)
+        self.model = load(model_dir, dtype=dtype or "auto", device=device)
         self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
     def score(self, pairs: Sequence[Pair], instructions: Sequence[str | None]) -> BatchResult:
-        from unime.reranker import yes_probability
-
         scores = torch.empty(len(pairs), dtype=torch.float32)
         tokens = [0] * len(pairs)
         lengths = [
@@ -180,32 +177,28 @@ def _engine_options(
 ) -> dict[str, Any]:
     """Deployment options of an engine; its memory as `unime.vllm_compat.engine_memory_kwargs` sizes it (on CPU by
     default a KV cache from the memory available, where vLLM's default would refuse to start beside other work)."""
-    from unime.vllm_compat import engine_memory_kwargs
-
     options: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size, "enforce_eager": enforce_eager}
-    options.update(engine_memory_kwargs(gpu_memory, kv_cache_gib, flags=MEMORY_FLAGS))
+    options.update(vllm_compat.engine_memory_kwargs(gpu_memory, kv_cache_gib, flags=MEMORY_FLAGS))
     return options
 
 
 def start_engine(model_dir: str, kwargs: dict[str, Any]) -> Any:
     """`vllm.LLM(**kwargs)`; a failure to start becomes an EngineStartError saying what to change."""
-    from vllm import LLM
-
-    from unime.vllm_compat import engine_memory_hint
+    from vllm import LLM  # lazy: vLLM is a heavy optional dependency, needed only by the vllm backend
 
     try:
         return LLM(**kwargs)
     except Exception as err:  # noqa: BLE001 - the engine reports start-up failures with many types
         raise EngineStartError(
             f"the vLLM engine for {model_dir} did not start ({type(err).__name__}: {err}); "
-            f"{engine_memory_hint(MEMORY_FLAGS)}"
+            f"{vllm_compat.engine_memory_hint(MEMORY_FLAGS)}"
         ) from err
 
 
 @contextlib.contextmanager
 def engine_refusals_as_input_errors() -> Iterator[None]:
     """vLLM's refusals of a request (e.g. a prompt longer than the model's context) are the client's fault: a 400."""
-    from vllm.exceptions import VLLMClientError
+    from vllm.exceptions import VLLMClientError  # lazy: vLLM is a heavy optional dependency (vllm backend only)
 
     try:
         yield
@@ -226,13 +219,11 @@ class VllmEmbedder:
         gpu_memory_utilization: float | None = None,
         kv_cache_gib: float | None = None,
     ):
-        from unime.vllm_compat import EmbeddingPrompts, embedder_engine_kwargs
-
-        self.prompts = EmbeddingPrompts(model_dir)
+        self.prompts = vllm_compat.EmbeddingPrompts(model_dir)
         self.config = self.prompts.config
         self.normalize = self.config.normalize
         self.matryoshka_dims = list(self.config.matryoshka_dims)
-        kwargs = embedder_engine_kwargs(model_dir, dtype=dtype)
+        kwargs = vllm_compat.embedder_engine_kwargs(model_dir, dtype=dtype)
         kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
         self.llm = start_engine(model_dir, kwargs)
         self.dimension = int(self.llm.llm_engine.model_config.get_hidden_size())
@@ -265,10 +256,8 @@ class VllmReranker:
         gpu_memory_utilization: float | None = None,
         kv_cache_gib: float | None = None,
     ):
-        from unime.vllm_compat import RerankPrompts, reranker_engine_kwargs
-
-        self.prompts = RerankPrompts(model_dir)
-        kwargs = reranker_engine_kwargs(model_dir, dtype=dtype)
+        self.prompts = vllm_compat.RerankPrompts(model_dir)
+        kwargs = vllm_compat.reranker_engine_kwargs(model_dir, dtype=dtype)
         kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
         self.llm = start_engine(model_dir, kwargs)
         self.name = "vllm"
@@ -286,9 +275,7 @@ class VllmReranker:
 
 def vllm_can_score() -> bool:
     """Whether `unime.vllm_compat` has the reranker's engine arguments (else rerankers run on transformers)."""
-    import unime.vllm_compat as compat
-
-    return hasattr(compat, "reranker_engine_kwargs") and hasattr(compat, "RerankPrompts")
+    return hasattr(vllm_compat, "reranker_engine_kwargs") and hasattr(vllm_compat, "RerankPrompts")
 
 
 def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:

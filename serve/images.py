@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import httpx
 from PIL import Image, UnidentifiedImageError
 
 from unime.serve.errors import RequestError
@@ -162,8 +163,6 @@ def pinned_stream(url: str, address: IPAddress, timeout_s: float) -> Iterator[An
     and for https the TLS server name (SNI), against which the certificate is verified. Proxies from the
     environment are not used: a proxy would resolve the name itself.
     """
-    import httpx  # the `serve` extra; needed only where remote images are allowed
-
     target = httpx.URL(url)
     host = target.raw_host.decode("ascii")
     extensions = {}
@@ -201,8 +200,6 @@ def fetch_public_image(
 
     `address_allowed` decides which resolved addresses may be connected to (public ones; tests allow loopback).
     """
-    import httpx  # the `serve` extra; needed only where remote images are allowed
-
     for _ in range(MAX_REDIRECTS + 1):
         address = check_public_host(url, param=param, index=index, address_allowed=address_allowed)
         try:

@@ -13,6 +13,10 @@ import os
 import sys
 from typing import Any
 
+import uvicorn
+
+from unime.serve.app import error_response, hosted_names
+from unime.serve.backends import load_embedder, load_reranker, resolve_backend
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
 
@@ -25,9 +29,6 @@ is left only if the 503s of `ShutdownDeadline` could not be sent in that time.""
 
 def load_models(config: ServeConfig) -> dict[str, Any]:
     """Load the hosted models (engines start here): `host_models`' keyword arguments."""
-    from unime.serve.app import hosted_names
-    from unime.serve.backends import load_embedder, load_reranker, resolve_backend
-
     backend = resolve_backend(config.backend)
     reranker_backend = resolve_backend(config.reranker_backend or config.backend)
     embedder = load_embedder(backend, config.embedder_dir, config) if config.embedder_dir else None
@@ -112,8 +113,6 @@ class ShutdownDeadline:
         await app(scope, receive_unless_expired, send_unless_skipped)
 
     async def _answer_unavailable(self, scope: dict, receive: Any, send: Any) -> None:
-        from unime.serve.app import error_response
-
         err = RequestError(
             "the server shut down before this request was answered (its shutdown grace period ran out); retry",
             status=503,
@@ -130,8 +129,6 @@ def install_shutdown_deadline(guarded_app: Any, config: ServeConfig) -> Shutdown
 
 
 def uvicorn_config(app: Any, config: ServeConfig) -> Any:
-    import uvicorn
-
     return uvicorn.Config(
         app,
         host=config.host,
@@ -149,8 +146,6 @@ def graceful_server(guarded_app: Any, config: ServeConfig) -> tuple[Any, Shutdow
     When the grace period ends, the requests still open are answered 503 and the server stops without the app's
     lifespan shutdown: the caller sees `deadline.expired` and exits.
     """
-    import uvicorn
-
     deadline = install_shutdown_deadline(guarded_app, config)
 
     class GracefulServer(uvicorn.Server):
@@ -165,8 +160,6 @@ def graceful_server(guarded_app: Any, config: ServeConfig) -> tuple[Any, Shutdow
 
 
 def banner(config: ServeConfig) -> str:
-    from unime.serve.backends import resolve_backend
-
     hosts = ", ".join(name for name in (config.embedder_dir, config.reranker_dir) if name)
     backend = resolve_backend(config.backend)
     return f"unime serve: {hosts} with the {backend} backend on http://{config.host}:{config.port}"

@@ -16,16 +16,16 @@ import signal
 import sys
 
 from unime.errors import ConfigError
+from unime.serve.app import create_app, host_models
+from unime.serve.backends import EngineStartError
 from unime.serve.config import ServeConfig
 from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
+from unime.serve.metrics import ServerMetrics
 from unime.serve.workers import serve_with_http_workers
 
 
 def build_app(config: ServeConfig):
     """Load the models and return the ASGI app (one process: HTTP and the batchers)."""
-    from unime.serve.app import create_app, host_models
-    from unime.serve.metrics import ServerMetrics
-
     metrics = ServerMetrics()
     return create_app(config, host_models(config, metrics, **load_models(config)), metrics)
 
@@ -33,8 +33,6 @@ def build_app(config: ServeConfig):
 def serve(config: ServeConfig) -> int:
     """Serve until a signal: exit status 0; 2 where the models cannot be loaded as configured (a message names the
     setting to change, e.g. an engine's memory, instead of a stack trace)."""
-    from unime.serve.backends import EngineStartError
-
     try:
         if config.http_workers:
             return serve_with_http_workers(config)

@@ -70,9 +70,15 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import uvicorn
+
 from unime.errors import InvalidInputError
+from unime.serve.app import HostedModel, create_app, host_models
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError, ShuttingDownError
+from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
+from unime.serve.metrics import MULTIPROC_ENV, ServerMetrics, forget_process, share_metrics_in
+from unime.serve.micro_batching import settle_threadsafe
 
 logger = logging.getLogger("unime.serve")
 
@@ -259,8 +265,6 @@ class Channel:
                 self.send(("bye",))
 
     def _read(self) -> None:
-        from unime.serve.micro_batching import settle_threadsafe
-
         while True:
             try:
                 job_id, result, error = self._conn.recv()
@@ -328,13 +332,9 @@ def run_http_worker(
 ) -> None:
     """A worker process: the app with remote batchers, serving HTTP on the inherited socket."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the main process only, which forwards one SIGTERM
-    from unime.serve.metrics import MULTIPROC_ENV, share_metrics_in
-
+    # Before the metrics are made: their values go to the server's shared directory. The environment inherited
+    # from the main process already names it; `share_metrics_in` makes sure prometheus_client writes there.
     share_metrics_in(os.environ[MULTIPROC_ENV])
-    from unime.serve.app import HostedModel, create_app
-    from unime.serve.lifecycle import exit_now, graceful_server
-    from unime.serve.metrics import ServerMetrics
-
     channel = Channel(conn)
     hosted = {kind: HostedModel(name, kind, info, RemoteBatcher(channel, kind, queues)) for kind, name, info in models}
     metrics = ServerMetrics()
@@ -366,9 +366,6 @@ def run_http_worker(
 # --------------------------------------------------------------------------------------------------------
 def serve_with_http_workers(config: ServeConfig) -> int:
     """Load the models, start the workers, supervise them until a signal or a worker's death."""
-    from unime.serve.lifecycle import exit_now
-    from unime.serve.metrics import share_metrics_in
-
     metrics_dir = tempfile.mkdtemp(prefix="unime-metrics-")
     try:
         share_metrics_in(metrics_dir)
@@ -383,12 +380,6 @@ def serve_with_http_workers(config: ServeConfig) -> int:
 
 def _serve(config: ServeConfig) -> tuple[int, bool]:
     """Serve until the workers have stopped: the exit status, and whether a batcher is still busy."""
-    import uvicorn
-
-    from unime.serve.app import host_models
-    from unime.serve.lifecycle import banner, load_models
-    from unime.serve.metrics import ServerMetrics, forget_process
-
     context = multiprocessing.get_context("spawn")
     queues = SharedQueues(context.RawArray("q", len(KINDS)), context.RawArray("d", len(KINDS)))
     metrics = ServerMetrics()
