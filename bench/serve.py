@@ -207,7 +207,7 @@ def model_only_ms(model_dir: Path, requests: list[dict], batch_size: int) -> tup
 
 def _echo_model_process(conn) -> None:
     """A model process whose model answers at once: what remains of a request's time is the IPC."""
-    from unime.serve.app import HostedModel
+    from unime.serve.hosting import HostedModel
     from unime.serve.workers import ModelService
 
     service = ModelService({"embedder": HostedModel("echo", "embedder", None, _echo_batcher())})
@@ -218,8 +218,8 @@ def _echo_model_process(conn) -> None:
 def _echo_batcher():
     import numpy as np
 
-    from unime.serve.app import join_batches, split_batch
     from unime.serve.backends import BatchResult
+    from unime.serve.hosting import join_batches, split_batch
     from unime.serve.micro_batching import MicroBatcher
 
     def run(inputs, instructions):

@@ -15,10 +15,11 @@ from typing import Any
 
 import uvicorn
 
-from unime.serve.app import error_response, hosted_names
+from unime.serve.app import error_response
 from unime.serve.backends import load_embedder, load_reranker, resolve_backend
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
+from unime.serve.hosting import hosted_names
 
 logger = logging.getLogger("unime.serve")
 

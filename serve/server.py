@@ -16,9 +16,10 @@ import signal
 import sys
 
 from unime.errors import ConfigError
-from unime.serve.app import create_app, host_models
+from unime.serve.app import create_app
 from unime.serve.backends import EngineStartError
 from unime.serve.config import ServeConfig
+from unime.serve.hosting import host_models
 from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
 from unime.serve.metrics import ServerMetrics
 from unime.serve.workers import serve_with_http_workers

@@ -13,7 +13,7 @@ Design.
   a process that holds torch models, CUDA or a vLLM engine is never forked), handing each the socket (as
   uvicorn's own multi-worker mode does), one end of a pipe, and a picklable description of the models
   (`BackendInfo`: a worker loads no model).
-- Each worker runs the same FastAPI app (`unime.serve.app`: routes, guard, limits, errors, OpenAPI) on the
+- Each worker runs the same FastAPI app (`unime.serve.app` and its routes: guard, limits, errors, OpenAPI) on the
   shared socket (the kernel hands each connection to one worker), with a `RemoteBatcher` per model in place of
   the `MicroBatcher`: it parses, validates and decodes requests, then sends the decoded inputs (PIL images
   pickle as their raw pixels) over its pipe.
@@ -73,9 +73,10 @@ from typing import Any
 import uvicorn
 
 from unime.errors import InvalidInputError
-from unime.serve.app import HostedModel, create_app, host_models
+from unime.serve.app import create_app
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError, ShuttingDownError
+from unime.serve.hosting import HostedModel, host_models
 from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
 from unime.serve.metrics import MULTIPROC_ENV, ServerMetrics, forget_process, share_metrics_in
 from unime.serve.micro_batching import settle_threadsafe
@@ -285,7 +286,7 @@ _ANNOUNCED: contextvars.ContextVar[list | None] = contextvars.ContextVar("unime_
 
 
 class RemoteBatcher:
-    """A model process's batcher, as the app in a worker sees it (`unime.serve.app.Batcher`)."""
+    """A model process's batcher, as the app in a worker sees it (`unime.serve.hosting.Batcher`)."""
 
     def __init__(self, channel: Channel, kind: str, queues: SharedQueues):
         self._channel = channel

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from unime.serve.app import INTERNAL_ERROR, HostedModel, create_app, join_batches, split_batch
+from unime.serve.app import INTERNAL_ERROR, create_app
 from unime.serve.backends import BatchResult
 from unime.serve.config import ServeConfig
+from unime.serve.hosting import HostedModel, join_batches, split_batch
 from unime.serve.metrics import ServerMetrics
 from unime.serve.micro_batching import MicroBatcher
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 from fastapi.responses import JSONResponse
 
-from unime.serve.app import FastJSONResponse, encode_vector
+from unime.serve.routes import FastJSONResponse, encode_vector
 
 
 def test_fast_json_response_gives_the_same_numbers_as_the_standard_library() -> None:
