@@ -51,10 +51,10 @@ def error_response(err: RequestError) -> JSONResponse:
 class GuardMiddleware:
     """In front of every route: the API key (constant-time comparison), the body-size limit, and metrics."""
 
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
+    def __init__(self, app: Any, config: ServeConfig, metrics: ServerMetrics):
         self.app = app
-        self.api_key = api_key.encode() if api_key else None
-        self.max_body_bytes = max_body_bytes
+        self.api_key = config.api_key.encode() if config.api_key else None
+        self.max_body_bytes = config.max_body_bytes
         self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -139,7 +139,7 @@ def create_app(config: ServeConfig, hosted: dict[str, HostedModel], metrics: Ser
     app.add_exception_handler(Exception, on_unexpected)
     app.include_router(router)
     app.openapi = lambda: openapi_schema(app)
-    return GuardMiddleware(app, api_key=config.api_key, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    return GuardMiddleware(app, config, metrics)
 
 
 @asynccontextmanager
