@@ -10,6 +10,7 @@ its address and key as `url` and `KEY`. A block that is a command, not Python, i
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,6 @@ def pytest_markdown_docs_globals() -> dict[str, str]:
 
 def _workspace(root: Path) -> None:
     """What the blocks read: the quickstart's two model directories and a photo."""
-    import random
-
     unime.save_tiny("qwen2_vl", root / "runs/quickstart/stage2/final", seed=0)
     unime.save_tiny("qwen2_vl", root / "runs/quickstart/reranker/final", seed=1, kind="reranker")
     draw_scene(random_scene(random.Random(0))).convert("RGB").save(root / "photo.jpg")
