@@ -37,7 +37,7 @@ class HeldModel:
     def embed(self, items, instructions) -> BatchResult:
         self.release.wait(30)
         if self.fail:
-            raise RuntimeError("secret internal detail at /srv/model/weights")
+            raise RuntimeError("secret internal detail of the model weights")
         return BatchResult(values=np.ones((len(items), 4), dtype=np.float32), tokens=[1] * len(items))
 
 
