@@ -150,6 +150,8 @@ def test_requests_of_both_workers_merge_and_metrics_count_the_whole_server(serve
     _, captions = serve_inputs
     texts = [f"{captions[i % 4]} number {i}" for i in range(24)]
     before = client.get("/metrics").text
+    bad = client.post("/v1/embeddings", json={"input": "a", "dimensions": "16"})  # this test's own client error
+    assert bad.status_code == 400, bad.text
 
     def one(text: str) -> np.ndarray:
         with server.client() as http:  # a connection each: the kernel spreads them over the workers
@@ -172,12 +174,13 @@ def test_requests_of_both_workers_merge_and_metrics_count_the_whole_server(serve
         after = client.get("/metrics").text
         assert grown(after, "unime_requests_total", route="/v1/embeddings", status="200") == 24
         refused = grown(after, "unime_requests_total", route="/v1/embeddings", status="503")
-        assert grown(after, "unime_request_latency_seconds_count", route="/v1/embeddings") == 24 + refused
+        assert grown(after, "unime_requests_total", route="/v1/embeddings", status="400") == 1
+        assert grown(after, "unime_request_latency_seconds_count", route="/v1/embeddings") == 24 + refused + 1
         assert grown(after, "unime_batch_requests_sum", model="tiny-embedder") == 24
         assert grown(after, "unime_batch_requests_count", model="tiny-embedder") < 24, "nothing was merged"
         assert metric_value(after, "unime_queue_depth", model="tiny-embedder") == 0
         assert metric_value(after, "unime_requests_in_flight") == 1  # this /metrics request
-        assert metric_value(after, "unime_errors_total", route="/v1/embeddings", type="400") >= 1
+        assert grown(after, "unime_errors_total", route="/v1/embeddings", type="400") == 1
 
 
 def test_full_queue_answers_503_with_retry_after(server, heavy_items):
