@@ -8,12 +8,14 @@ quickstart trains exactly what the recipes train.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from unime.errors import ConfigError
-from unime.train.config import apply_overrides, build_dataclass
+from unime.quickstart.stages import STAGES
+from unime.settings import apply_overrides, build_dataclass, parse_settings, read_yaml_mapping, split_command_line
 
 Size = Literal["default", "ci"]
 
@@ -170,10 +172,38 @@ SIZES: dict[str, list[str]] = {
 
 def load_quickstart_config(size: Size = "default", overrides: list[str] = ()) -> QuickstartConfig:
     """The settings of `size` with dotted `key=value` overrides applied (values parsed as YAML)."""
+    return build_dataclass(QuickstartConfig, apply_overrides(size_preset(size), overrides), "quickstart", "")
+
+
+def size_preset(size: str) -> dict[str, Any]:
+    """The settings a size implies, as the nested mapping its overrides give (the layer under the user's own)."""
     if size not in SIZES:
         raise ConfigError(f"size {size!r}: expected one of {sorted(SIZES)}")
-    data = apply_overrides({"size": size}, [*SIZES[size], *overrides])
-    return build_dataclass(QuickstartConfig, data, "quickstart", "")
+    return apply_overrides({"size": size}, SIZES[size])
+
+
+@dataclass(kw_only=True)
+class QuickstartCommand(QuickstartConfig):
+    """The whole pipeline on the embedded default, resumable: its settings, and where to stop."""
+
+    stop_after: Literal[STAGES] | None = None  # type: ignore[valid-type]
+    """Stop after this stage (run again to go on)."""
+
+
+def parse_quickstart_settings(argv: Sequence[str], *, prog: str, description: str) -> QuickstartCommand:
+    """`unime quickstart`'s settings: its size's preset first (`--size ci`, `size=ci` or `size: ci` in the config
+    file), then the config file, the overrides and the flags (`unime.settings.parse_settings`)."""
+    config_files, overrides, rest = split_command_line(QuickstartCommand, argv)
+    size: str = "default"
+    for path in config_files:
+        size = read_yaml_mapping(path).get("size", size)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        size = value if key == "size" else size
+    for flag, value in zip(rest, rest[1:], strict=False):
+        size = value if flag == "--size" else size
+    size = next((token.partition("=")[2] for token in rest if token.startswith("--size=")), size)
+    return parse_settings(QuickstartCommand, argv, prog=prog, description=description, base=size_preset(size))
 
 
 def recipe_config_path(config: QuickstartConfig, name: str) -> Path:

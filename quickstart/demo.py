@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+import unime
 from unime.data_synth.scenes import describe, draw_scene, random_scene
+
+
+@dataclass
+class DemoSettings:
+    """Embed drawn images and captions and print their similarity table."""
+
+    model: str | None = None
+    """A model directory or hub name; default: build a tiny model in memory."""
+    backbone: str = "qwen2_vl"
+    """Backbone of the tiny model (without --model)."""
+    count: int = 4
+    """Scenes to draw."""
+    seed: int = 0
+    """Seed of the scenes and of the tiny model."""
+
+
+def run_demo_command(settings: DemoSettings) -> int:
+    run_demo(settings.model, settings.backbone, count=settings.count, seed=settings.seed)
+    return 0
 
 
 def run_demo(model: str | None = None, backbone: str = "qwen2_vl", count: int = 4, seed: int = 0) -> list[list[float]]:
     """Embed `count` drawn scenes and their captions; print and return the caption x image similarities."""
-    import unime
-
     embedder = unime.load(model) if model else unime.build_tiny(backbone, seed=seed)
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(count)]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from unime.atomic import write_json_atomic
 from unime.errors import ConfigError
-from unime.quickstart.config import QuickstartConfig, TrainStage, recipe_config_path
+from unime.quickstart.config import QuickstartCommand, QuickstartConfig, TrainStage, recipe_config_path
 from unime.quickstart.stages import STAGES, StageResult, StageRunner
 
 TRAIN_LOG = "train_log.jsonl"
@@ -152,8 +152,8 @@ def run_mining(config: QuickstartConfig, data: dict[str, str], stage1: str, out:
     """Hard negatives mined with the stage-1 model, written into the stage-2 training rows (drawn scenes) and
     into the reranker's (paraphrase pairs)."""
     import unime
-    from unime.data_synth.mining.cache import model_fingerprint
     from unime.data_synth.mining.miner import MiningConfig, mine_file
+    from unime.embedding_store import model_fingerprint
 
     settings = config.mining
     progress = tqdm(total=3, desc="mining")
@@ -274,6 +274,14 @@ def run_serve_check(config: QuickstartConfig, stage2: str, reranker: str, out: P
     path = out / "serve_check.json"
     write_json_atomic(path, result)
     return StageResult(artefacts={"result": str(path), "log": str(out / "server.log")}, metrics=result)
+
+
+def run_quickstart_command(settings: QuickstartCommand) -> int:
+    """`unime quickstart`: run (or resume) the pipeline with the command's settings."""
+    fields = dataclasses.fields(QuickstartConfig)
+    config = QuickstartConfig(**{field.name: getattr(settings, field.name) for field in fields})
+    run_quickstart(config, stop_after=settings.stop_after)
+    return 0
 
 
 def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,8 @@ with `unime synth text runs/data/text` and `unime synth shapes runs/data/shapes`
     python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml \
         model.name_or_path=runs/stage1/final
 
-Any config value can be overridden with dotted keys (values are YAML):
+Any config value can be overridden with dotted keys (values are YAML) or flags (`--optim.max-steps 500`;
+`--help` lists them all), as every unime command's settings (`unime.settings`):
 
     python recipes/train_embedder.py --config recipes/configs/stage2_hardneg_instruct.yaml \
         optim.max_steps=500 optim.gradcache_chunk_size=8 model.name_or_path=Qwen/Qwen2-VL-2B-Instruct \
@@ -29,24 +30,19 @@ process: DeepSpeed ZeRO-2/3 refuse it (one backward per chunk breaks their gradi
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from unime.train.config import load_train_config
+    from unime.settings import parse_settings
+    from unime.train.config import TrainConfig
     from unime.train.data import load_recipe_data
     from unime.train.evaluation import retrieval_recall, teacher_agreement
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
-
-    config = load_train_config(args.config, args.overrides)
+    config = parse_settings(TrainConfig, argv if argv is not None else sys.argv[1:], prog="train_embedder.py")
     embedder = load_for_training(config.model)
     examples, held_out = load_recipe_data(config.data)
     eval_hook = None

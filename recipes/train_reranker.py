@@ -22,24 +22,19 @@ The model directory it writes (`<output_dir>/final`) loads with `unime.load`, as
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from unime.train.config import load_train_config
+    from unime.settings import parse_settings
+    from unime.train.config import TrainConfig
     from unime.train.data import load_recipe_data
     from unime.train.evaluation import reranking_metrics
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="YAML config (see recipes/configs/reranker_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.name=rerank_contrastive")
-    args = parser.parse_args(argv)
-
-    config = load_train_config(args.config, args.overrides)
+    config = parse_settings(TrainConfig, argv if argv is not None else sys.argv[1:], prog="train_reranker.py")
     config.model.kind = "reranker"
     reranker = load_for_training(config.model)
     examples, held_out = load_recipe_data(config.data)

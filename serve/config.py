@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+import tyro
 
 BackendName = Literal["auto", "vllm", "transformers"]
 
 
 @dataclass
 class ServeConfig:
-    """Everything the server process needs; `unime serve` fills it from its flags."""
+    """Serve embeddings and reranking over HTTP: everything the server process needs (`unime serve` settings)."""
 
-    embedder_dir: str | None = None
+    embedder_dir: Annotated[tyro.conf.Positional[str | None], tyro.conf.arg(metavar="MODEL_DIR")] = None
     """Model directory of the embedder to host (`/v1/embeddings`); None hosts no embedder."""
-    reranker_dir: str | None = None
+    reranker_dir: Annotated[str | None, tyro.conf.arg(aliases=("--reranker",))] = None
     """Model directory of the reranker to host (`/v1/rerank`); None hosts no reranker."""
     backend: BackendName = "auto"
     """`vllm`: the vLLM engine; `transformers`: unime's own encode/rerank; `auto`: vLLM where it is installed."""
@@ -26,7 +28,8 @@ class ServeConfig:
     port: int = 8000
     """TCP port to listen on."""
     api_key: str | None = None
-    """When set, every route (health, metrics and the docs included) needs `Authorization: Bearer <key>`."""
+    """When set, every route (health, metrics and the docs included) needs `Authorization: Bearer <key>`
+    (`unime serve` default: `$UNIME_API_KEY`, else none)."""
     served_model_name: str | None = None
     """Name of the embedder in `/v1/models`, responses and the `model` field of `/v1/embeddings` (of the reranker
     when no embedder is hosted); default: its directory's name."""

@@ -27,10 +27,10 @@ from unime.errors import ConfigError
 class OpenAIBackendConfig:
     """Settings of the OpenAI-compatible backend."""
 
-    base_url: str
-    """The API root, e.g. "https://api.openai.com/v1" or "http://localhost:8000/v1"."""
-    model: str
-    """The model name sent with each request (and recorded in the manifest)."""
+    base_url: str = ""
+    """The API root, e.g. "https://api.openai.com/v1" or "http://localhost:8000/v1"; required."""
+    model: str = ""
+    """The model name sent with each request (and recorded in the manifest); required."""
     api_key_env: str = "OPENAI_API_KEY"
     """Environment variable holding the API key (unset: no Authorization header)."""
     concurrency: int = 8
@@ -55,7 +55,7 @@ class OpenAIBackendConfig:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
             raise ConfigError("max_retries and backoff_s must be >= 0 and timeout_s > 0")
-        if not self.base_url.startswith(("http://", "https://")):
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
 
 
@@ -63,6 +63,8 @@ class OpenAIBackend:
     """Generate through an OpenAI-compatible `/chat/completions` endpoint."""
 
     def __init__(self, config: OpenAIBackendConfig):
+        if not config.base_url or not config.model:
+            raise ConfigError("the OpenAI backend needs a base URL and a model (--openai.base-url, --openai.model)")
         self.config = config
         self.name = config.model
 

@@ -39,8 +39,8 @@ MEMORY_SETTINGS = ("gpu_memory_utilization", "extra_engine_args.kv_cache_memory_
 class VllmBackendConfig:
     """Settings of the vLLM backend."""
 
-    model: str
-    """A local model directory (or a name vLLM resolves)."""
+    model: str = ""
+    """A local model directory (or a name vLLM resolves); required."""
     data_parallel_size: int = 1
     """Independent engines, each generating every n-th request."""
     tensor_parallel_size: int = 1
@@ -53,8 +53,6 @@ class VllmBackendConfig:
     """Answer length limit."""
     temperature: float = 0.7
     """Sampling temperature (each request is seeded from the run's seed and its key)."""
-    seed: int = 0
-    """The run's seed."""
     max_model_len: int = 8192
     """Context length of the engine."""
     structured_output: bool = True
@@ -88,8 +86,12 @@ class VllmBackendConfig:
 class VllmBackend:
     """Generate with vLLM engines in child processes."""
 
-    def __init__(self, config: VllmBackendConfig, *, work_dir: str | os.PathLike | None = None):
+    def __init__(self, config: VllmBackendConfig, *, work_dir: str | os.PathLike | None = None, seed: int = 0):
+        if not config.model:
+            raise ConfigError("the vLLM backend needs a model (--vllm.model)")
         self.config = config
+        self.seed = seed
+        """The run's seed: the engines' seed, and with each request's key its sampling seed."""
         self.name = Path(config.model).name if Path(config.model).exists() else config.model
         self.work_dir = Path(work_dir) if work_dir is not None else None
         self.returncodes: list[int] = []
@@ -100,7 +102,7 @@ class VllmBackend:
             "tensor_parallel_size": self.config.tensor_parallel_size,
             "max_model_len": self.config.max_model_len,
             "enforce_eager": self.config.enforce_eager,
-            "seed": self.config.seed,
+            "seed": self.seed,
             "limit_mm_per_prompt": {"image": 1, "video": 0},
         }
         if "kv_cache_memory_bytes" not in self.config.extra_engine_args:
@@ -167,7 +169,7 @@ class VllmBackend:
 
         def write_chunk(batch: list[GenerationRequest]) -> None:
             rows = (
-                {"key": r.key, "messages": r.messages, "seed": stable_hash(f"{self.config.seed}:{r.key}") % 2**31}
+                {"key": r.key, "messages": r.messages, "seed": stable_hash(f"{self.seed}:{r.key}") % 2**31}
                 for r in batch
             )
             write_jsonl_atomic(tmp / chunk_name(len(chunks)), rows)  # the engine never sees half a chunk

@@ -2,21 +2,18 @@
 
     config = load_train_config("recipes/configs/stage2_hardneg_instruct.yaml", ["optim.lr=1e-4"])
 
-Unknown keys and values of the wrong type fail at load time with the file and the dotted key.
+Unknown keys and values of the wrong type fail at load time with the file and the dotted key. The training
+scripts read the same settings from their command line with `unime.settings.parse_settings`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-from unime.errors import ConfigError
+from unime.settings import apply_overrides, build_dataclass, read_yaml_mapping
 
 
 @dataclass
@@ -178,88 +175,8 @@ class TrainConfig:
     """Continue from the latest checkpoint in `output_dir` when there is one."""
 
 
-def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config into `TrainConfig`, then apply `key.sub=value` overrides (values parsed as YAML)."""
-    data: dict[str, Any] = {}
-    where = str(path) if path else "<defaults>"
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{where}: cannot read ({err})") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping at the top level")
+    data = read_yaml_mapping(path) if path is not None else {}
     apply_overrides(data, overrides)
-    return build_dataclass(TrainConfig, data, where, "")
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each dotted `key.sub=value` override (value parsed as YAML) in the nested dict `data`, in place."""
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {override!r}: expected key.sub=value")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str) -> Any:
-    """Build `cls` from nested dicts, checking keys and value types against the type hints."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(fields)}")
-    values = {}
-    for name, value in data.items():
-        values[name] = _check_value(hints[name], value, where, prefix + name)
-    return cls(**values)
-
-
-def _check_value(hint: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_value(option, value, where, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {key}: {value!r} matches none of {hint}")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{where}: {key}: expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: {key}: expected a list, got {type(value).__name__}")
-        return [_check_value(item_hint, item, where, f"{key}[{i}]") for i, item in enumerate(value)]
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `3e-4` (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if hint in (int, float, str, bool):
-        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-            raise ConfigError(f"{where}: {key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{where}: {key}: unsupported type {hint}")
+    return build_dataclass(TrainConfig, data, str(path) if path else "<defaults>")
