@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from unime.atomic import atomic_write, remove_orphaned_temporaries, write_json_atomic, write_jsonl_atomic
+from unime.embedding_store import EmbeddingStore
 from unime.train.teacher import TeacherCache
 
 
@@ -44,20 +45,19 @@ def test_written_files_follow_the_umask(tmp_path, umask, mask):
 
 
 def test_generated_data_and_caches_follow_the_umask(tmp_path, umask):
-    from unime.data_synth.mining.cache import EmbeddingCache
     from unime.data_synth.tasks import TaskSynthConfig, write_task_examples
 
     umask(0o002)
     result = write_task_examples(tmp_path / "tasks", TaskSynthConfig(train=3, held_out=1, image_size=48))
-    cache = EmbeddingCache(tmp_path / "cache", "model")
-    cache.get_or_compute(["k"], lambda positions: np.ones((len(positions), 4), dtype=np.float32))
+    cache = EmbeddingStore(tmp_path / "cache", "model")
+    cache.fill(["k"], lambda positions: np.ones((len(positions), 4), dtype=np.float32))
     teacher = TeacherCache(tmp_path / "teacher", "a-teacher", encode=lambda texts: np.ones((len(texts), 4)))
     teacher.ensure(["a text"])
     written = [
         *result.directories["train"].rglob("*.png"),
         *result.shard_paths("train"),
         result.directories["train"] / "manifest.json",
-        *(tmp_path / "cache").rglob("chunk-*.npz"),
+        *(tmp_path / "cache").rglob("shard-*.pt"),
         *(tmp_path / "teacher").rglob("shard-*.pt"),
         *(tmp_path / "teacher").rglob("meta.json"),
     ]

@@ -17,6 +17,7 @@ KL loss), else the embedding similarities.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -33,9 +34,9 @@ from unime.atomic import write_jsonl_atomic
 from unime.data.dataset import DataError, image_problem, load_examples, parse_side
 from unime.data.schema import Side, TrainExample
 from unime.data_synth.manifest import Manifest, make_output_directory
-from unime.data_synth.mining.cache import EmbeddingCache, content_key
 from unime.data_synth.mining.search import SearchMethod, search
 from unime.data_synth.sharding import ALL, Shard
+from unime.embedding_store import EmbeddingStore, content_key, file_digest
 from unime.errors import ConfigError
 from unime.retrieve_rerank import PairScorer
 
@@ -118,36 +119,35 @@ def side_content(side: Side) -> tuple:
 
 def row_key(example: TrainExample) -> str:
     """The idempotent key of a row (for `--shard`): its query and positive."""
-    return content_key("row", side_content(example.query), side_content(example.positive))
+    # Not an embedding key: it only spreads rows over shards, and must stay stable for jobs that are under way.
+    parts = ("row", side_content(example.query), side_content(example.positive))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 class SideEmbedder:
-    """Embeds `Side`s through an `EmbeddingCache`, in batches grouped by instruction.
+    """Embeds `Side`s through an `EmbeddingStore`, in batches grouped by instruction.
 
     The embedder is an `unime.Embedder`, or any sentence-transformers-style model whose `encode(inputs,
     prompt=..., prompt_name=..., batch_size=..., normalize_embeddings=...)` takes the inputs and an instruction.
     """
 
-    def __init__(self, embedder: Any, cache: EmbeddingCache, batch_size: int = 32):
+    def __init__(self, embedder: Any, cache: EmbeddingStore, batch_size: int = 32):
         self.embedder = embedder
         self.cache = cache
         self.batch_size = batch_size
-        self._image_digests: dict[str, str] = {}
+        self.hits = 0
+        """Vectors read from the store (repeats counted)."""
+        self.computed = 0
+        """Vectors computed (distinct inputs that were not stored)."""
         from unime.embedder import Embedder
 
         self._unime = isinstance(embedder, Embedder)
-
-    def _digest(self, path: Path) -> str:
-        key = str(path)
-        if key not in self._image_digests:
-            self._image_digests[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        return self._image_digests[key]
 
     def look(self, side: Side) -> tuple:
         """What a side shows: its text and its image's bytes. A copy of the positive's image under another name is
         the positive, never a negative, whatever the margin (at margin 0 it would tie with the positive, and a tie
         is not above it)."""
-        return (side.text, self._digest(side.image) if side.image is not None else None)
+        return (side.text, file_digest(side.image) if side.image is not None else None)
 
     def _instruction(self, side: Side, role: str) -> str | None:
         """The instruction the embedder will apply (the side's own, else the model's default for the role)."""
@@ -161,12 +161,7 @@ class SideEmbedder:
     def embed(self, sides: Sequence[Side], role: str) -> np.ndarray:
         """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
         keys = [
-            content_key(
-                role,
-                self._instruction(side, role),
-                side.text,
-                self._digest(side.image) if side.image is not None else None,
-            )
+            content_key(text=side.text, image=side.image, instruction=self._instruction(side, role), role=role)
             for side in sides
         ]
 
@@ -188,7 +183,10 @@ class SideEmbedder:
                 out[slots] = vectors
             return out
 
-        vectors = self.cache.get_or_compute(keys, compute)
+        self.hits += len(keys) - len(self.cache.missing(keys))
+        # A shard's worth per call: `compute` batches by instruction itself, and a kill loses at most one shard.
+        self.computed += self.cache.fill(keys, compute, batch_size=self.cache.shard_size, source="the embedder")
+        vectors = self.cache.get(keys)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else 1.0
         return vectors / np.maximum(norms, 1e-12)
 
@@ -253,7 +251,7 @@ def mine_hard_negatives(
     *,
     corpus: Sequence[Side] | None = None,
     judge: Judge | None = None,
-    cache: EmbeddingCache | None = None,
+    cache: EmbeddingStore | None = None,
     report: MiningReport | None = None,
 ) -> tuple[list[MinedRow], MiningReport]:
     """Mine negatives for `examples` from `corpus` (default: the examples' distinct positives).
@@ -269,7 +267,7 @@ def mine_hard_negatives(
     config = config or MiningConfig()
     _check(config)
     report = report or MiningReport()
-    cache = cache or EmbeddingCache(None, "memory")
+    cache = cache if cache is not None else EmbeddingStore(None, "memory")
     sides = SideEmbedder(embedder, cache, config.batch_size)
     if corpus is None:
         unique: dict[tuple, Side] = {}
@@ -380,8 +378,8 @@ def mine_hard_negatives(
                 [index for index, _, _ in chosen],
             )
         )
-    report.embeddings_cached = cache.hits
-    report.embeddings_computed = cache.computed
+    report.embeddings_cached = sides.hits
+    report.embeddings_computed = sides.computed
     return mined_rows, report
 
 
@@ -527,7 +525,7 @@ def mine_file(
         for example in examples:
             unique.setdefault(side_content(example.positive), example.positive)
         corpus = list(unique.values())
-    cache = EmbeddingCache(cache_dir, model_id)
+    cache = EmbeddingStore(cache_dir, model_id)
     mined, report = mine_hard_negatives(owned, embedder, config, corpus=corpus, judge=judge, cache=cache, report=report)
     report.rows_written = write_jsonl_atomic(out, (mined_row_to_dict(row, out.parent) for row in mined))
     manifest = Manifest(

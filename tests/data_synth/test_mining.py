@@ -13,7 +13,6 @@ from PIL import Image
 from unime import save_tiny
 from unime.cli import main
 from unime.data.dataset import load_examples
-from unime.data_synth.mining.cache import EmbeddingCache
 from unime.data_synth.mining.miner import (
     MiningConfig,
     MiningReport,
@@ -31,6 +30,7 @@ from unime.data_synth.mining.search import (
 )
 from unime.data_synth.sharding import parse_shard
 from unime.data_synth.tasks import TaskSynthConfig, write_task_examples
+from unime.embedding_store import EmbeddingStore
 
 ROWS = 14
 
@@ -67,7 +67,7 @@ def test_ivf_reaches_the_recall_it_is_calibrated_for():
 @pytest.fixture(scope="module")
 def cache():
     """One in-memory embedding cache for the module: each side is embedded once across the tests."""
-    return EmbeddingCache(None, "tiny-qwen2-vl-seed-0")
+    return EmbeddingStore(None, "tiny-qwen2-vl-seed-0")
 
 
 @pytest.fixture(scope="module")

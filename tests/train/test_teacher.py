@@ -15,14 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from unime.embedding_store import EmbeddingStoreError, content_key, namespace_slug
 from unime.train.teacher import (
     MINILM_TEACHER,
     TeacherCache,
-    TeacherCacheError,
     load_teacher,
     resolve_teacher,
-    teacher_slug,
-    text_key,
 )
 
 TEACHER = "fake/teacher-8d"
@@ -122,7 +120,7 @@ def test_normalize_false_keeps_the_raw_vectors(tmp_path: Path):
     cache.ensure(["alpha"])
     torch.testing.assert_close(cache.lookup(["alpha"])[0], torch.as_tensor(fake_vector("alpha"), dtype=torch.float32))
     # A cache of raw vectors is not silently served as normalised ones.
-    with pytest.raises(TeacherCacheError, match="normalize=True"):
+    with pytest.raises(EmbeddingStoreError, match="normalize=True"):
         TeacherCache(tmp_path, TEACHER, encode=CountingEncoder())
 
 
@@ -142,7 +140,7 @@ def test_layout_shards_and_meta(tmp_path: Path):
         assert shard["embeddings"].dtype == torch.float32 and shard["embeddings"].shape == (len(shard["keys"]), 8)
     torch.testing.assert_close(shards[1]["embeddings"][0], normalised(corpus[4]))
     meta = json.loads((cache.root / "meta.json").read_text())
-    assert meta["teacher"] == TEACHER and meta["dim"] == 8
+    assert meta["namespace"] == TEACHER and meta["dim"] == 8
     assert leftovers(cache) == []
 
 
@@ -165,6 +163,7 @@ def test_an_exception_keeps_the_finished_work_and_a_rerun_embeds_only_the_rest(t
     assert leftovers(again) == []
 
 
+@pytest.mark.slow  # a child process, killed mid-run
 def test_a_killed_run_keeps_its_completed_shards(tmp_path: Path):
     # The child dies mid-run without unwinding (like SIGKILL or an OOM kill): no handler can save anything then.
     child = textwrap.dedent(
@@ -216,7 +215,7 @@ def test_lookup_finds_shards_another_process_wrote_since(tmp_path: Path):
 def test_another_dimension_is_refused(tmp_path: Path):
     TeacherCache(tmp_path, TEACHER, encode=CountingEncoder(dim=8)).ensure(["alpha"])
     other = TeacherCache(tmp_path, TEACHER, encode=CountingEncoder(dim=4))
-    with pytest.raises(TeacherCacheError, match=r"8-d .* gives 4-d"):
+    with pytest.raises(EmbeddingStoreError, match=r"8-d .* gives 4-d"):
         other.ensure(["beta"])
     assert "beta" not in other
     # What is cached is still served, without running the encoder.
@@ -231,9 +230,9 @@ def test_teachers_have_separate_namespaces(tmp_path: Path):
     assert other.ensure(["alpha"]) == 1 and other.dim == 4
     assert second.counts == Counter(["alpha"])
     # Two names with one folder name do not share embeddings either.
-    assert teacher_slug("org/teacher a") == teacher_slug("org/teacher--a")
+    assert namespace_slug("org/teacher a") == namespace_slug("org/teacher--a")
     TeacherCache(tmp_path, "org/teacher a", encode=CountingEncoder()).ensure(["alpha"])
-    with pytest.raises(TeacherCacheError, match="'org/teacher a', not 'org/teacher--a'"):
+    with pytest.raises(EmbeddingStoreError, match="'org/teacher a', not 'org/teacher--a'"):
         TeacherCache(tmp_path, "org/teacher--a", encode=CountingEncoder())
 
 
@@ -254,9 +253,9 @@ def test_bad_texts_are_refused_with_their_index(tmp_path: Path):
 
 
 def test_a_broken_encoder_is_reported(tmp_path: Path):
-    with pytest.raises(TeacherCacheError, match=r"shape \(1, 8\) for 2 texts"):
+    with pytest.raises(EmbeddingStoreError, match=r"shape \(1, 8\) for 2 texts"):
         TeacherCache(tmp_path, TEACHER, encode=lambda t: np.ones((1, 8))).ensure(["alpha", "beta"])
-    with pytest.raises(TeacherCacheError, match="non-finite values for text 'beta'"):
+    with pytest.raises(EmbeddingStoreError, match="non-finite values for text 'beta'"):
         TeacherCache(tmp_path, TEACHER, encode=lambda t: np.array([[1.0] * 8, [np.nan] * 8])).ensure(["alpha", "beta"])
 
 
@@ -265,12 +264,12 @@ def test_a_damaged_shard_is_named(tmp_path: Path):
     cache.ensure(["alpha"])
     shard = shard_files(cache)[0]
     shard.write_bytes(b"not a torch file")
-    with pytest.raises(TeacherCacheError, match="shard-00000.pt"):
+    with pytest.raises(EmbeddingStoreError, match="shard-00000.pt"):
         TeacherCache(tmp_path, TEACHER, encode=CountingEncoder())
 
 
 def test_text_key_is_the_sha256_of_the_text():
-    assert text_key("a cat") == hashlib.sha256(b"a cat").hexdigest()
+    assert content_key(text="a cat") == hashlib.sha256(b"a cat").hexdigest()
 
 
 def test_minilm_names_resolve_to_the_offline_copy():
