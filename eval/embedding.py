@@ -1,9 +1,9 @@
 """Embed each distinct item once, reusing (and filling) an on-disk cache keyed by model and content.
 
-The cache is unime's sharded embedding cache (`unime.train.teacher.TeacherCache`, the one stage 1 keeps its
-teacher's embeddings in), namespaced by the encoder's fingerprint and keyed by each item's content key (text,
-image bytes, role, instruction). Shards are written atomically every `shard_size` new vectors, so a run that
-is interrupted resumes by embedding only what is missing.
+The cache is unime's embedding store (`unime.embedding_store.EmbeddingStore`, the one the teacher cache and mining
+use too), namespaced by the encoder's fingerprint and keyed by each item's content (`item_key`: text, image
+bytes, role, instruction). Shards are written atomically every `shard_size` new vectors, so a run that is
+interrupted resumes by embedding only what is missing. Without a cache folder the vectors stay in memory.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from unime.eval.encoders import Encoder, EncoderError
-from unime.eval.items import Item, content_key
+from unime.embedding_store import EmbeddingStore, content_key
+from unime.eval.encoders import Encoder
+from unime.eval.items import Item
 
 
 @dataclass
@@ -34,6 +35,12 @@ class EmbedStats:
         self.listed += other.listed
         self.distinct += other.distinct
         self.encoded += other.encoded
+
+
+def item_key(item: Item) -> str:
+    """An item's key in the embedding store: equal for an equal text, equal image bytes, role and instruction (so
+    moving a benchmark's images keeps its cache valid)."""
+    return content_key(text=item.text, image=item.image, instruction=item.instruction, role=item.role)
 
 
 def embed_distinct(
@@ -57,50 +64,29 @@ def embed_distinct(
 
     Returns:
         `[len(items), D]` float32 and what was encoded.
+
+    Raises:
+        EmbeddingStoreError: when the encoder returns a wrong shape or non-finite values (naming the item), or the
+            cache folder holds another layout or a damaged shard.
     """
     stats = EmbedStats(listed=len(items), distinct=len(items))
     bar = tqdm(total=len(items), desc=progress or "", unit="item", disable=progress is None, leave=False)
     try:
-        if cache_dir is None:
-            vectors = _encode_checked(encoder, list(items), batch_size, bar, offset=0)
-            stats.encoded = len(items)
-            return vectors, stats
-        from unime.train.teacher import TeacherCache
+        store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
+        keys = [item_key(item) for item in items]
+        bar.update(len(items) - len(store.missing(keys)))
 
-        keys = [content_key(item) for item in items]
-        by_key = dict(zip(keys, items, strict=True))
+        def encode(positions: list[int]) -> np.ndarray:
+            vectors = encoder.encode([items[i] for i in positions], batch_size=batch_size)  # [b, D]
+            bar.update(len(positions))
+            return vectors
 
-        def encode_keys(batch_keys: list[str]) -> np.ndarray:
-            return _encode_checked(encoder, [by_key[key] for key in batch_keys], batch_size, bar, offset=0)
-
-        cache = TeacherCache(
-            cache_dir,
-            encoder.fingerprint,
-            encode=encode_keys,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            normalize=False,
+        stats.encoded = store.fill(
+            keys, encode, batch_size=batch_size, source="the encoder", label=lambda i: f"item {i}", unit="items"
         )
-        bar.update(sum(1 for key in keys if key in cache))
-        stats.encoded = cache.ensure(keys)
-        return cache.lookup(keys).numpy(), stats
+        return store.get(keys), stats
     finally:
         bar.close()
-
-
-def _encode_checked(encoder: Encoder, items: list[Item], batch_size: int, bar: tqdm, offset: int) -> np.ndarray:
-    vectors: list[np.ndarray] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        out = np.asarray(encoder.encode(batch, batch_size=batch_size), dtype=np.float32)  # [b, D]
-        if out.ndim != 2 or out.shape[0] != len(batch):
-            raise EncoderError(f"the encoder returned shape {out.shape} for {len(batch)} items; expected [n, dim]")
-        if not np.isfinite(out).all():
-            bad = int(np.nonzero(~np.isfinite(out).all(axis=1))[0][0])
-            raise EncoderError(f"the encoder returned non-finite values for item {offset + start + bad}")
-        vectors.append(out)
-        bar.update(len(batch))
-    return np.concatenate(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
 
 class ItemTable:

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from unime.embedding_store import model_fingerprint
 from unime.errors import UnimeError
 from unime.eval.items import Item
 
@@ -56,21 +57,6 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def directory_fingerprint(directory: str | os.PathLike) -> str:
-    """A model directory's identity: its small files' bytes, and its weight files' names, sizes and times."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).rglob("*")):
-        if not path.is_file():
-            continue
-        digest.update(str(path.relative_to(directory)).encode())
-        stat = path.stat()
-        if stat.st_size < 1 << 20:
-            digest.update(path.read_bytes())
-        else:  # weights: hashing gigabytes on every run would cost more than the cache saves
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:24]
-
-
 def module_fingerprint(module: Any) -> str:
     """An in-memory torch module's identity: a hash of every parameter and buffer."""
     digest = hashlib.sha256()
@@ -101,7 +87,7 @@ class UnimeEncoder:
         self.model = unime.load(model, **load_kwargs) if self.source is not None else model
         self.truncate_dim = truncate_dim
         if self.source is not None and Path(self.source).is_dir():
-            weights = directory_fingerprint(self.source)
+            weights = model_fingerprint(self.source)
         else:
             weights = self.source if self.source is not None else module_fingerprint(self.model.model)
         self._fingerprint = _digest("unime", weights, self.model.config.to_dict(), truncate_dim, load_kwargs)
@@ -150,7 +136,7 @@ class SentenceTransformersEncoder:
         self.model = SentenceTransformer(self.source, **model_kwargs) if self.source is not None else model
         self.normalize_embeddings = normalize_embeddings
         if self.source is not None and Path(self.source).is_dir():
-            weights = directory_fingerprint(self.source)
+            weights = model_fingerprint(self.source)
         else:
             weights = self.source if self.source is not None else module_fingerprint(self.model)
         self._fingerprint = _digest("sentence-transformers", weights, normalize_embeddings, model_kwargs)

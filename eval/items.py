@@ -1,16 +1,12 @@
 """What a benchmark asks an encoder to embed: an item (a text, an image file, or both) in a role.
 
 Items are value objects: two rows that list the same caption or the same image file give equal items, so a
-benchmark embeds each distinct item once (MMEB repeats candidates heavily). `content_key` identifies an item by
-its content (the text and the image file's bytes), which keys the embedding cache on disk.
+benchmark embeds each distinct item once (MMEB repeats candidates heavily). `unime.eval.embedding.item_key`
+identifies an item by its content (the text and the image file's bytes), which keys the embedding cache on disk.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,32 +52,3 @@ def clean_text(text: str | None) -> str | None:
         return None
     text = IMAGE_PLACEHOLDER.sub("", text).strip()
     return text or None
-
-
-@functools.lru_cache(maxsize=200_000)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    del size, mtime_ns  # part of the memo key only: a rewritten file gets hashed again
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def image_digest(path: Path) -> str:
-    """sha256 of an image file's bytes (memoised per path, size and modification time)."""
-    stat = os.stat(path)
-    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def content_key(item: Item) -> str:
-    """A string naming the item by content and role: equal for equal texts, equal image bytes, same role.
-
-    The embedding cache hashes it (so moving the images of a benchmark keeps its cache valid).
-    """
-    image = image_digest(item.image) if item.image is not None else None
-    return json.dumps(
-        {"text": item.text, "image": image, "role": item.role, "instruction": item.instruction},
-        sort_keys=True,
-        ensure_ascii=False,
-    )

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.eval.vllm_server import VLLMServer
+from unime.eval.embedding import item_key
 from unime.eval.encoders import UnimeEncoder
-from unime.eval.items import Item, content_key
+from unime.eval.items import Item
 from unime.eval.synthetic import write_synthetic_benchmark
 
 _EARLY: dict = {}
@@ -100,5 +101,5 @@ class CountingEncoder:
     def encode(self, items: list[Item], *, batch_size: int = 32):
         if self.fail_after is not None and len(self.encoded) + len(items) > self.fail_after:
             raise KeyboardInterrupt("interrupted on purpose")
-        self.encoded += [content_key(item) for item in items]
+        self.encoded += [item_key(item) for item in items]
         return self.inner.encode(items, batch_size=batch_size)

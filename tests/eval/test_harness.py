@@ -11,7 +11,8 @@ import pytest
 
 from tests.eval.conftest import CountingEncoder
 from unime.data_synth.scenes import COLORS
-from unime.eval.items import Item, content_key
+from unime.eval.embedding import item_key
+from unime.eval.items import Item
 from unime.eval.mmeb import COLUMNS, MMEB_V1, leaderboard, list_datasets, load_dataset, run_mmeb
 from unime.eval.synthetic import CATEGORIES, write_synthetic_benchmark
 
@@ -50,7 +51,7 @@ def test_each_distinct_item_is_encoded_once_and_a_second_run_reuses_the_cache(ti
     distinct = set()
     for name in list_datasets(synthetic_root):
         dataset = load_dataset(synthetic_root, name)
-        distinct |= {content_key(item) for item in dataset.queries.items + dataset.candidates.items}
+        distinct |= {item_key(item) for item in dataset.queries.items + dataset.candidates.items}
     assert sorted(counting.encoded) == sorted(distinct)  # every distinct item, each exactly once
     assert stats.encoded == len(distinct) < stats.listed
     again = CountingEncoder(tiny_encoder)
@@ -115,8 +116,8 @@ def test_items_are_keyed_by_content_not_by_path(tmp_path, synthetic_root):
     image = next((synthetic_root / "images").iterdir())
     copy = tmp_path / "copy.png"
     copy.write_bytes(image.read_bytes())
-    assert content_key(Item(image=image)) == content_key(Item(image=copy))
-    assert content_key(Item(image=image)) != content_key(Item(image=image, role="query"))
+    assert item_key(Item(image=image)) == item_key(Item(image=copy))
+    assert item_key(Item(image=image)) != item_key(Item(image=image, role="query"))
 
 
 def test_visdoc_scores_match_a_full_sort_of_the_corpus(tiny_encoder, synthetic_root, tmp_path):
