@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
 from unime.eval.encoders import Encoder, EncoderError, HTTPEncoder, SentenceTransformersEncoder, UnimeEncoder
-from unime.eval.items import Item
 from unime.eval.runner import EvalConfig, run_eval, write_outputs
 from unime.eval.synthetic import write_synthetic_benchmark
 
@@ -24,7 +23,6 @@ __all__ = [
     "EncoderError",
     "EvalConfig",
     "HTTPEncoder",
-    "Item",
     "ItemTable",
     "SentenceTransformersEncoder",
     "UnimeEncoder",

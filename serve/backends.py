@@ -20,14 +20,14 @@ import torch
 
 from unime import vllm_compat
 from unime.errors import InvalidInputError, UnimeError
-from unime.inputs import EmbedInput
+from unime.inputs import Input
 from unime.loading import load
 from unime.pass_planning import PassCostModel, cost_aware_batches
 from unime.pooling import finish_embeddings
 from unime.reranker import yes_probability
 from unime.serve.micro_batching import estimated_tokens
 
-Pair = tuple[EmbedInput, EmbedInput]
+Pair = tuple[Input, Input]
 
 
 @dataclass
@@ -49,7 +49,7 @@ class EmbedderBackend(Protocol):
 
     def instruction_for(self, input_type: str | None) -> str | None: ...
 
-    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult: ...
+    def embed(self, items: Sequence[Input], instructions: Sequence[str | None]) -> BatchResult: ...
 
 
 class RerankerBackend(Protocol):
@@ -117,7 +117,7 @@ class TransformersEmbedder:
     def instruction_for(self, input_type: str | None) -> str | None:
         return _instruction_for(self.config, input_type)
 
-    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
+    def embed(self, items: Sequence[Input], instructions: Sequence[str | None]) -> BatchResult:
         vectors = torch.empty(len(items), self.dimension, dtype=torch.float32)
         tokens = [0] * len(items)
         lengths = [estimated_tokens(item, instruction) for item, instruction in zip(items, instructions, strict=True)]
@@ -232,7 +232,7 @@ class VllmEmbedder:
     def instruction_for(self, input_type: str | None) -> str | None:
         return _instruction_for(self.config, input_type)
 
-    def embed(self, items: Sequence[EmbedInput], instructions: Sequence[str | None]) -> BatchResult:
+    def embed(self, items: Sequence[Input], instructions: Sequence[str | None]) -> BatchResult:
         with engine_refusals_as_input_errors():
             outputs = self.llm.embed(
                 self.prompts.render(items, list(instructions)),

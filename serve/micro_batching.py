@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unime.errors import InvalidInputError
-from unime.inputs import EmbedInput
+from unime.inputs import Input
 from unime.serve.errors import QueueFullError, ShuttingDownError
 
 logger = logging.getLogger("unime.serve")
@@ -35,7 +35,7 @@ PIXELS_PER_TOKEN = 28 * 28
 """Image pixels per prompt token (Qwen2-VL's 14x14 patches merged 2x2), for token estimates and budgets."""
 
 
-def estimated_tokens(item: EmbedInput, instruction: str | None = None) -> int:
+def estimated_tokens(item: Input, instruction: str | None = None) -> int:
     """A cheap token estimate: about 3 characters a token (the instruction's too), one token per 28x28 pixels."""
     return 16 + (len(item.text or "") + len(instruction or "")) // 3 + item.image_pixels // PIXELS_PER_TOKEN
 

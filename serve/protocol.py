@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError
-from unime.inputs import EmbedInput, parse_input
+from unime.inputs import Input, parse_input
 from unime.loading import load_processor
 from unime.prompts import PromptRenderer, apply_embedding_template, reranker_chat_template, set_chat_template
 from unime.serve.config import ServeConfig
@@ -149,7 +149,7 @@ class RequestImages:
 class EmbeddingCall:
     """A validated `/v1/embeddings` request."""
 
-    items: list[EmbedInput]
+    items: list[Input]
     model: str | None
     encoding_format: Literal["float", "base64"]
     dimensions: int | None
@@ -161,8 +161,8 @@ class EmbeddingCall:
 class RerankCall:
     """A validated `/v1/rerank` request."""
 
-    query: EmbedInput
-    documents: list[EmbedInput]
+    query: Input
+    documents: list[Input]
     raw_documents: list[Any]
     model: str | None
     top_n: int | None
@@ -262,7 +262,7 @@ def _optional_int(body: dict[str, Any], key: str, minimum: int) -> int | None:
     return value
 
 
-def parse_item(value: Any, limits: Limits, pixels: RequestImages, *, param: str, index: int | None) -> EmbedInput:
+def parse_item(value: Any, limits: Limits, pixels: RequestImages, *, param: str, index: int | None) -> Input:
     """A string (always a text) or a `{"text", "image"}` object, checked against the limits."""
     if isinstance(value, str):
         text, image = value, None
@@ -388,7 +388,7 @@ class PromptTokens:
             for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special_tokens)
         ]
 
-    def embedding_costs(self, items: Sequence[EmbedInput], instruction: str | None, max_tokens: int) -> list[int]:
+    def embedding_costs(self, items: Sequence[Input], instruction: str | None, max_tokens: int) -> list[int]:
         """Tokens of each input's prompt (instruction, template, text, image); 413 above `max_tokens`."""
         counts = self._count([self._renderer.render(item, instruction) for item in items])
         costs = [count + image_tokens(item) for count, item in zip(counts, items, strict=True)]
@@ -400,7 +400,7 @@ class PromptTokens:
         return costs
 
     def rerank_costs(
-        self, query: EmbedInput, documents: Sequence[EmbedInput], instruction: str | None, max_tokens: int
+        self, query: Input, documents: Sequence[Input], instruction: str | None, max_tokens: int
     ) -> list[int]:
         """Tokens of each (query, document) prompt; 413 above `max_tokens`, naming the field at fault.
 
@@ -414,8 +414,8 @@ class PromptTokens:
         for document, document_tokens in zip(documents, self._count([d.text or "" for d in documents]), strict=True):
             shape = (query.has_image, document.has_image, document.text is not None)
             if shape not in template:  # the prompt with empty texts: the template and the instruction
-                blank = EmbedInput(text="" if query.text is not None else None, image=query.image)
-                other = EmbedInput(text="" if document.text is not None else None, image=document.image)
+                blank = Input(text="" if query.text is not None else None, image=query.image)
+                other = Input(text="" if document.text is not None else None, image=document.image)
                 template[shape] = self._count([self._renderer.render_pair(blank, other, instruction)])[0]
             costs.append(template[shape] + query_tokens + document_tokens + image_tokens(document))
         for index, cost in enumerate(costs):
@@ -427,11 +427,11 @@ class PromptTokens:
                 raise _too_many_tokens(f"the prompt of the query and document {index}", cost, max_tokens, param, where)
         return costs
 
-    def _text_tokens(self, item: EmbedInput) -> int:
+    def _text_tokens(self, item: Input) -> int:
         return self._count([item.text])[0] if item.text else 0
 
 
-def image_tokens(item: EmbedInput) -> int:
+def image_tokens(item: Input) -> int:
     """An image's share of a prompt: one token per 28x28 pixels (0 without an image)."""
     return -(-item.image_pixels // PIXELS_PER_TOKEN) if item.has_image else 0
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import unime
 from unime.backbones.qwen2_vl_batched import batch_inputs, mrope_position_ids
-from unime.inputs import EmbedInput
+from unime.inputs import Input
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -29,13 +29,13 @@ def noise_image(rng: np.random.Generator, width: int, height: int, mode: str = "
     return image.convert(mode).convert("RGB") if mode != "RGB" else image
 
 
-def mixed_items(seed: int) -> list[EmbedInput]:
+def mixed_items(seed: int) -> list[Input]:
     rng = np.random.default_rng(seed)
     items = []
     for index, (width, height) in enumerate(SIZES):
         image = noise_image(rng, width, height, mode="L" if index % 4 == 3 else "RGB")
         words = " ".join(f"w{int(w)}" for w in rng.integers(0, 50, size=int(rng.integers(1, 30))))
-        items += [EmbedInput(text=words), EmbedInput(image=image), EmbedInput(text=words[:20], image=image)]
+        items += [Input(text=words), Input(image=image), Input(text=words[:20], image=image)]
     return items
 
 
@@ -125,13 +125,11 @@ def test_other_image_processor_settings_fall_back_to_the_processor(setting):
     for key, value in setting.items():
         setattr(embedder.processor.image_processor, key, value)
     image = noise_image(np.random.default_rng(3), 56, 56)
-    prompt = embedder._renderer.render(EmbedInput(image=image), None)
+    prompt = embedder._renderer.render(Input(image=image), None)
     kwargs = {"padding": True, "return_tensors": "pt"}
     assert batch_inputs(embedder.processor, [prompt], [[image]], kwargs) is None
     # The embedder still gives the processor's features.
-    assert_same_features(
-        embedder.tokenize([EmbedInput(image=image)]), reference(embedder).tokenize([EmbedInput(image=image)])
-    )
+    assert_same_features(embedder.tokenize([Input(image=image)]), reference(embedder).tokenize([Input(image=image)]))
 
 
 def test_a_prompt_with_fewer_placeholders_than_images_is_refused():
@@ -140,7 +138,7 @@ def test_a_prompt_with_fewer_placeholders_than_images_is_refused():
     with pytest.raises(ValueError, match="1 image placeholders for 2 images"):
         batch_inputs(
             embedder.processor,
-            [embedder._renderer.render(EmbedInput(image=image), None)],
+            [embedder._renderer.render(Input(image=image), None)],
             [[image, image]],
             {"padding": True, "return_tensors": "pt"},
         )

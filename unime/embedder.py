@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from unime.backbone_module import BackboneModule
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError
-from unime.inputs import EmbedInput, is_single_input, load_image, parse_inputs
+from unime.inputs import Input, is_single_input, load_image, parse_inputs
 from unime.pass_planning import shape_sorted_batches
 from unime.pooling import finish_embeddings, pool
 from unime.prompts import PromptRenderer, apply_embedding_template
@@ -47,7 +47,7 @@ class Embedder(BackboneModule):
 
     def tokenize(
         self,
-        items: Sequence[EmbedInput],
+        items: Sequence[Input],
         instruction: str | Sequence[str | None] | None = None,
         indices: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -152,7 +152,7 @@ class Embedder(BackboneModule):
         return embeddings.numpy() if convert_to_numpy else list(embeddings)
 
     def _prepare_batch(
-        self, items: Sequence[EmbedInput], instruction: str | None, batch: list[int]
+        self, items: Sequence[Input], instruction: str | None, batch: list[int]
     ) -> dict[str, torch.Tensor]:
         return self.tokenize([items[i] for i in batch], instruction, indices=batch)
 

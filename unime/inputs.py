@@ -17,27 +17,50 @@ import binascii
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
 from unime.errors import InvalidInputError
 
 ImageRef = Image.Image | Path
+Role = Literal["query", "document"]
 DICT_KEYS = frozenset({"text", "image"})
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
-class EmbedInput:
-    """One validated input: a text, an image (decoded or a file still to read), or both."""
+class Input:
+    """The one input record: a text, an image, or both, with how to prompt it.
+
+    One type serves every place that names something to embed or rerank: a side of a training row
+    (`unime.data`), a benchmark item (`unime.eval`) and a parsed `encode`/`predict`/server input. So:
+    - `instruction` and `role` are optional and say how to prompt the input: a training row or benchmark may
+      give each input its own instruction, and a benchmark says which side of a pair an item is (`role`), so
+      that an encoder gives queries and documents their configured instructions. `encode` and the server take
+      the instruction per call, so the inputs they parse leave both None.
+    - `image_pixels` is derived from the image (its header's width x height), not part of what the input is:
+      it is left out of equality and hashing, so two records of the same text, image, instruction and role
+      are equal (a benchmark embeds each distinct item once) whether or not the size was read. Only the
+      parsers read it (0 when unread), for batching by size and for token estimates.
+    """
 
     text: str | None = None
     image: ImageRef | None = None
-    image_pixels: int = 0
-    """Width x height of the image (0 without one), read from the header; used to batch by size."""
+    """A decoded image, or an image file (absolute or caller-relative) still to read."""
+    instruction: str | None = None
+    """The instruction to embed or rerank it with; None for the caller's default."""
+    role: Role | None = None
+    """Which side of a pair it is, for encoders that prompt queries and documents differently."""
+    image_pixels: int = field(default=0, compare=False)
+    """Width x height of the image (0 without one, or when not read), read from the header; used to batch by
+    size."""
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.image is None:
+            raise ValueError("an input needs a text, an image or both")
 
     @property
     def has_image(self) -> bool:
@@ -49,13 +72,19 @@ class EmbedInput:
             return "image_text"
         return "image" if self.image is not None else "text"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The input as the public `encode`/`predict` APIs (and sentence-transformers) take it: a `{"text",
+        "image"}` dict with the keys it has. A dict's text is always text, where a one-word string ending in
+        ".png" would be read as an image path."""
+        return {key: value for key, value in (("text", self.text), ("image", self.image)) if value is not None}
+
 
 def is_single_input(inputs: Any) -> bool:
     """sentence-transformers semantics: one input (not in a list) gives one vector, not a matrix."""
     return isinstance(inputs, (str, dict, Image.Image, os.PathLike))
 
 
-def parse_inputs(inputs: Sequence[Any]) -> list[EmbedInput]:
+def parse_inputs(inputs: Sequence[Any]) -> list[Input]:
     """Validate every input up front, so that a bad one fails the call before any compute is spent."""
     if isinstance(inputs, (bytes, bytearray)) or not isinstance(inputs, Sequence):
         raise InvalidInputError(
@@ -64,7 +93,7 @@ def parse_inputs(inputs: Sequence[Any]) -> list[EmbedInput]:
     return [parse_input(index, item) for index, item in enumerate(inputs)]
 
 
-def parse_input(index: int, item: Any) -> EmbedInput:
+def parse_input(index: int, item: Any) -> Input:
     if isinstance(item, str):
         if item.startswith("data:image/"):
             return _image_input(index, decode_data_uri(index, item))
@@ -76,13 +105,13 @@ def parse_input(index: int, item: Any) -> EmbedInput:
                     "to embed it as text",
                 )
             path = Path(item)
-            return EmbedInput(image=path, image_pixels=_probe_image_file(index, path))
-        return EmbedInput(text=_check_text(index, item))
+            return Input(image=path, image_pixels=_probe_image_file(index, path))
+        return Input(text=_check_text(index, item))
     if isinstance(item, Image.Image):
         return _image_input(index, item)
     if isinstance(item, os.PathLike):
         path = Path(item)
-        return EmbedInput(image=path, image_pixels=_probe_image_file(index, path))
+        return Input(image=path, image_pixels=_probe_image_file(index, path))
     if isinstance(item, dict):
         return _parse_dict(index, item)
     raise InvalidInputError(
@@ -92,7 +121,7 @@ def parse_input(index: int, item: Any) -> EmbedInput:
     )
 
 
-def _parse_dict(index: int, item: dict) -> EmbedInput:
+def _parse_dict(index: int, item: dict) -> Input:
     unknown = sorted(str(key) for key in set(item) - DICT_KEYS)
     if unknown:
         raise InvalidInputError(index, f"unknown key(s) {unknown} in dict input; expected 'text' and/or 'image'")
@@ -114,13 +143,13 @@ def _parse_dict(index: int, item: dict) -> EmbedInput:
             pixels = _probe_image_file(index, image)
         else:
             raise InvalidInputError(index, f"'image' must be a PIL image or a file path, got {type(image).__name__}")
-    return EmbedInput(text=text, image=image, image_pixels=pixels)
+    return Input(text=text, image=image, image_pixels=pixels)
 
 
-def _image_input(index: int, image: Image.Image) -> EmbedInput:
+def _image_input(index: int, image: Image.Image) -> Input:
     if image.width < 1 or image.height < 1:
         raise InvalidInputError(index, f"image has no pixels ({image.width}x{image.height})")
-    return EmbedInput(image=image, image_pixels=image.width * image.height)
+    return Input(image=image, image_pixels=image.width * image.height)
 
 
 def _looks_like_image_path(text: str) -> bool:

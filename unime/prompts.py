@@ -14,7 +14,7 @@ from typing import Any
 
 from unime.backbones.spec import TurnFormat
 from unime.config import PromptConfig, RerankConfig
-from unime.inputs import EmbedInput
+from unime.inputs import Input
 
 # The template gathers the instruction (system messages) and the user's images and texts, in any order,
 # then renders one user turn: instruction, images, text, and the summary line that fits the modality. It
@@ -123,7 +123,7 @@ def apply_embedding_template(processor: Any, turn: TurnFormat, prompts: PromptCo
     set_chat_template(processor, embedding_chat_template(turn, prompts))
 
 
-def content_parts(item: EmbedInput, image: Any | None) -> list[dict[str, Any]]:
+def content_parts(item: Input, image: Any | None) -> list[dict[str, Any]]:
     """An input as chat content parts, image first; `image` is its decoded image (None to render text only)."""
     content: list[dict[str, Any]] = []
     if item.has_image:
@@ -139,13 +139,13 @@ def _with_instruction(instruction: str | None, messages: list[dict[str, Any]]) -
     return [{"role": "system", "content": [{"type": "text", "text": instruction}]}, *messages]
 
 
-def to_messages(item: EmbedInput, image: Any | None, instruction: str | None) -> list[dict[str, Any]]:
+def to_messages(item: Input, image: Any | None, instruction: str | None) -> list[dict[str, Any]]:
     """The chat messages of one embedding input."""
     return _with_instruction(instruction, [{"role": "user", "content": content_parts(item, image)}])
 
 
 def pair_messages(
-    query: EmbedInput, document: EmbedInput, images: tuple[Any, Any], instruction: str | None
+    query: Input, document: Input, images: tuple[Any, Any], instruction: str | None
 ) -> list[dict[str, Any]]:
     """The chat messages of one (query, document) pair for the reranker template (roles `query`, `document`)."""
     return _with_instruction(
@@ -172,19 +172,19 @@ class PromptRenderer:
         self._template: str | None = None
         self._skeletons: dict[tuple, str] = {}
 
-    def render(self, item: EmbedInput, instruction: str | None) -> str:
+    def render(self, item: Input, instruction: str | None) -> str:
         """The embedding prompt of one input."""
 
         def messages(texts: list[str | None]) -> list[dict[str, Any]]:
-            return to_messages(EmbedInput(text=texts[0], image=item.image), None, instruction)
+            return to_messages(Input(text=texts[0], image=item.image), None, instruction)
 
         return self._render(("item", instruction, item.has_image), [item.text], messages)
 
-    def render_pair(self, query: EmbedInput, document: EmbedInput, instruction: str | None) -> str:
+    def render_pair(self, query: Input, document: Input, instruction: str | None) -> str:
         """The reranking prompt of one (query, document) pair."""
 
         def messages(texts: list[str | None]) -> list[dict[str, Any]]:
-            shapes = (EmbedInput(text=texts[0], image=query.image), EmbedInput(text=texts[1], image=document.image))
+            shapes = (Input(text=texts[0], image=query.image), Input(text=texts[1], image=document.image))
             return pair_messages(*shapes, (None, None), instruction)
 
         key = ("pair", instruction, query.has_image, document.has_image)

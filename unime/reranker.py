@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 from unime.backbone_module import BackboneModule
 from unime.config import UnimeConfig
 from unime.errors import InvalidInputError, ModelLoadError
-from unime.inputs import EmbedInput, is_single_input, load_image, parse_input
+from unime.inputs import Input, is_single_input, load_image, parse_input
 from unime.pass_planning import shape_sorted_batches
 from unime.pooling import pool
 from unime.prompts import PromptRenderer, reranker_chat_template, set_chat_template
 
-Pair = tuple[EmbedInput, EmbedInput]
+Pair = tuple[Input, Input]
 
 
 class Reranker(BackboneModule):

@@ -31,7 +31,7 @@ from typing import Any
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
 from unime.errors import ConfigError
-from unime.inputs import EmbedInput, load_image, parse_inputs
+from unime.inputs import Input, load_image, parse_inputs
 from unime.prompts import PromptRenderer, apply_embedding_template
 
 # unime pooling mode -> vLLM pooling type
@@ -192,15 +192,15 @@ class EmbeddingPrompts(_DirectoryPrompts):
 
     def render(
         self,
-        inputs: Sequence[Any] | Sequence[EmbedInput],
+        inputs: Sequence[Any] | Sequence[Input],
         instruction: str | Sequence[str | None] | None = None,
     ) -> list[dict[str, Any]]:
         """vLLM prompts `{"prompt": str, "multi_modal_data": {"image": PIL}}`, one per input, in order.
 
-        `inputs` are anything `Embedder.encode` accepts (or already parsed `EmbedInput`s); `instruction` is
+        `inputs` are anything `Embedder.encode` accepts (or already parsed `Input`s); `instruction` is
         one for all or one per input, as in `Embedder.tokenize`.
         """
-        items = [item if isinstance(item, EmbedInput) else None for item in inputs]
+        items = [item if isinstance(item, Input) else None for item in inputs]
         if any(item is None for item in items):
             items = parse_inputs(list(inputs))
         instructions = (
@@ -279,14 +279,12 @@ class RerankPrompts(_DirectoryPrompts):
     def render(self, pairs: Sequence[Any], instruction: str | Sequence[str | None] | None = None) -> list[dict]:
         """vLLM prompts `{"prompt", "multi_modal_data": {"image": [query image, document image]}}`, in order.
 
-        `pairs` are anything `Reranker.predict` accepts (or already parsed pairs of `EmbedInput`s).
+        `pairs` are anything `Reranker.predict` accepts (or already parsed pairs of `Input`s).
         """
         from unime.reranker import parse_pairs
 
         parsed = (
-            list(pairs)
-            if all(isinstance(side, EmbedInput) for pair in pairs for side in pair)
-            else parse_pairs(list(pairs))
+            list(pairs) if all(isinstance(side, Input) for pair in pairs for side in pair) else parse_pairs(list(pairs))
         )
         instructions = (
             [instruction] * len(parsed) if instruction is None or isinstance(instruction, str) else list(instruction)

@@ -8,7 +8,8 @@ import torch
 from unime.data.collator import EmbeddingCollator
 from unime.data.dataset import DataError
 from unime.data.sampler import TrainBatchSampler
-from unime.data.schema import Side, TrainExample
+from unime.data.schema import TrainExample
+from unime.inputs import Input
 
 
 def test_sampler_is_seeded_full_and_covers_each_example_once_per_epoch() -> None:
@@ -41,9 +42,9 @@ def test_resuming_inside_an_epoch_continues_with_the_next_batch() -> None:
 
 def _example(i: int, negatives: int, scores: bool = False) -> TrainExample:
     return TrainExample(
-        query=Side(text=f"query number {i}", instruction="Find it." if i % 2 else None),
-        positive=Side(text=f"positive {i}"),
-        negatives=tuple(Side(text=f"negative {i}.{j}") for j in range(negatives)),
+        query=Input(text=f"query number {i}", instruction="Find it." if i % 2 else None),
+        positive=Input(text=f"positive {i}"),
+        negatives=tuple(Input(text=f"negative {i}.{j}") for j in range(negatives)),
         scores=tuple([1.0] + [0.1 * j for j in range(negatives)]) if scores else None,
         source="s",
         origin=f"file.jsonl:{i + 1}",
@@ -61,7 +62,7 @@ def test_collator_builds_named_chunked_groups(tiny_embedders) -> None:
     torch.testing.assert_close(batch.scores, torch.tensor([[1.0, 0.0, 0.1]] * 5))
 
     # The same inputs tokenized directly: the instruction of each row reaches its prompt.
-    direct = embedder.tokenize([e.query.as_input() for e in examples[:2]], [e.query.instruction for e in examples[:2]])
+    direct = embedder.tokenize([e.query for e in examples[:2]], [e.query.instruction for e in examples[:2]])
     torch.testing.assert_close(batch.chunks["query"][0]["input_ids"], direct["input_ids"])
     tokenizer = embedder.processor.tokenizer
     assert "Find it." not in tokenizer.decode(direct["input_ids"][0]) and "Find it." in tokenizer.decode(
@@ -88,6 +89,6 @@ def test_collator_reuses_too_few_negatives_and_samples_from_many(tiny_embedders)
 def test_collator_names_the_row_of_an_image_that_fails_to_decode(tiny_embedders, tmp_path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"garbage")
-    example = TrainExample(Side(image=broken), Side(text="p"), origin="train.jsonl:7")
+    example = TrainExample(Input(image=broken), Input(text="p"), origin="train.jsonl:7")
     with pytest.raises(DataError, match="train.jsonl:7: field 'query': input 0: image file .*broken.png"):
         EmbeddingCollator(tiny_embedders("qwen2_vl"))([example])

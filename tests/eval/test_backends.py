@@ -9,10 +9,10 @@ import pytest
 
 from unime.cli import main
 from unime.eval.encoders import SentenceTransformersEncoder
-from unime.eval.items import Item
 from unime.eval.mmeb import load_dataset, run_mmeb
 from unime.eval.rerank import rank_after_rerank, reranker_input, run_rerank
 from unime.eval.runner import EvalConfig, run_eval
+from unime.inputs import Input
 
 
 def _scores(result):
@@ -29,15 +29,15 @@ def test_sentence_transformers_backend_gives_the_same_numbers(tiny_dir, tiny_enc
         assert _scores(st)[name] == pytest.approx(scores, abs=1e-6), name
     assert st["tasks"]["compositional"]["scores"] == pytest.approx(ours["tasks"]["compositional"]["scores"])
     # Roles reach the model: a query item gets the configured query instruction, a document item none.
-    item = Item(text="a red circle on the left")
-    query, plain = tiny_encoder.encode([Item(text=item.text, role="query"), item])
+    item = Input(text="a red circle on the left")
+    query, plain = tiny_encoder.encode([Input(text=item.text, role="query"), item])
     assert not np.allclose(query, plain)
-    assert np.allclose(tiny_encoder.encode([Item(text=item.text, role="document")])[0], plain, atol=1e-6)
+    assert np.allclose(tiny_encoder.encode([Input(text=item.text, role="document")])[0], plain, atol=1e-6)
 
 
 def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["eval", "run", "--model", str(tiny_dir), "--out", str(out), "--quiet"]) == 0
+    assert main(["eval", "run", "--model", str(tiny_dir), "--out", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["encoder"]["backend"] == "unime" and results["encoder"]["model"] == str(tiny_dir)
     assert results["config"]["mmeb_root"] == str(out / "synthetic-benchmark")
@@ -50,7 +50,7 @@ def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys)
     assert "## MMEB" in (out / "results.md").read_text() and "## MMEB" in capsys.readouterr().out
     assert (out / "plots" / "MMEB_leaderboard.png").stat().st_size > 1000
     # A second run finds every embedding in the cache; `compare` plots both runs side by side.
-    assert main(["eval", "run", "--model", str(tiny_dir), "--out", str(out), "--quiet", "--no-plots"]) == 0
+    assert main(["eval", "run", "--model", str(tiny_dir), "--out", str(out), "--no-progress", "--no-plots"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["embedding"]["encoded"] == 0 and again["tasks"]["mmeb"] == results["tasks"]["mmeb"]
     assert (
@@ -71,7 +71,7 @@ def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys)
     )
     assert (tmp_path / "c.png").stat().st_size > 1000
     # Bad data is reported by name, with exit status 2.
-    assert main(["eval", "run", "--model", str(tiny_dir), "--mmeb", str(tmp_path), "--out", str(out), "--quiet"]) == 2
+    assert main(["eval", "run", "--model", str(tiny_dir), "--mmeb-root", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
     assert "no dataset folders found" in capsys.readouterr().err
 
 
@@ -116,7 +116,7 @@ def test_reranking_by_hand(tiny_encoder, tmp_path):
     (tmp_path / "Toy").mkdir()
     (tmp_path / "Toy" / "test.jsonl").write_text(json.dumps(row) + "\n")
     dataset = load_dataset(tmp_path, "Toy")
-    items = [Item(text="find it")] + [Item(text=text) for text in texts]
+    items = [Input(text="find it")] + [Input(text=text) for text in texts]
     query, *candidates = tiny_encoder.encode(items)
     first_stage = np.array(candidates) @ query
     order = list(np.argsort(-first_stage, kind="stable"))
@@ -186,9 +186,9 @@ def test_cli_reranks_with_a_unime_reranker_on_image_and_text_pairs(tiny_dir, syn
     reranker = unime.build_tiny("qwen2_vl", kind="reranker", seed=0)
     reranker.save(tmp_path / "reranker")
     out = tmp_path / "run"
-    command = ["eval", "run", "--model", str(tiny_dir), "--mmeb", str(synthetic_root), "--quiet", "--no-plots"]
-    command += ["--datasets", "Synthetic-I2T", "--reranker", str(tmp_path / "reranker")]
-    command += ["--rerank", "Synthetic-I2T,Synthetic-T2I", "--rerank-top-k", "3", "--out", str(out)]
+    command = ["eval", "run", "--model", str(tiny_dir), "--mmeb-root", str(synthetic_root), "--no-progress", "--no-plots"]
+    command += ["--mmeb-datasets", "Synthetic-I2T", "--reranker", str(tmp_path / "reranker")]
+    command += ["--rerank-datasets", "Synthetic-I2T", "Synthetic-T2I", "--rerank-top-k", "3", "--out", str(out)]
     assert main(command) == 0
     results = json.loads((out / "results.json").read_text())
     rerank = {r["dataset"]: r for r in results["tasks"]["rerank"]}

@@ -16,8 +16,8 @@ from tests.eval.vllm_server import API_KEY
 from tests.serve.server_process import start_server
 from unime.config import UnimeConfig
 from unime.eval.encoders import EncoderError, HTTPEncoder
-from unime.eval.items import Item
 from unime.eval.runner import EvalConfig, run_eval
+from unime.inputs import Input
 
 
 def _all_scores(results) -> dict[str, float]:
@@ -45,14 +45,14 @@ def local_scores(tiny_encoder, config) -> dict[str, float]:
     return _all_scores(run_eval(tiny_encoder, config))
 
 
-def _probe_items(synthetic_root: Path) -> list[Item]:
+def _probe_items(synthetic_root: Path) -> list[Input]:
     image = sorted((synthetic_root / "images").iterdir())[0]
     return [
-        Item(text="a red circle on the left"),
-        Item(image=image),
-        Item(text="what is on the left?", image=image),
-        Item(text="a blue square", role="query"),
-        Item(image=image, role="document"),
+        Input(text="a red circle on the left"),
+        Input(image=image),
+        Input(text="what is on the left?", image=image),
+        Input(text="a blue square", role="query"),
+        Input(image=image, role="document"),
     ]
 
 

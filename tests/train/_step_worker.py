@@ -25,8 +25,9 @@ def main(out: str, batch_size: int, chunk: str, loss: str) -> None:
 
     import unime
     from unime.data.collator import EmbeddingCollator
-    from unime.data.schema import Side, TrainExample
+    from unime.data.schema import TrainExample
     from unime.data_synth.scenes import describe, random_scene
+    from unime.inputs import Input
     from unime.pooling import finish_embeddings
     from unime.train.checkpoint import TrainerState
     from unime.train.config import TrainConfig
@@ -40,9 +41,9 @@ def main(out: str, batch_size: int, chunk: str, loss: str) -> None:
         scene = random_scene(rng)
         examples.append(
             TrainExample(
-                Side(text=f"query {describe(scene)}"),
-                Side(text=describe(scene)),
-                negatives=(Side(text=describe(random_scene(rng))), Side(text=describe(random_scene(rng)))),
+                Input(text=f"query {describe(scene)}"),
+                Input(text=describe(scene)),
+                negatives=(Input(text=describe(random_scene(rng))), Input(text=describe(random_scene(rng)))),
                 origin=f"rows:{i}",
             )
         )

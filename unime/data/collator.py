@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from unime.data.dataset import DataError
-from unime.data.schema import Side, TrainExample
+from unime.data.schema import TrainExample
 from unime.errors import InvalidInputError
+from unime.inputs import Input
 
 Features = dict[str, torch.Tensor]
 
@@ -80,7 +81,7 @@ class EmbeddingCollator:
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
         rng = random.Random(f"{self.seed}-{batch_key(examples)}")
-        negatives: list[tuple[TrainExample, Side]] = []
+        negatives: list[tuple[TrainExample, Input]] = []
         picked_scores: list[list[float]] = []
         for example in examples:
             chosen = self._pick_negatives(example, rng)
@@ -112,15 +113,13 @@ class EmbeddingCollator:
     def _pick_negatives(self, example: TrainExample, rng: random.Random) -> list[int]:
         return pick_negatives(example, self.num_negatives, self.sample_negatives, rng)
 
-    def _encode_group(self, sides: list[tuple[TrainExample, Side]], group: str) -> list[Features]:
+    def _encode_group(self, sides: list[tuple[TrainExample, Input]], group: str) -> list[Features]:
         size = self.chunk_size or max(len(sides), 1)
         chunks = []
         for start in range(0, len(sides), size):
             part = sides[start : start + size]
             try:
-                features = self.embedder.tokenize(
-                    [side.as_input() for _, side in part], [side.instruction for _, side in part]
-                )
+                features = self.embedder.tokenize([side for _, side in part], [side.instruction for _, side in part])
             except InvalidInputError as err:
                 example = part[err.index][0] if err.index is not None else part[0][0]
                 raise DataError(f"{example.origin}: field '{group}': {err}") from err
@@ -141,7 +140,7 @@ def pick_negatives(example: TrainExample, k: int, sample_negatives: str, rng: ra
     return [i % available for i in range(k)]  # too few: reuse them in turn
 
 
-def distill_text(example: TrainExample, side: Side) -> str:
+def distill_text(example: TrainExample, side: Input) -> str:
     """The text a teacher embeds for a side; stage-1 distillation is text-only."""
     if side.text is None or side.image is not None:
         raise DataError(f"{example.origin}: text distillation needs text-only sides, got an image")
@@ -196,7 +195,7 @@ class RerankCollator:
 
     def __call__(self, examples: Sequence[TrainExample]) -> TrainBatch:
         rng = random.Random(f"{self.seed}-rerank-{batch_key(examples)}")
-        pairs: list[tuple[TrainExample, Side]] = []
+        pairs: list[tuple[TrainExample, Input]] = []
         for example in examples:
             documents = [example.positive]
             mined = pick_negatives(example, self.num_negatives, self.sample_negatives, rng)
@@ -210,22 +209,22 @@ class RerankCollator:
             sources=[e.source for e in examples],
         )
 
-    def _random_documents(self, example: TrainExample, rng: random.Random) -> list[Side]:
-        chosen: list[Side] = []
+    def _random_documents(self, example: TrainExample, rng: random.Random) -> list[Input]:
+        chosen: list[Input] = []
         while len(chosen) < self.random_negatives:
             document = self.pool[rng.randrange(len(self.pool))]
             if document != example.positive:  # a random draw of the query's own positive is no negative
                 chosen.append(document)
         return chosen
 
-    def _encode_pairs(self, pairs: list[tuple[TrainExample, Side]]) -> list[Features]:
+    def _encode_pairs(self, pairs: list[tuple[TrainExample, Input]]) -> list[Features]:
         size = self.chunk_size or max(len(pairs), 1)
         chunks = []
         for start in range(0, len(pairs), size):
             part = pairs[start : start + size]
             try:
                 features = self.reranker.tokenize(
-                    [(example.query.as_input(), document.as_input()) for example, document in part],
+                    [(example.query, document) for example, document in part],
                     [example.query.instruction for example, _ in part],
                 )
             except InvalidInputError as err:

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from unime.data.schema import DEFAULT_SOURCE, ROW_KEYS, SIDE_KEYS, Side, TrainExample
+from unime.data.schema import DEFAULT_SOURCE, ROW_KEYS, SIDE_KEYS, TrainExample
 from unime.errors import UnimeError
+from unime.inputs import Input
 
 
 class DataError(UnimeError, ValueError):
@@ -211,7 +212,7 @@ def _present_fields(raw: Any, allowed: frozenset[str], where: str, expected: str
     return present
 
 
-def parse_side(raw: Any, where: str, image_root: Path) -> Side:
+def parse_side(raw: Any, where: str, image_root: Path) -> Input:
     """Validate one side (`{"text", "image", "instruction"}`); errors start with `where` (file:row: field)."""
     raw = _present_fields(raw, SIDE_KEYS, where, "an object with 'text' and/or 'image'")
     text, image, instruction = raw.get("text"), raw.get("image"), raw.get("instruction")
@@ -224,7 +225,7 @@ def parse_side(raw: Any, where: str, image_root: Path) -> Side:
     image_path = None
     if image:
         image_path = Path(image) if Path(image).is_absolute() else image_root / image
-    return Side(text=text, image=image_path, instruction=instruction or None)
+    return Input(text=text, image=image_path, instruction=instruction or None)
 
 
 def _check_images(example: TrainExample, origin: str, checked: dict[Path, str | None]) -> None:

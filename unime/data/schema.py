@@ -10,16 +10,16 @@ One row of a training file (JSONL or parquet):
       "source":    "MSCOCO_i2t"                                   # optional: dataset name (default "default")
     }
 
-A side needs a `text` or an `image` (or both); `instruction` is optional and goes into the prompt as the
-system message. Image paths are relative to the configured image root (absolute paths are kept).
+Each side is an `unime.inputs.Input` (the one input record): it needs a `text` or an `image` (or both);
+`instruction` is optional and goes into the prompt as the system message. Image paths are relative to the
+configured image root (absolute paths are kept).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from unime.inputs import EmbedInput
+from unime.inputs import Input
 
 SIDE_KEYS = frozenset({"text", "image", "instruction"})
 ROW_KEYS = frozenset({"query", "positive", "negatives", "scores", "source"})
@@ -27,24 +27,12 @@ DEFAULT_SOURCE = "default"
 
 
 @dataclass(frozen=True)
-class Side:
-    """One side of an example: a text, an image file, or both, with an optional instruction."""
-
-    text: str | None = None
-    image: Path | None = None
-    instruction: str | None = None
-
-    def as_input(self) -> EmbedInput:
-        return EmbedInput(text=self.text, image=self.image)
-
-
-@dataclass(frozen=True)
 class TrainExample:
     """A validated training row, with where it came from (for error messages)."""
 
-    query: Side
-    positive: Side
-    negatives: tuple[Side, ...] = ()
+    query: Input
+    positive: Input
+    negatives: tuple[Input, ...] = ()
     scores: tuple[float, ...] | None = None
     """Teacher/judge scores of [positive, *negatives], in that order."""
     source: str = DEFAULT_SOURCE

@@ -59,8 +59,8 @@ def reranked_recall(
     ranked = retrieve_then_rerank(
         q,
         p,
-        [_public_input(e.query) for e in examples],
-        [_public_input(e.positive) for e in examples],
+        [e.query.to_dict() for e in examples],
+        [e.positive.to_dict() for e in examples],
         reranker,
         top_k_candidates=top_k,
         fusion_weight=fusion_weight,
@@ -80,8 +80,7 @@ def _embed_sides(embedder, sides, batch_size: int, truncate_dim: int | None = No
     was_training = embedder.training
     embedder.eval()
     try:
-        inputs, instructions = [s.as_input() for s in sides], [s.instruction for s in sides]
-        return _encode(embedder, inputs, instructions, batch_size, truncate_dim)
+        return _encode(embedder, sides, [s.instruction for s in sides], batch_size, truncate_dim)
     finally:
         embedder.train(was_training)
 
@@ -90,11 +89,6 @@ def _own_positive_ranks(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """`[N]` how many of the N positives score above query i's own (0: its positive is first)."""
     scores = q @ p.T  # [N, N]
     return (scores > scores.diag().unsqueeze(1)).sum(1)
-
-
-def _public_input(side) -> dict:
-    """A side as the public APIs take it (`predict`, `encode`): a `{"text", "image"}` dict."""
-    return {key: value for key, value in (("text", side.text), ("image", side.image)) if value is not None}
 
 
 def _encode(embedder, inputs, instructions, batch_size: int, truncate_dim: int | None = None) -> torch.Tensor:
@@ -116,8 +110,8 @@ def teacher_agreement(embedder, examples: Sequence[TrainExample], teacher_cache,
     was_training = embedder.training
     embedder.eval()
     try:
-        q = _encode(embedder, [e.query.as_input() for e in examples], [None] * len(examples), batch_size)
-        p = _encode(embedder, [e.positive.as_input() for e in examples], [None] * len(examples), batch_size)
+        q = _encode(embedder, [e.query for e in examples], [None] * len(examples), batch_size)
+        p = _encode(embedder, [e.positive for e in examples], [None] * len(examples), batch_size)
     finally:
         embedder.train(was_training)
     tq = teacher_cache.lookup([distill_text(e, e.query) for e in examples])  # [N, Dt]
@@ -166,8 +160,7 @@ def reranking_metrics(
         with torch.inference_mode():
             for start in range(0, len(pairs), batch_size):
                 batch = pairs[start : start + batch_size]
-                inputs = [(q.as_input(), d.as_input()) for q, d in batch]
-                features = reranker.tokenize(inputs, [q.instruction for q, _ in batch])
+                features = reranker.tokenize(batch, [q.instruction for q, _ in batch])
                 logits.append(reranker(features).float().cpu())  # [b, 2]
     finally:
         reranker.train(was_training)
