@@ -27,9 +27,10 @@ from unime.eval.data import (
     resolve_image,
     row_origin,
 )
-from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
+from unime.eval.embed_sets import embed_sets
+from unime.eval.embedding import EmbedStats, ItemTable
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item
+from unime.inputs import Input
 from unime.metrics import pairwise_accuracy
 
 
@@ -72,9 +73,9 @@ def load_compositional(
                 continue
             data.rows.append(
                 (
-                    data.images.add(Item(image=image, role="query")),
-                    data.captions.add(Item(text=row["caption"].strip(), role="document")),
-                    data.captions.add(Item(text=row["negative_caption"].strip(), role="document")),
+                    data.images.add(Input(image=image, role="query")),
+                    data.captions.add(Input(text=row["caption"].strip(), role="document")),
+                    data.captions.add(Input(text=row["negative_caption"].strip(), role="document")),
                     path.stem,
                 )
             )
@@ -91,23 +92,15 @@ def run_compositional(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], EmbedStats]:
-    stats = EmbedStats()
-    images, image_stats = embed_distinct(
+    vectors, stats = embed_sets(
         encoder,
-        data.images.items,
+        {"images": data.images.items, "captions": data.captions.items},
+        dataset=data.name,
         batch_size=batch_size,
         cache_dir=cache_dir,
-        progress=f"{data.name} images" if progress else None,
+        progress=progress,
     )
-    captions, caption_stats = embed_distinct(
-        encoder,
-        data.captions.items,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=f"{data.name} captions" if progress else None,
-    )
-    stats.add(image_stats)
-    stats.add(caption_stats)
+    images, captions = vectors["images"], vectors["captions"]
     image_rows = np.array([row[0] for row in data.rows])
     positive = np.einsum("nd,nd->n", images[image_rows], captions[[row[1] for row in data.rows]])  # [n]
     negative = np.einsum("nd,nd->n", images[image_rows], captions[[row[2] for row in data.rows]])  # [n]

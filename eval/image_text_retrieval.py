@@ -29,10 +29,11 @@ from unime.eval.data import (
     resolve_image,
     row_origin,
 )
-from unime.eval.embedding import EmbedStats, embed_distinct
+from unime.eval.embed_sets import embed_sets
+from unime.eval.embedding import EmbedStats
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item
 from unime.eval.scoring import corpus_ranks
+from unime.inputs import Input
 from unime.metrics import hit_at_k
 
 Layout = Literal["auto", "captions", "sharegpt4v", "urban1k"]
@@ -150,23 +151,21 @@ def run_retrieval(
     progress: bool = True,
 ) -> tuple[dict[str, Any], EmbedStats]:
     """Recall@1/5/10 image-to-text and text-to-image."""
-    stats = EmbedStats()
-
-    def embed(items: list[Item], label: str):
-        vectors, item_stats = embed_distinct(
-            encoder,
-            items,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            progress=f"{dataset.name} {label}" if progress else None,
-        )
-        stats.add(item_stats)
-        return vectors
-
-    image_queries = embed([Item(image=image, role="query") for image in dataset.images], "image queries")
-    caption_docs = embed([Item(text=caption, role="document") for caption in dataset.captions], "caption corpus")
-    caption_queries = embed([Item(text=caption, role="query") for caption in dataset.captions], "caption queries")
-    image_docs = embed([Item(image=image, role="document") for image in dataset.images], "image corpus")
+    vectors, stats = embed_sets(
+        encoder,
+        {
+            "image queries": [Input(image=image, role="query") for image in dataset.images],
+            "caption corpus": [Input(text=caption, role="document") for caption in dataset.captions],
+            "caption queries": [Input(text=caption, role="query") for caption in dataset.captions],
+            "image corpus": [Input(image=image, role="document") for image in dataset.images],
+        },
+        dataset=dataset.name,
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    image_queries, caption_docs = vectors["image queries"], vectors["caption corpus"]
+    caption_queries, image_docs = vectors["caption queries"], vectors["image corpus"]
 
     captions_of: list[list[int]] = [[] for _ in dataset.images]
     for caption, image in enumerate(dataset.caption_image):

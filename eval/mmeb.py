@@ -37,10 +37,12 @@ from unime.eval.data import (
     resolve_image,
     row_origin,
 )
-from unime.eval.embedding import EmbedStats, ItemTable, embed_distinct
+from unime.eval.embed_sets import embed_sets
+from unime.eval.embedding import EmbedStats, ItemTable
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item, clean_text
+from unime.eval.items import clean_text
 from unime.eval.scoring import candidate_list_ranks
+from unime.inputs import Input
 from unime.metrics import hit_at_k, mrr, ndcg_at_k
 
 COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -164,7 +166,7 @@ def load_dataset(
     return dataset
 
 
-def _parse_row(row: dict[str, Any], image_root: Path) -> tuple[Item, list[Item]]:
+def _parse_row(row: dict[str, Any], image_root: Path) -> tuple[Input, list[Input]]:
     query = _item(row.get("qry_text"), row.get("qry_img_path"), image_root, "query")
     if query is None:
         raise BadRow("query has neither text nor image")
@@ -177,7 +179,7 @@ def _parse_row(row: dict[str, Any], image_root: Path) -> tuple[Item, list[Item]]
         raise BadRow("query without candidates")
     if len(texts) != len(images):
         raise BadRow("candidate lists differ in length", f"{len(texts)} tgt_text vs {len(images)} tgt_img_path")
-    candidates: list[Item] = []
+    candidates: list[Input] = []
     for position, (text, image) in enumerate(zip(texts, images, strict=True)):
         candidate = _item(text, image, image_root, f"candidate {position}")
         if candidate is None:
@@ -188,7 +190,7 @@ def _parse_row(row: dict[str, Any], image_root: Path) -> tuple[Item, list[Item]]
     return query, candidates
 
 
-def _item(text: Any, image: Any, image_root: Path, what: str) -> Item | None:
+def _item(text: Any, image: Any, image_root: Path, what: str) -> Input | None:
     if text is not None and not isinstance(text, str):
         raise BadRow("text is not a string", f"{what} text is a {type(text).__name__}")
     if image is not None and not isinstance(image, str):
@@ -197,7 +199,7 @@ def _item(text: Any, image: Any, image_root: Path, what: str) -> Item | None:
     image_path = resolve_image(image_root, image.strip(), what) if image and image.strip() else None
     if text is None and image_path is None:
         return None
-    return Item(text=text, image=image_path)
+    return Input(text=text, image=image_path)
 
 
 def evaluate_dataset(
@@ -209,25 +211,16 @@ def evaluate_dataset(
     progress: bool = True,
 ) -> tuple[dict[str, Any], EmbedStats]:
     """Embed a dataset's distinct queries and candidates once each and score every candidate list."""
-    stats = EmbedStats()
-    query_vectors, query_stats = embed_distinct(
+    vectors, stats = embed_sets(
         encoder,
-        dataset.queries.items,
+        {"queries": dataset.queries.items, "candidates": dataset.candidates.items},
+        dataset=dataset.name,
         batch_size=batch_size,
         cache_dir=cache_dir,
-        progress=f"{dataset.name} queries" if progress else None,
+        progress=progress,
     )
-    candidate_vectors, candidate_stats = embed_distinct(
-        encoder,
-        dataset.candidates.items,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=f"{dataset.name} candidates" if progress else None,
-    )
-    stats.add(query_stats)
-    stats.add(candidate_stats)
     stats.listed = len(dataset.lists) + dataset.listed_candidates
-    ranks = candidate_list_ranks(query_vectors[dataset.query_rows], candidate_vectors, dataset.lists)
+    ranks = candidate_list_ranks(vectors["queries"][dataset.query_rows], vectors["candidates"], dataset.lists)
     return ranks_to_scores(ranks, dataset), stats
 
 

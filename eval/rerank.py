@@ -23,15 +23,16 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unime.eval.embedding import EmbedStats, embed_distinct
+from unime.eval.embed_sets import embed_sets
+from unime.eval.embedding import EmbedStats
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item
 from unime.eval.mmeb import MMEBDataset
+from unime.inputs import Input
 from unime.metrics import hit_at_k, mrr, ndcg_at_k
 from unime.retrieve_rerank import PairScorer, retrieve_then_rerank
 
 
-def reranker_input(item: Item) -> Any:
+def reranker_input(item: Input) -> Any:
     """An item as a reranker takes it: a str, a PIL image, or a `{"text", "image"}` dict."""
     if item.image is None:
         return item.text
@@ -43,7 +44,7 @@ def reranker_input(item: Item) -> Any:
 class _LazyInputs(Sequence):
     """A candidate list as reranker inputs, each read (images decoded) only when the reranker needs it."""
 
-    def __init__(self, items: Sequence[Item]):
+    def __init__(self, items: Sequence[Input]):
         self.items = items
 
     def __len__(self) -> int:
@@ -82,23 +83,15 @@ def run_rerank(
     """First-stage retrieval with `encoder`, reranking of each query's top K with `reranker`, metrics of both."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    stats = EmbedStats()
-    queries, query_stats = embed_distinct(
+    vectors, stats = embed_sets(
         encoder,
-        dataset.queries.items,
+        {"queries": dataset.queries.items, "candidates": dataset.candidates.items},
+        dataset=dataset.name,
         batch_size=batch_size,
         cache_dir=cache_dir,
-        progress=f"{dataset.name} queries" if progress else None,
+        progress=progress,
     )
-    candidates, candidate_stats = embed_distinct(
-        encoder,
-        dataset.candidates.items,
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        progress=f"{dataset.name} candidates" if progress else None,
-    )
-    stats.add(query_stats)
-    stats.add(candidate_stats)
+    queries, candidates = vectors["queries"], vectors["candidates"]
     before, after, pairs_scored = [], [], 0
     lists = zip(dataset.query_rows, dataset.lists, strict=True)
     for query, candidate_list in tqdm(

@@ -33,19 +33,20 @@ from unime.eval.data import (
     resolve_image,
     row_origin,
 )
-from unime.eval.embedding import EmbedStats, embed_distinct
+from unime.eval.embed_sets import embed_sets
+from unime.eval.embedding import EmbedStats
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item
 from unime.eval.scoring import corpus_ranks, positions_in_list
+from unime.inputs import Input
 from unime.metrics import hit_at_k, mrr, ndcg_at_k_multi, recall_at_k_multi
 
 
 @dataclass
 class VisDocDataset:
     name: str
-    pages: list[Item]
+    pages: list[Input]
     """Corpus entries (document role), in corpus order."""
-    queries: list[Item]
+    queries: list[Input]
     relevant: list[dict[int, float]]
     """For each query, its relevant pages (index into `pages`) and their graded relevance."""
     skipped: SkipReport = field(default_factory=SkipReport)
@@ -94,7 +95,7 @@ def load_visdoc(
             handle_bad_row(err, where, on_bad_rows, dataset.skipped)
             continue
         page_index[str(corpus_id)] = len(dataset.pages)
-        dataset.pages.append(Item(text=text, image=image, role="document"))
+        dataset.pages.append(Input(text=text, image=image, role="document"))
     qrels: dict[str, dict[int, float]] = defaultdict(dict)
     for where, row in _table(folder, "qrels", dataset, on_bad_rows):
         query_id, corpus_id = _field(row, "query-id", "query_id"), _field(row, "corpus-id", "corpus_id")
@@ -123,7 +124,7 @@ def load_visdoc(
             if err.reason != "query without a relevant page":
                 handle_bad_row(err, where, on_bad_rows, SkipReport())
             continue
-        dataset.queries.append(Item(text=text.strip(), role="query"))
+        dataset.queries.append(Input(text=text.strip(), role="query"))
         dataset.relevant.append(qrels[str(query_id)])
     if not dataset.queries or not dataset.pages:
         raise DataError(f"{folder}: no usable queries or pages ({dataset.skipped.count} rows skipped)")
@@ -158,23 +159,15 @@ def run_visdoc(
 ) -> tuple[dict[str, Any], EmbedStats]:
     with tempfile.TemporaryDirectory(prefix="unime-visdoc-") as image_dir:
         dataset = load_visdoc(folder, image_dir=image_dir, on_bad_rows=on_bad_rows)
-        stats = EmbedStats()
-        pages, page_stats = embed_distinct(
+        vectors, stats = embed_sets(
             encoder,
-            dataset.pages,
+            {"pages": dataset.pages, "queries": dataset.queries},
+            dataset=dataset.name,
             batch_size=batch_size,
             cache_dir=cache_dir,
-            progress=f"{dataset.name} pages" if progress else None,
+            progress=progress,
         )
-        queries, query_stats = embed_distinct(
-            encoder,
-            dataset.queries,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            progress=f"{dataset.name} queries" if progress else None,
-        )
-    stats.add(page_stats)
-    stats.add(query_stats)
+    pages, queries = vectors["pages"], vectors["queries"]
     relevant = [list(judged) for judged in dataset.relevant]
     ranks = [
         positions_in_list(query_ranks)
