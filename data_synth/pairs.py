@@ -14,14 +14,12 @@ from pathlib import Path
 from unime.atomic import write_jsonl_atomic
 from unime.data_synth.manifest import make_output_directory
 from unime.data_synth.scenes import (
+    DistinctScenes,
     all_one_attribute_alterations,
     alter_one_attribute,
     describe,
     draw_scene,
-    random_scene,
-    scene_key,
 )
-from unime.errors import ConfigError
 
 QUERY_INSTRUCTION = "Find the caption that describes this image."
 
@@ -57,22 +55,13 @@ def write_image_caption_pairs(
         return paths
 
     rng = random.Random(seed)
-    seen: set[tuple] = set()
-    tries_left = 100 * (train + held_out) + 10_000  # the scene space is finite: fail instead of looping forever
+    detail = f" of at most {max_shapes} shape(s)"
+    scenes = DistinctScenes(train + held_out, asked=f"{train} + {held_out}", detail=detail)
     make_output_directory(directory / "images")
     for split, count in (("train", train), ("held_out", held_out)):
         rows = []
         while len(rows) < count:
-            shapes = random_scene(rng, max_shapes)
-            if scene_key(shapes) in seen:
-                tries_left -= 1
-                if tries_left < 0:
-                    raise ConfigError(
-                        f"found only {len(seen)} distinct scenes of at most {max_shapes} shape(s); asked for "
-                        f"{train} + {held_out}"
-                    )
-                continue
-            seen.add(scene_key(shapes))
+            shapes = scenes.draw(rng, max_shapes)
             image_name = f"images/{split}-{len(rows):05d}.png"
             draw_scene(shapes, size=image_size).save(directory / image_name)
             if split == "held_out":

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from unime.errors import ConfigError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -155,6 +157,44 @@ def alter_one_attribute(shapes: list[Shape], rng: random.Random) -> list[Shape]:
 def scene_key(shapes: list[Shape]) -> tuple:
     """Identity of a scene regardless of the order its shapes are listed in."""
     return tuple(sorted((s.position, s.kind, s.color) for s in shapes))
+
+
+class DistinctScenes:
+    """The distinct-scene sampler: draws scenes that no earlier draw of the run gave.
+
+    Splits (and examples) must never share a scene, so a draw whose key was seen before is refused and drawn
+    again. The scene space is finite (90 one-shape scenes), so after `100 * wanted + 10_000` refusals it fails,
+    naming how many distinct scenes it found, instead of drawing forever.
+    """
+
+    def __init__(self, wanted: int, *, asked: str, detail: str = ""):
+        """`wanted`: how many scenes the run needs in all; `asked` and `detail` complete the error message
+        ("found only N distinct scenes{detail}; asked for {asked}")."""
+        self.seen: set[tuple] = set()
+        self.refusals_left = 100 * wanted + 10_000
+        self.asked, self.detail = asked, detail
+
+    def accept(self, key: tuple) -> bool:
+        """Keep a scene whose key is new (True); refuse a repeat (False), or fail once refusals run out."""
+        if key not in self.seen:
+            self.seen.add(key)
+            return True
+        self._refuse()
+        return False
+
+    def draw(self, rng: random.Random, max_shapes: int, min_shapes: int = 1) -> list[Shape]:
+        """The next `random_scene(rng, max_shapes)` of at least `min_shapes` shapes not drawn before."""
+        while True:
+            shapes = random_scene(rng, max_shapes)
+            if len(shapes) < min_shapes:
+                self._refuse()
+            elif self.accept(scene_key(shapes)):
+                return shapes
+
+    def _refuse(self) -> None:
+        self.refusals_left -= 1
+        if self.refusals_left < 0:
+            raise ConfigError(f"found only {len(self.seen)} distinct scenes{self.detail}; asked for {self.asked}")
 
 
 def all_one_attribute_alterations(shapes: list[Shape]) -> list[list[Shape]]:

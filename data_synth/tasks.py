@@ -26,6 +26,7 @@ from unime.atomic import atomic_write
 from unime.data_synth.manifest import NEAR_DUPLICATE, Manifest, ShardedJsonlWriter, make_output_directory
 from unime.data_synth.scenes import (
     POSITIONS,
+    DistinctScenes,
     Scene,
     alter_scene,
     random_task_scene,
@@ -460,10 +461,8 @@ def plan(config: TaskSynthConfig) -> Iterator[PlannedItem]:
     """
     _check(config)
     recipes = _selected_recipes(config)
-    used: set[tuple] = set()
+    scenes = DistinctScenes(config.train + config.held_out, asked=f"{config.train} + {config.held_out}")
     index = 0
-    # The scene space is finite (and small for one-shape recipes): fail instead of walking forever.
-    tries_left = 100 * (config.train + config.held_out) + 10_000
     for split, wanted in (("train", config.train), ("held_out", config.held_out)):
         made = 0
         while made < wanted:
@@ -474,15 +473,9 @@ def plan(config: TaskSynthConfig) -> Iterator[PlannedItem]:
             fewest = min(recipe.min_shapes, config.max_shapes)
             most = max(min(recipe.max_shapes, config.max_shapes), fewest)
             scene = random_task_scene(rng, min_shapes=fewest, max_shapes=most, text_probability=config.text_probability)
-            if scene.key() in used:
-                tries_left -= 1
-                if tries_left < 0:
-                    raise ConfigError(
-                        f"found only {len(used)} distinct scenes; asked for {config.train} + {config.held_out}"
-                    )
+            if not scenes.accept(scene.key()):  # a repeat stays in the walk as a rejected item, counted in the manifest
                 yield PlannedItem(key, rejected=NEAR_DUPLICATE, scene_key=scene.key())
                 continue
-            used.add(scene.key())
             query, positive, negatives = recipe.build(scene, rng, config.negatives)
             example = SynthExample(
                 key, split, recipe.name, recipe.task, recipe.modality, query, positive, tuple(negatives)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from unime.atomic import write_jsonl_atomic
 from unime.data_synth.manifest import make_output_directory
-from unime.data_synth.scenes import Shape, random_scene, scene_key
-from unime.errors import ConfigError
+from unime.data_synth.scenes import DistinctScenes, Shape
 
 _WHERE = {
     "left": ("on the left", "on the left side"),
@@ -50,19 +49,12 @@ def write_text_pairs(
     directory = Path(directory)
     make_output_directory(directory)
     rng = random.Random(seed)
-    seen: set[tuple] = set()
+    scenes = DistinctScenes(train + held_out, asked=f"{train} + {held_out}")
     paths = {"train": directory / "train.jsonl", "held_out": directory / "held_out.jsonl"}
-    tries_left = 100 * (train + held_out) + 10_000
     for split, count in (("train", train), ("held_out", held_out)):
         rows = []
         while len(rows) < count:
-            shapes = random_scene(rng, max_shapes)
-            if scene_key(shapes) in seen:
-                tries_left -= 1
-                if tries_left < 0:
-                    raise ConfigError(f"found only {len(seen)} distinct scenes; asked for {train} + {held_out}")
-                continue
-            seen.add(scene_key(shapes))
+            shapes = scenes.draw(rng, max_shapes)
             first, second = rng.sample(_TEMPLATES, 2)
             rows.append(
                 {

@@ -55,12 +55,11 @@ from unime.data_synth.scenes import (
     COLORS,
     POSITIONS,
     SHAPES,
+    DistinctScenes,
     Shape,
     all_one_attribute_alterations,
     describe,
     draw_scene,
-    random_scene,
-    scene_key,
 )
 
 MANIFEST = "manifest.json"
@@ -93,19 +92,8 @@ class _ImageStore:
 
 
 def _distinct_scenes(rng: random.Random, count: int, max_shapes: int, min_shapes: int = 1) -> list[list[Shape]]:
-    seen: set[tuple] = set()
-    scenes: list[list[Shape]] = []
-    tries = 0
-    while len(scenes) < count:
-        tries += 1
-        if tries > 100 * count + 10_000:
-            raise ValueError(f"cannot draw {count} distinct scenes of {min_shapes}..{max_shapes} shapes")
-        scene = random_scene(rng, max_shapes)
-        if len(scene) < min_shapes or scene_key(scene) in seen:
-            continue
-        seen.add(scene_key(scene))
-        scenes.append(scene)
-    return scenes
+    scenes = DistinctScenes(count, asked=str(count), detail=f" of {min_shapes}..{max_shapes} shapes")
+    return [scenes.draw(rng, max_shapes, min_shapes) for _ in range(count)]
 
 
 def _row(query_text: str, query_image: str, texts: list[str], images: list[str]) -> dict[str, Any]:
