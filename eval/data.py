@@ -50,7 +50,7 @@ class BadRow(Exception):
 def handle_bad_row(err: BadRow, where: str, on_bad_rows: OnBadRows, skipped: SkipReport) -> None:
     message = f"{where}: {err}"
     if on_bad_rows == "error":
-        raise DataError(message + " (pass on_bad_rows='skip' / --skip-bad-rows to drop such rows)") from err
+        raise DataError(message + " (pass on_bad_rows='skip' / --on-bad-rows skip to drop such rows)") from err
     skipped.add(message, err.reason)
 
 

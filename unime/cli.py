@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnimeError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:  # a usage error or --help, already printed by the parser
+        return exit_.code if isinstance(exit_.code, int) else 2
 
 
 if __name__ == "__main__":

@@ -251,6 +251,16 @@ def _check_value(hint: Any, value: Any, where: str, key: str) -> Any:
             _check_value(item_hint, item, where, f"{key}[{i}]")
             for i, (item_hint, item) in enumerate(zip(items, value, strict=True))
         )
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_hint, value_hint = typing.get_args(hint)
+        return {
+            _check_value(key_hint, name, where, key): _check_value(value_hint, item, where, f"{key}.{name}")
+            for name, item in value.items()
+        }
+    if hint is Any:
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):

@@ -68,7 +68,7 @@ class VllmBackendConfig:
     """Fraction of each GPU's memory the engine may take (None: vLLM's default on a GPU; on CPU, where vLLM reads it
     as a share of all memory, a KV cache sized from the memory available, as `unime.vllm_compat.
     engine_memory_kwargs` chooses, unless `extra_engine_args` gives `kv_cache_memory_bytes`)."""
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+    extra_engine_args: dict[str, int | float | bool | str] = field(default_factory=dict)
     """Further keyword arguments for `vllm.LLM`."""
 
     def __post_init__(self) -> None:

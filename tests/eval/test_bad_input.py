@@ -169,11 +169,12 @@ def test_eval_command_exits_0_when_asked_to_skip_and_reports_the_rows(root, tmp_
 
     (root / "images" / "broken.png").write_bytes(b"not a png at all")
     _write(root, "Toy", [GOOD, {**GOOD, "qry_img_path": "broken.png"}, GOOD, {**GOOD, "tgt_text": ["", "x"]}])
-    args = ["eval", "run", "--mmeb", str(root), "--out", str(tmp_path / "out"), "--no-plots", "--no-cache", "--quiet"]
+    args = ["eval", "run", "--mmeb-root", str(root), "--out", str(tmp_path / "out"), "--no-plots", "--no-cache"]
+    args.append("--no-progress")
     assert main(args) == 2
     error = capsys.readouterr().err
     assert f"dataset 'Toy', {root / 'Toy' / 'test.jsonl'}:2: unreadable image: query image 'broken.png'" in error
-    assert main([*args, "--skip-bad-rows"]) == 0
+    assert main([*args, "--on-bad-rows", "skip"]) == 0
     printed = capsys.readouterr().out
     assert "MMEB Toy: 2 (unreadable image: 1, candidate list without its positive: 1)" in printed
     assert f"{root / 'Toy' / 'test.jsonl'}:2: unreadable image" in printed

@@ -151,6 +151,7 @@ def test_another_shard_splits_the_job(photo_folder, tmp_path):
     assert sum(half.rejected.get("near_duplicate_image", 0) for half in halves) == 1
 
 
+@pytest.mark.slow  # forks a process and kills it
 def test_a_run_killed_and_resumed_writes_exactly_the_uninterrupted_output(photo_folder, tmp_path, capsys):
     """The uninterrupted run goes through the command line; the interrupted one is a forked copy of this
     process (a fresh interpreter would spend most of this test importing torch), killed with SIGKILL once it
@@ -159,9 +160,9 @@ def test_a_run_killed_and_resumed_writes_exactly_the_uninterrupted_output(photo_
         whole_dir = tmp_path / "whole"
         command = [
             "generate", str(photo_folder), str(whole_dir),
-            "--backend", "openai", "--base-url", server.base_url, "--model", "scripted",
-            "--concurrency", "4", "--records-per-shard", "2", "--max-image-side", str(MAX_SIDE),
-            "--timeout", "2", "--retries", "2", "--backoff", "0.05",
+            "--backend", "openai", "--openai.base-url", server.base_url, "--openai.model", "scripted",
+            "--openai.concurrency", "4", "--records-per-shard", "2", "--max-image-side", str(MAX_SIDE),
+            "--openai.timeout-s", "2", "--openai.max-retries", "2", "--openai.backoff-s", "0.05",
         ]  # fmt: skip
         assert cli_main(command) == 0
         printed = capsys.readouterr()
