@@ -159,7 +159,7 @@ def test_an_exception_in_compute_keeps_what_was_computed(tmp_path: Path):
 
 
 def test_two_processes_fill_one_folder_at_once(tmp_path: Path):
-    # Each writes 60 keys, 30 of them shared, in shards of 3 under colliding numbers: nothing is lost or replaced.
+    # Each writes 40 keys, 20 of them shared, a shard per key, racing for every number: nothing is lost or replaced.
     child = """
         import sys, time
         from pathlib import Path
@@ -167,8 +167,8 @@ def test_two_processes_fill_one_folder_at_once(tmp_path: Path):
         from unime.embedding_store import EmbeddingStore, content_key
 
         start = int(sys.argv[2])
-        wanted = [content_key(text=f"key {i}") for i in range(start, start + 60)]
-        store = EmbeddingStore(sys.argv[1], "org/model-6d", shard_size=3)
+        wanted = [content_key(text=f"key {i}") for i in range(start, start + 40)]
+        store = EmbeddingStore(sys.argv[1], "org/model-6d", shard_size=1)
         # Both start filling at once (each finds nothing stored), so they race for every shard number.
         (Path(sys.argv[1]) / f"ready-{start}").touch()
         while len(list(Path(sys.argv[1]).glob("ready-*"))) < 2:
@@ -178,14 +178,14 @@ def test_two_processes_fill_one_folder_at_once(tmp_path: Path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     writers = [
         subprocess.Popen([sys.executable, "-c", VECTOR_SOURCE + textwrap.dedent(child), str(tmp_path), start], env=env)
-        for start in ("0", "30")
+        for start in ("0", "20")
     ]
     assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
-    wanted = keys(90)
+    wanted = keys(60)
     store = EmbeddingStore(tmp_path, NAMESPACE)
     assert np.array_equal(store.get(wanted), np.stack([vector(k) for k in wanted]))
     rows = [torch.load(p, weights_only=True)["keys"] for p in shard_files(store)]
-    assert len(rows) == 40 and sum(map(len, rows)) == 120  # 20 shards of 3 from each writer, none overwritten
+    assert len(rows) == 80 and sum(map(len, rows)) == 80  # 40 shards from each writer, none overwritten
     assert store.fill(wanted, Counting(wanted)) == 0
 
 
