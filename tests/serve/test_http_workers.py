@@ -56,10 +56,9 @@ BAD_INPUTS += [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(serve_models, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve-logs") / "http-workers.log"
-    args = [
+def server_args(serve_models) -> list[str]:
+    """The module's server: two workers, the limits of test_transformers_server and a small queue."""
+    return [
         *model_args(serve_models),
         "--http-workers",
         str(WORKERS),
@@ -71,7 +70,13 @@ def server(serve_models, tmp_path_factory):
         # Readiness: a request queued behind a few heavy ones waits longer than this.
         *("--max-queue-wait-s", str(MAX_QUEUE_WAIT_S)),
     ]
-    proc = start_server(args, log, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def server(serve_models, tmp_path_factory):
+    proc = start_server(
+        server_args(serve_models), tmp_path_factory.mktemp("serve-logs") / "http-workers.log", timeout=180
+    )
     yield proc
     proc.stop()
 
@@ -225,11 +230,17 @@ def test_ready_reads_the_model_process_queue_in_every_worker(server, heavy_items
     assert {httpx.get(f"{server.url}/ready", headers=server.headers).status_code for _ in range(8)} == {200}
 
 
-def test_graceful_shutdown_finishes_requests_in_flight(server, heavy_items):
-    """Runs last among this server's tests: it stops it. Every request sent before SIGTERM answers 200."""
-    assert_graceful_stop_under_load(server, heavy_items * 4, clients=MAX_QUEUE)
+@pytest.mark.slow  # starts a server of its own
+def test_graceful_shutdown_finishes_requests_in_flight(serve_models, heavy_items, tmp_path):
+    """Every request sent before SIGTERM answers 200. A server of its own: stopping it leaves the module's running."""
+    server = start_server(server_args(serve_models), tmp_path / "http-workers-stopped.log", timeout=180)
+    try:
+        assert_graceful_stop_under_load(server, heavy_items * 4, clients=MAX_QUEUE)
+    finally:
+        server.stop()
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_a_worker_killed_stops_the_server_with_an_error(serve_models, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-logs") / "http-workers-killed.log"
     args = [*model_args(serve_models, reranker=False), "--http-workers", str(WORKERS)]

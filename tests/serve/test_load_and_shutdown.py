@@ -24,10 +24,9 @@ from tests.serve.server_process import (
 MAX_QUEUE = 4
 
 
-@pytest.fixture(scope="module")
-def server(serve_models, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve-logs") / "load.log"
-    args = [
+def server_args(serve_models) -> list[str]:
+    """The module's server: the embedder alone, a queue of MAX_QUEUE, no batching, remote images allowed."""
+    return [
         str(serve_models["embedder"]),
         "--backend",
         "transformers",
@@ -36,7 +35,11 @@ def server(serve_models, tmp_path_factory):
         "--no-batching",
         "--allow-remote-images",
     ]
-    proc = start_server(args, log, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def server(serve_models, tmp_path_factory):
+    proc = start_server(server_args(serve_models), tmp_path_factory.mktemp("serve-logs") / "load.log", timeout=120)
     yield proc
     proc.stop()
 
@@ -76,18 +79,24 @@ def test_full_queue_answers_503_with_retry_after(server, heavy_items):
     assert_full_queue_answers_503(server, heavy_items, MAX_QUEUE)
 
 
-def test_graceful_shutdown_finishes_requests_in_flight(server, heavy_items):
-    """Runs last in this module: it stops the server.
+@pytest.mark.slow  # starts a server of its own
+def test_graceful_shutdown_finishes_requests_in_flight(serve_models, heavy_items, tmp_path):
+    """A server of its own (stopping it leaves the module's running), configured as the module's.
 
     Requests of 32 image+text items, one client each: with batching off, about MAX_QUEUE of them are in the
     server at any moment, each waiting for the ones ahead, so several are in flight when SIGTERM lands.
     """
-    assert_graceful_stop_under_load(server, heavy_items * 4, clients=MAX_QUEUE)
+    server = start_server(server_args(serve_models), tmp_path / "stopped.log", timeout=120)
+    try:
+        assert_graceful_stop_under_load(server, heavy_items * 4, clients=MAX_QUEUE)
+    finally:
+        server.stop()
 
 
 GRACE_S = 1.0
 
 
+@pytest.mark.slow  # starts a server of its own
 @pytest.mark.parametrize("http_workers", [0, 2], ids=["one-process", "http-workers"])
 def test_requests_past_the_grace_period_get_503_and_the_server_exits_0(
     serve_models, heavy_items, tmp_path, http_workers
@@ -102,6 +111,7 @@ def test_requests_past_the_grace_period_get_503_and_the_server_exits_0(
         server.stop()
 
 
+@pytest.mark.slow  # starts a server of its own
 def test_a_second_signal_stops_at_once_and_exits_0(serve_models, heavy_items, tmp_path):
     """Two requests of 256 items in flight, SIGINT twice: the server stops without waiting for the model."""
     args = [str(serve_models["embedder"]), "--backend", "transformers", "--no-batching", "--shutdown-grace-s", "30"]
