@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from unime.embedding_store import EmbeddingStore, content_key
 from unime.eval.encoders import Encoder
-from unime.eval.items import Item
+from unime.inputs import Input
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EmbedStats:
         self.encoded += other.encoded
 
 
-def item_key(item: Item) -> str:
+def item_key(item: Input) -> str:
     """An item's key in the embedding store: equal for an equal text, equal image bytes, role and instruction (so
     moving a benchmark's images keeps its cache valid)."""
     return content_key(text=item.text, image=item.image, instruction=item.instruction, role=item.role)
@@ -45,7 +45,7 @@ def item_key(item: Item) -> str:
 
 def embed_distinct(
     encoder: Encoder,
-    items: Sequence[Item],
+    items: Sequence[Input],
     *,
     batch_size: int = 32,
     cache_dir: str | Path | None = None,
@@ -93,10 +93,10 @@ class ItemTable:
     """Distinct items in first-seen order: `add` returns an item's row, the same row for a repeat."""
 
     def __init__(self) -> None:
-        self.items: list[Item] = []
-        self._rows: dict[Item, int] = {}
+        self.items: list[Input] = []
+        self._rows: dict[Input, int] = {}
 
-    def add(self, item: Item) -> int:
+    def add(self, item: Input) -> int:
         row = self._rows.get(item)
         if row is None:
             row = self._rows[item] = len(self.items)

@@ -26,7 +26,7 @@ import numpy as np
 
 from unime.embedding_store import model_fingerprint
 from unime.errors import UnimeError
-from unime.eval.items import Item
+from unime.inputs import Input
 
 HTTPServer = Literal["unime", "vllm"]
 
@@ -48,7 +48,7 @@ class Encoder(Protocol):
         """What the results JSON records about this encoder."""
         ...
 
-    def encode(self, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+    def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         """`[len(items), dim]` float32."""
         ...
 
@@ -66,7 +66,7 @@ def module_fingerprint(module: Any) -> str:
     return digest.hexdigest()[:24]
 
 
-def _group_by_prompt(items: Sequence[Item]) -> dict[tuple[str | None, str | None], list[int]]:
+def _group_by_prompt(items: Sequence[Input]) -> dict[tuple[str | None, str | None], list[int]]:
     groups: dict[tuple[str | None, str | None], list[int]] = defaultdict(list)
     for index, item in enumerate(items):
         groups[(item.role, item.instruction)].append(index)
@@ -105,12 +105,12 @@ class UnimeEncoder:
             "fingerprint": self.fingerprint,
         }
 
-    def encode(self, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+    def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         out: np.ndarray | None = None
         for (role, instruction), indices in _group_by_prompt(items).items():
             kwargs: dict[str, Any] = {"prompt": instruction} if instruction is not None else {"prompt_name": role}
             vectors = self.model.encode(
-                [items[i].as_input() for i in indices],
+                [items[i].to_dict() for i in indices],
                 batch_size=batch_size,
                 truncate_dim=self.truncate_dim,
                 show_progress_bar=False,
@@ -152,7 +152,7 @@ class SentenceTransformersEncoder:
             "fingerprint": self.fingerprint,
         }
 
-    def encode(self, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+    def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         from PIL import Image
 
         prompts = getattr(self.model, "prompts", {}) or {}
@@ -248,7 +248,7 @@ class HTTPEncoder:
     def describe(self) -> dict[str, Any]:
         return {"backend": f"http-{self.server}", "url": self.url, "model": self.model, "fingerprint": self.fingerprint}
 
-    def encode(self, items: Sequence[Item], *, batch_size: int = 32) -> np.ndarray:
+    def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -290,7 +290,7 @@ class HTTPEncoder:
                     future.result()
         return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)  # [n, D]
 
-    def _unime_body(self, items: Sequence[Item], indices: list[int]) -> dict[str, Any]:
+    def _unime_body(self, items: Sequence[Input], indices: list[int]) -> dict[str, Any]:
         inputs: list[Any] = []
         for index in indices:
             item = items[index]
@@ -309,7 +309,7 @@ class HTTPEncoder:
             body["instruction"] = first.instruction
         return body
 
-    def _vllm_body(self, item: Item) -> dict[str, Any]:
+    def _vllm_body(self, item: Input) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if item.image is not None:
             content.append({"type": "image_url", "image_url": {"url": image_data_uri(item.image)}})

@@ -32,12 +32,13 @@ from PIL import Image
 
 from unime.atomic import write_jsonl_atomic
 from unime.data.dataset import DataError, image_problem, load_examples, parse_side
-from unime.data.schema import Side, TrainExample
+from unime.data.schema import TrainExample
 from unime.data_synth.manifest import Manifest, make_output_directory
 from unime.data_synth.mining.search import SearchMethod, search
 from unime.data_synth.sharding import ALL, Shard
 from unime.embedding_store import EmbeddingStore, content_key, file_digest
 from unime.errors import ConfigError
+from unime.inputs import Input
 from unime.retrieve_rerank import PairScorer
 
 Judge = PairScorer
@@ -105,14 +106,14 @@ class MinedRow:
     """One row's mining result."""
 
     example: TrainExample
-    negatives: list[Side]
+    negatives: list[Input]
     scores: list[float]
     """[positive, *negatives]: judge scores with a judge, else cosine similarities."""
     mined: list[int]
     """Corpus indices of the mined negatives (after the existing ones, if kept)."""
 
 
-def side_content(side: Side) -> tuple:
+def side_content(side: Input) -> tuple:
     """What an embedder reads of a side; equal content = the same candidate."""
     return (side.text, str(side.image) if side.image is not None else None, side.instruction)
 
@@ -125,7 +126,7 @@ def row_key(example: TrainExample) -> str:
 
 
 class SideEmbedder:
-    """Embeds `Side`s through an `EmbeddingStore`, in batches grouped by instruction.
+    """Embeds `Input`s through an `EmbeddingStore`, in batches grouped by instruction.
 
     The embedder is an `unime.Embedder`, or any sentence-transformers-style model whose `encode(inputs,
     prompt=..., prompt_name=..., batch_size=..., normalize_embeddings=...)` takes the inputs and an instruction.
@@ -143,13 +144,13 @@ class SideEmbedder:
 
         self._unime = isinstance(embedder, Embedder)
 
-    def look(self, side: Side) -> tuple:
+    def look(self, side: Input) -> tuple:
         """What a side shows: its text and its image's bytes. A copy of the positive's image under another name is
         the positive, never a negative, whatever the margin (at margin 0 it would tie with the positive, and a tie
         is not above it)."""
         return (side.text, file_digest(side.image) if side.image is not None else None)
 
-    def _instruction(self, side: Side, role: str) -> str | None:
+    def _instruction(self, side: Input, role: str) -> str | None:
         """The instruction the embedder will apply (the side's own, else the model's default for the role)."""
         if side.instruction:
             return side.instruction
@@ -158,7 +159,7 @@ class SideEmbedder:
             return instruction_for(role, None)
         return getattr(self.embedder, "prompts", {}).get(role)
 
-    def embed(self, sides: Sequence[Side], role: str) -> np.ndarray:
+    def embed(self, sides: Sequence[Input], role: str) -> np.ndarray:
         """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
         keys = [
             content_key(text=side.text, image=side.image, instruction=self._instruction(side, role), role=role)
@@ -191,7 +192,7 @@ class SideEmbedder:
         return vectors / np.maximum(norms, 1e-12)
 
 
-def _embed_input(side: Side, text_as_dict: bool) -> Any:
+def _embed_input(side: Input, text_as_dict: bool) -> Any:
     if side.image is None:
         # unime reads a one-word string ending in ".png" as an image path; a dict's text is always text. Other
         # (text) embedders take plain strings.
@@ -199,7 +200,7 @@ def _embed_input(side: Side, text_as_dict: bool) -> Any:
     return {"text": side.text, "image": side.image} if side.text is not None else {"image": side.image}
 
 
-def _judge_input(side: Side, images: dict[str, Image.Image]):
+def _judge_input(side: Input, images: dict[str, Image.Image]):
     image = None
     if side.image is not None:
         key = str(side.image)
@@ -214,7 +215,7 @@ def _judge_input(side: Side, images: dict[str, Image.Image]):
     return {"text": side.text, "image": image}
 
 
-def judge_scores(judge: Judge, pairs: Sequence[tuple[Side, Side]], batch_size: int = 32) -> np.ndarray:
+def judge_scores(judge: Judge, pairs: Sequence[tuple[Input, Input]], batch_size: int = 32) -> np.ndarray:
     """The judge's score of each (query side, document side) pair, images decoded a chunk at a time."""
     scores = np.zeros(len(pairs), dtype=np.float64)
     for start in range(0, len(pairs), JUDGE_CHUNK):
@@ -249,7 +250,7 @@ def mine_hard_negatives(
     embedder: Any,
     config: MiningConfig | None = None,
     *,
-    corpus: Sequence[Side] | None = None,
+    corpus: Sequence[Input] | None = None,
     judge: Judge | None = None,
     cache: EmbeddingStore | None = None,
     report: MiningReport | None = None,
@@ -270,7 +271,7 @@ def mine_hard_negatives(
     cache = cache if cache is not None else EmbeddingStore(None, "memory")
     sides = SideEmbedder(embedder, cache, config.batch_size)
     if corpus is None:
-        unique: dict[tuple, Side] = {}
+        unique: dict[tuple, Input] = {}
         for example in examples:
             unique.setdefault(side_content(example.positive), example.positive)
         corpus = list(unique.values())
@@ -326,7 +327,7 @@ def mine_hard_negatives(
     # Stage 2: the judge scores the positive, the row's own negatives and every surviving candidate.
     judged: list[tuple[float, list[float], list[float]]] | None = None
     if judge is not None:
-        pairs: list[tuple[Side, Side]] = []
+        pairs: list[tuple[Input, Input]] = []
         for example, kept in zip(examples, survivors, strict=True):
             own = list(example.negatives) if config.keep_existing else []
             pairs.append((example.query, example.positive))
@@ -383,7 +384,7 @@ def mine_hard_negatives(
     return mined_rows, report
 
 
-def side_to_row(side: Side, out_dir: Path) -> dict:
+def side_to_row(side: Input, out_dir: Path) -> dict:
     """A side as a row field, its image path relative to the output file's folder."""
     row: dict = {}
     if side.text is not None:
@@ -406,7 +407,7 @@ def mined_row_to_dict(mined: MinedRow, out_dir: Path) -> dict:
     }
 
 
-def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
+def read_corpus(path: str | Path, report: MiningReport) -> list[Input]:
     """Candidate documents from JSONL, one side per line ({"text", "image", "instruction"}; images relative to
     the file). Bad lines (not JSON, no text or image, unreadable image) are skipped: counted by reason in
     `report.rejected` and listed with their line in `report.dropped_rows`."""
@@ -415,7 +416,7 @@ def read_corpus(path: str | Path, report: MiningReport) -> list[Side]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: corpus file does not exist")
-    sides: list[Side] = []
+    sides: list[Input] = []
     checked: dict[Path, str | None] = {}
 
     def drop(number: int, kind: str, reason: str) -> None:
@@ -521,7 +522,7 @@ def mine_file(
         )
     if corpus is None:
         # The corpus is every row's positive, owned or not: shards mine from the same pool.
-        unique: dict[tuple, Side] = {}
+        unique: dict[tuple, Input] = {}
         for example in examples:
             unique.setdefault(side_content(example.positive), example.positive)
         corpus = list(unique.values())

@@ -303,13 +303,14 @@ class _TableJudge:
 def test_miner_and_loss_drop_the_same_false_negatives(margin, kept):
     """Hand-computed: s_pos = 0.5; candidates a..e at 0.7, 0.65, 0.59, 0.55, 0.3. A candidate is a false
     negative when s > s_pos + margin, in the miner (similarity and judge score alike) and in the UniME loss."""
-    from unime.data.schema import Side, TrainExample
+    from unime.data.schema import TrainExample
+    from unime.inputs import Input
     from unime.losses.contrastive import select_hard_negatives
 
     sims = {"p": 0.5, "a": 0.7, "b": 0.65, "c": 0.59, "d": 0.55, "e": 0.3}
     embedder = _TableEmbedder({"q": 1.0, **sims})
-    example = TrainExample(query=Side(text="q"), positive=Side(text="p"))
-    corpus = [Side(text=name) for name in sims]
+    example = TrainExample(query=Input(text="q"), positive=Input(text="p"))
+    corpus = [Input(text=name) for name in sims]
     names = list(sims)
 
     # The loss: one query over [positive, a..e]; the columns it may pick, padding left out.

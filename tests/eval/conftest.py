@@ -17,8 +17,8 @@ import pytest
 from tests.eval.vllm_server import VLLMServer
 from unime.eval.embedding import item_key
 from unime.eval.encoders import UnimeEncoder
-from unime.eval.items import Item
 from unime.eval.synthetic import write_synthetic_benchmark
+from unime.inputs import Input
 
 _EARLY: dict = {}
 
@@ -98,7 +98,7 @@ class CountingEncoder:
     def describe(self):
         return self.inner.describe()
 
-    def encode(self, items: list[Item], *, batch_size: int = 32):
+    def encode(self, items: list[Input], *, batch_size: int = 32):
         if self.fail_after is not None and len(self.encoded) + len(items) > self.fail_after:
             raise KeyboardInterrupt("interrupted on purpose")
         self.encoded += [item_key(item) for item in items]

@@ -12,9 +12,9 @@ import pytest
 from tests.eval.conftest import CountingEncoder
 from unime.data_synth.scenes import COLORS
 from unime.eval.embedding import item_key
-from unime.eval.items import Item
 from unime.eval.mmeb import COLUMNS, MMEB_V1, leaderboard, list_datasets, load_dataset, run_mmeb
 from unime.eval.synthetic import CATEGORIES, write_synthetic_benchmark
+from unime.inputs import Input
 
 
 def _scores(result):
@@ -116,8 +116,8 @@ def test_items_are_keyed_by_content_not_by_path(tmp_path, synthetic_root):
     image = next((synthetic_root / "images").iterdir())
     copy = tmp_path / "copy.png"
     copy.write_bytes(image.read_bytes())
-    assert item_key(Item(image=image)) == item_key(Item(image=copy))
-    assert item_key(Item(image=image)) != item_key(Item(image=image, role="query"))
+    assert item_key(Input(image=image)) == item_key(Input(image=copy))
+    assert item_key(Input(image=image)) != item_key(Input(image=image, role="query"))
 
 
 def test_visdoc_scores_match_a_full_sort_of_the_corpus(tiny_encoder, synthetic_root, tmp_path):
