@@ -2,7 +2,7 @@
 # a no-op once the install is current).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench docs docs-build
+.PHONY: setup demo test test-fast lint bench docs docs-build
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,11 @@ demo: setup
 # block of README.md and docs/ (tests/test_docs.py).
 test: setup lint docs-build
 	$(PY) -m pytest
+
+# The development loop: the unit tests only, no server, engine, training run or other process (markers slow, vllm
+# and gpu left out), in a random order like `make test`.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow and not vllm and not gpu"
 
 # The site goes to site/ (git-ignored).
 docs-build: setup

@@ -118,3 +118,14 @@ def stage1_run(stage1_text_pairs, tmp_path_factory) -> tuple[Path, Path]:
         ]
     )
     return final, cache
+
+
+SLOW_FIXTURES = frozenset({"server", "vllm_server", "rank_results", "stage1_run"})
+"""Fixtures that start a server subprocess, a vLLM engine, ranks in other processes or a training run: every test
+using one is marked `slow`, so that `make test-fast` leaves it out."""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
