@@ -125,7 +125,7 @@ SLOW_FIXTURES = frozenset({"server", "vllm_server", "rank_results", "stage1_run"
 using one is marked `slow`, so that `make test-fast` leaves it out."""
 
 
-def pytest_collection_modifyitems(config, items) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
