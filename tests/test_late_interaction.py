@@ -1,0 +1,156 @@
+"""Exact MaxSim scoring against a naive per-pair loop, a hand-computed case, and itself in chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unime.late_interaction import maxsim
+
+
+def padded_tokens(
+    batch: int, length: int, dim: int, *, seed: int, min_tokens: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random L2-normalised token matrices (float64) with right padding of random length and garbage in the padding.
+
+    The padding holds large values on purpose: a scorer that let padding into a max or a sum would be far off.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    tokens = F.normalize(torch.randn(batch, length, dim, generator=generator, dtype=torch.float64), dim=-1)
+    lengths = torch.randint(min_tokens, length + 1, (batch,), generator=generator)  # [B]
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)  # [B, L]
+    tokens = torch.where(mask.unsqueeze(-1), tokens, torch.full_like(tokens, 50.0))  # [B, L, D]
+    return tokens, mask
+
+
+def naive_maxsim(queries, query_mask, documents, document_mask) -> list[list[float]]:
+    """Per pair, per query token, per document token: the definition written out as Python loops."""
+    scores = []
+    for a in range(queries.shape[0]):
+        row = []
+        for b in range(documents.shape[0]):
+            total = 0.0
+            for i in range(queries.shape[1]):
+                if not query_mask[a, i]:
+                    continue
+                total += max(
+                    float(queries[a, i] @ documents[b, j]) for j in range(documents.shape[1]) if document_mask[b, j]
+                )
+            row.append(total)
+        scores.append(row)
+    return scores
+
+
+def scattered_mask(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """Holes anywhere (left padding, gaps), keeping at least one real token per row."""
+    generator = torch.Generator().manual_seed(seed)
+    holes = torch.rand(mask.shape, generator=generator) < 0.4  # [B, L]
+    mask = mask & ~holes
+    mask[:, 0] |= ~mask.any(dim=1)  # never empty
+    return mask
+
+
+@pytest.mark.parametrize("mask_kind", ["right_padding", "scattered", "full"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_maxsim_matches_naive_loop(mask_kind, seed):
+    queries, query_mask = padded_tokens(3, 5, 4, seed=seed)
+    documents, document_mask = padded_tokens(4, 7, 4, seed=seed + 10)
+    if mask_kind == "scattered":
+        query_mask, document_mask = scattered_mask(query_mask, seed), scattered_mask(document_mask, seed + 1)
+    elif mask_kind == "full":
+        query_mask, document_mask = torch.ones_like(query_mask), torch.ones_like(document_mask)
+        queries, documents = F.normalize(queries, dim=-1), F.normalize(documents, dim=-1)
+    scores = maxsim(queries, query_mask, documents, document_mask)
+    assert scores.shape == (3, 4)
+    expected = torch.tensor(naive_maxsim(queries, query_mask, documents, document_mask), dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_maxsim_hand_computed():
+    # Query 0: tokens (1, 0) and (0, 1); query 1: token (1, 1) then one padding token.
+    queries = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [9.0, 9.0]]], dtype=torch.float64)
+    query_mask = torch.tensor([[True, True], [True, False]])
+    # Document 0: tokens (2, 0), (0, 1), (5, 5) where (5, 5) is padding; document 1: (-1, 3), (1, 1), (4, -2).
+    documents = torch.tensor(
+        [[[2.0, 0.0], [0.0, 1.0], [5.0, 5.0]], [[-1.0, 3.0], [1.0, 1.0], [4.0, -2.0]]], dtype=torch.float64
+    )
+    document_mask = torch.tensor([[True, True, False], [True, True, True]])
+    # q0 . d0: token (1,0) -> max(2, 0) = 2; token (0,1) -> max(0, 1) = 1; sum 3.
+    # q0 . d1: token (1,0) -> max(-1, 1, 4) = 4; token (0,1) -> max(3, 1, -2) = 3; sum 7.
+    # q1 . d0: token (1,1) -> max(2, 1) = 2 (the padding's 10 is ignored); the padded query token adds nothing.
+    # q1 . d1: token (1,1) -> max(2, 2, 2) = 2.
+    scores = maxsim(queries, query_mask, documents, document_mask)
+    torch.testing.assert_close(scores, torch.tensor([[3.0, 7.0], [2.0, 2.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 10, None])
+def test_chunked_equals_unchunked(chunk_size):
+    queries, query_mask = padded_tokens(5, 6, 8, seed=3)
+    documents, document_mask = padded_tokens(10, 9, 8, seed=4)
+    whole = maxsim(queries, query_mask, documents, document_mask, chunk_size=10)
+    chunked = maxsim(queries, query_mask, documents, document_mask, chunk_size=chunk_size)
+    # The same arithmetic per pair whatever the chunking: equal up to BLAS summation order.
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+def test_chunked_gradients_equal_unchunked():
+    queries, query_mask = padded_tokens(3, 4, 6, seed=5)
+    documents, document_mask = padded_tokens(7, 5, 6, seed=6)
+    weights = torch.randn(3, 7, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = []
+    for chunk_size in (7, 2):
+        q, d = queries.clone().requires_grad_(True), documents.clone().requires_grad_(True)
+        (maxsim(q, query_mask, d, document_mask, chunk_size=chunk_size) * weights).sum().backward()
+        grads.append((q.grad, d.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-13, atol=1e-13)
+
+
+def test_gradients_flow_to_both_sides_and_pass_gradcheck():
+    queries, query_mask = padded_tokens(2, 3, 4, seed=8, min_tokens=2)
+    documents, document_mask = padded_tokens(3, 4, 4, seed=9, min_tokens=2)
+    queries.requires_grad_(True)
+    documents.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q, d: maxsim(q, query_mask, d, document_mask, chunk_size=2), (queries, documents)
+    )
+    maxsim(queries, query_mask, documents, document_mask).sum().backward()
+    # Every real query token gets a gradient; padding on either side gets none.
+    assert bool((queries.grad.abs().sum(-1)[query_mask] > 0).all())
+    assert queries.grad[~query_mask].abs().sum() == 0
+    assert documents.grad[~document_mask].abs().sum() == 0
+    assert documents.grad[document_mask].abs().sum() > 0
+
+
+def test_fully_masked_query_or_document_is_an_error_naming_it():
+    queries, query_mask = padded_tokens(3, 4, 4, seed=11)
+    documents, document_mask = padded_tokens(5, 4, 4, seed=12)
+    query_mask[1] = False
+    with pytest.raises(ValueError, match=r"query 1 has no unmasked token"):
+        maxsim(queries, query_mask, documents, document_mask)
+    query_mask[1, 0] = True
+    document_mask[3] = False
+    with pytest.raises(ValueError, match=r"document 3 has no unmasked token"):
+        maxsim(queries, query_mask, documents, document_mask)
+
+
+def test_bad_shapes_and_masks_are_errors():
+    queries, query_mask = padded_tokens(2, 4, 4, seed=13)
+    documents, document_mask = padded_tokens(3, 5, 4, seed=14)
+    with pytest.raises(ValueError, match=r"query mask must be \[batch, tokens\] = \(2, 4\)"):
+        maxsim(queries, query_mask[:, :3], documents, document_mask)
+    with pytest.raises(ValueError, match="document mask must be boolean"):
+        maxsim(queries, query_mask, documents, document_mask.float())
+    with pytest.raises(ValueError, match=r"query token matrices must be \[batch, tokens, dim\]"):
+        maxsim(queries[0], query_mask[0], documents, document_mask)
+    with pytest.raises(ValueError, match="differ in dimension: 4 and 3"):
+        maxsim(queries, query_mask, documents[..., :3], document_mask)
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        maxsim(queries, query_mask, documents, document_mask, chunk_size=0)
+
+
+def test_no_documents_gives_an_empty_score_matrix():
+    queries, query_mask = padded_tokens(2, 4, 4, seed=15)
+    documents = torch.zeros(0, 3, 4, dtype=torch.float64)
+    scores = maxsim(queries, query_mask, documents, torch.zeros(0, 3, dtype=torch.bool))
+    assert scores.shape == (2, 0)
