@@ -1,4 +1,4 @@
-"""`unime synth KIND OUT_DIR`: write synthetic training data (drawn scenes, paraphrase pairs, task suites)."""
+"""`unime synth KIND OUT_DIR`: write synthetic training data (drawn scenes, paraphrase pairs, task suites, pages)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Literal
 
 from tyro.conf import Positional
 
+from unime.data_synth.pages import run_synth_pages
 from unime.data_synth.pairs import write_image_caption_pairs
 from unime.data_synth.tasks import run_synth_tasks
 from unime.data_synth.text_pairs import write_text_pairs
@@ -17,19 +18,20 @@ from unime.errors import ConfigError
 class SynthSettings:
     """Generate synthetic training data."""
 
-    kind: Positional[Literal["shapes", "text", "tasks"]]
+    kind: Positional[Literal["shapes", "text", "tasks", "pages"]]
     """shapes: drawn scenes, captions, one-attribute hard negatives; text: paraphrase pairs (stage 1); tasks:
-    classification/VQA/retrieval/grounding over seven modality pairs, sharded JSONL + manifest."""
+    classification/VQA/retrieval/grounding over seven modality pairs, sharded JSONL + manifest; pages: drawn
+    document pages, one-fact queries, pages with that fact changed as negatives, plus a BEIR folder (visdoc/)."""
     out_dir: Positional[str]
     """Directory to write train.jsonl, held_out.jsonl and images/ to."""
     train: int | None = None
-    """Training rows (default: shapes 60, text 400)."""
+    """Training rows (default: shapes 60, text 400; pages: training pages, 200)."""
     held_out: int | None = None
-    """Held-out rows, no scene shared with training (default: shapes 30, text 100)."""
+    """Held-out rows, no scene shared with training (default: shapes 30, text 100; pages: held-out pages, 50)."""
     max_shapes: int | None = None
-    """Shapes per scene (default: shapes 1, where 90 scenes exist, 2: 3330; tasks 3)."""
+    """Shapes per scene (default: shapes 1, where 90 scenes exist, 2: 3330; tasks 3; not for pages)."""
     negatives: int = 3
-    """Hard negatives per row."""
+    """Hard negatives per row (pages: at most 10)."""
     seed: int = 0
     """Seed of the generator."""
     shard: str | None = None
@@ -51,6 +53,10 @@ def run_synth(settings: SynthSettings) -> int:
         )
     if settings.shard:
         raise ConfigError("--shard applies to `unime synth tasks` only")
+    if settings.kind == "pages":
+        if settings.max_shapes is not None:
+            raise ConfigError("--max-shapes does not apply to `unime synth pages` (pages have no shapes)")
+        return run_synth_pages(settings.out_dir, negatives=settings.negatives, seed=settings.seed, **sizes)
     if settings.kind == "text":
         paths = write_text_pairs(settings.out_dir, seed=settings.seed, **sizes)
     else:
