@@ -68,6 +68,35 @@ class RerankConfig:
     """The instruction when a call gives none."""
 
 
+MULTI_VECTOR_TOKENS = ("all", "image")
+
+
+@dataclass
+class MultiVectorConfig:
+    """A multi-vector (late-interaction, ColPali-style) head: one small unit vector per token.
+
+    The head projects every last hidden state to `dim` and L2-normalises it; its weights are
+    `multi_vector_head.safetensors` beside the backbone's. Padding is always masked out. Every other token of the
+    rendered prompt is kept by default - instruction, chat-template and summary tokens included - as ColPali and
+    ColQwen do for queries and documents and as vLLM's token-embedding pooling and sentence-transformers'
+    MultiVectorEncoder return them, so every consumer scores the same token set; the template tokens, identical
+    across inputs, act as learnt query-expansion slots (ColBERT).
+    """
+
+    dim: int = 128
+    """Size of each token vector (ColPali and ColQwen use 128)."""
+    tokens: Literal["all", "image"] = "all"
+    """Tokens kept: `all` non-padding tokens, or `image`: only the image-patch tokens of an input that has an
+    image (colpali-engine's `mask_non_image_embeddings`, about halving an image index); text-only inputs keep all
+    their tokens either way."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim <= 0:
+            raise ConfigError(f"multi_vector.dim: expected a positive integer, got {self.dim!r}")
+        if self.tokens not in MULTI_VECTOR_TOKENS:
+            raise ConfigError(f"multi_vector.tokens: expected one of {MULTI_VECTOR_TOKENS}, got {self.tokens!r}")
+
+
 @dataclass
 class UnimeConfig:
     """The unime part of a saved model directory (`unime_config.json`)."""
@@ -88,6 +117,8 @@ class UnimeConfig:
     """Truncation sizes the model was trained for (matryoshka); empty when it was not."""
     similarity_fn_name: Literal["cosine", "dot"] = "cosine"
     """Similarity used by `Embedder.similarity` and written for sentence-transformers."""
+    multi_vector: MultiVectorConfig | None = None
+    """The multi-vector head the directory holds (`encode(..., output="multi_vector")`); None when it has none."""
     base_model: str | None = None
     """For a directory that holds a LoRA adapter only: the base model it applies to (name or path)."""
     format_version: int = FORMAT_VERSION
@@ -98,6 +129,8 @@ class UnimeConfig:
             self.prompts = _from_dict(PromptConfig, self.prompts, "prompts")
         if isinstance(self.rerank, dict):
             self.rerank = _from_dict(RerankConfig, self.rerank, "rerank")
+        if isinstance(self.multi_vector, dict):
+            self.multi_vector = _from_dict(MultiVectorConfig, self.multi_vector, "multi_vector")
         if self.kind not in ("embedder", "reranker"):
             raise ConfigError(f"kind: expected 'embedder' or 'reranker', got {self.kind!r}")
         if self.pooling not in POOLING_MODES:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from unime.backbone_module import BackboneModule
 from unime.config import UnimeConfig
-from unime.errors import InvalidInputError
+from unime.errors import ConfigError, InvalidInputError
 from unime.inputs import Input, is_single_input, load_image, parse_inputs
+from unime.multi_vector import MultiVectorHead, maxsim_scores, token_mask
 from unime.pass_planning import shape_sorted_batches
 from unime.pooling import finish_embeddings, pool
 from unime.prompts import PromptRenderer, apply_embedding_template
@@ -33,10 +34,31 @@ class Embedder(BackboneModule):
     Get one with `unime.load(...)` (or `unime.build_tiny(...)` for a tiny offline model).
     """
 
-    def __init__(self, model: nn.Module, processor: Any, config: UnimeConfig):
+    def __init__(
+        self, model: nn.Module, processor: Any, config: UnimeConfig, multi_vector_head: MultiVectorHead | None = None
+    ):
         super().__init__(model, processor, config)
         apply_embedding_template(processor, self.spec.turn_format, config.prompts)
         self._renderer = PromptRenderer(processor)
+        self.multi_vector_head: MultiVectorHead | None = None
+        if multi_vector_head is not None or config.multi_vector is not None:
+            self.set_multi_vector_head(multi_vector_head)
+
+    def set_multi_vector_head(self, head: MultiVectorHead | None) -> None:
+        """Attach a multi-vector head (or remove it with None); `config.multi_vector` follows."""
+        if head is None:
+            if self.config.multi_vector is not None and self.multi_vector_head is None:
+                raise ConfigError("the config records a multi_vector head, but none was given")
+            self.config.multi_vector = None
+        elif head.custom_text_proj.in_features != self.hidden_size:
+            raise ConfigError(
+                f"the multi-vector head reads hidden size {head.custom_text_proj.in_features}, "
+                f"but the backbone's is {self.hidden_size}"
+            )
+        else:
+            self.config.multi_vector = head.config
+            head.to(self.device)
+        self.multi_vector_head = head
 
     # ----------------------------------------------------------------------------------------------------
     # Tensors in, tensors out (what training uses)
@@ -81,6 +103,24 @@ class Embedder(BackboneModule):
         """Final embeddings `[batch, dim]`: pooled, truncated (matryoshka) and normalised as configured."""
         return finish_embeddings(self(features), normalize=self.config.normalize, truncate_dim=truncate_dim)
 
+    def embed_multi_vector(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token vectors `[batch, seq, dim]` (unit norm) and the `[batch, seq]` boolean mask of those that count."""
+        head = self._require_multi_vector_head()
+        hidden = self.last_hidden_state(features)  # [B, T, D]
+        image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.spec.image_token)
+        mask = token_mask(features, head.config, image_token_id).to(hidden.device)  # [B, T]
+        return head(hidden), mask  # [B, T, dim], [B, T]
+
+    def _require_multi_vector_head(self) -> MultiVectorHead:
+        if self.multi_vector_head is None:
+            source = self.hf_model.config.name_or_path or "this model"
+            raise ConfigError(
+                f"{source} has no multi-vector head (its unime_config.json has no multi_vector section), so it "
+                "cannot give output='multi_vector'; add one with unime.multi_vector.add_multi_vector_head(...) and "
+                "train it"
+            )
+        return self.multi_vector_head
+
     # ----------------------------------------------------------------------------------------------------
     # The sentence-transformers-compatible encode API
     # ----------------------------------------------------------------------------------------------------
@@ -96,7 +136,8 @@ class Embedder(BackboneModule):
         convert_to_tensor: bool = False,
         normalize_embeddings: bool | None = None,
         truncate_dim: int | None = None,
-    ) -> np.ndarray | torch.Tensor:
+        output: Literal["single_vector", "multi_vector"] = "single_vector",
+    ) -> np.ndarray | torch.Tensor | list[np.ndarray] | list[torch.Tensor]:
         """Embed texts, images (PIL or path) and `{"text", "image"}` dicts, mixed in one call.
 
         Args:
@@ -108,13 +149,26 @@ class Embedder(BackboneModule):
             convert_to_numpy / convert_to_tensor: return a numpy array (default) or a torch tensor.
             normalize_embeddings: default: the model's `normalize` setting.
             truncate_dim: keep the first dims (matryoshka), applied before normalisation.
+            output: `single_vector` (one pooled vector per input) or `multi_vector` (one unit vector per kept
+                token, from the directory's multi-vector head).
 
         Returns:
-            `[n, dim]` for a list (in input order), `[dim]` for a single input.
+            `[n, dim]` for a list (in input order), `[dim]` for a single input. With `output="multi_vector"`: a
+            list of `[n_tokens_i, dim]` float32 matrices holding the kept tokens only (the mask applied, as
+            sentence-transformers' MultiVectorEncoder returns them), one matrix for a single input.
         """
         single = is_single_input(inputs)
         items = parse_inputs([inputs] if single else inputs)
         instruction = self.instruction_for(prompt_name, prompt)
+        if output == "multi_vector":
+            if truncate_dim is not None or normalize_embeddings is False:
+                raise ValueError(
+                    "output='multi_vector' gives unit token vectors: truncate_dim and "
+                    "normalize_embeddings=False do not apply to it"
+                )
+            self._require_multi_vector_head()
+        elif output != "single_vector":
+            raise ValueError(f"output must be 'single_vector' or 'multi_vector', got {output!r}")
         normalize = self.config.normalize if normalize_embeddings is None else normalize_embeddings
         if truncate_dim is not None and not 0 < truncate_dim <= self.embedding_dim:
             raise ValueError(f"truncate_dim must be in 1..{self.embedding_dim}, got {truncate_dim}")
@@ -127,6 +181,7 @@ class Embedder(BackboneModule):
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1 and sys.stderr.isatty()
         pooled = torch.empty(len(items), self.embedding_dim, dtype=torch.float32)
+        token_vectors: list[torch.Tensor] = [torch.empty(0)] * len(items)
         was_training = self.training
         self.eval()
         # A worker thread prepares batch k+1 (prompt rendering, image decoding and resizing, tokenization) while
@@ -140,9 +195,21 @@ class Embedder(BackboneModule):
                     features = upcoming.result()
                     if position + 1 < len(batches):
                         upcoming = worker.submit(prepare, batches[position + 1])
-                    pooled[batch] = self(features).float().cpu()
+                    if output == "multi_vector":
+                        vectors, mask = self.embed_multi_vector(features)  # [B, T, dim], [B, T]
+                        vectors, mask = vectors.float().cpu(), mask.cpu()
+                        for row, index in enumerate(batch):
+                            token_vectors[index] = vectors[row][mask[row]]  # [n_tokens, dim]
+                    else:
+                        pooled[batch] = self(features).float().cpu()
         finally:
             self.train(was_training)
+
+        if output == "multi_vector":
+            matrices = (
+                token_vectors if convert_to_tensor or not convert_to_numpy else [m.numpy() for m in token_vectors]
+            )
+            return matrices[0] if single else matrices
 
         embeddings = finish_embeddings(pooled, normalize=normalize, truncate_dim=truncate_dim)
         if single:
@@ -195,3 +262,14 @@ class Embedder(BackboneModule):
             a = torch.nn.functional.normalize(a, dim=-1)
             b = torch.nn.functional.normalize(b, dim=-1)
         return a @ b.T  # [n, m]
+
+    def maxsim(self, queries: Any, documents: Any) -> torch.Tensor:
+        """Late-interaction scores `[len(queries), len(documents)]` of token matrices from
+        `encode(..., output="multi_vector")` (lists of `[n_tokens, dim]`; a single matrix counts as a list of one)."""
+        queries = [queries] if _is_one_matrix(queries) else list(queries)
+        documents = [documents] if _is_one_matrix(documents) else list(documents)
+        return maxsim_scores(queries, documents)
+
+
+def _is_one_matrix(value: Any) -> bool:
+    return isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 2

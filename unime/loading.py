@@ -20,6 +20,7 @@ from transformers.utils import cached_file
 from unime.backbones import BackboneSpec, backbone_for_model_type, get_backbone
 from unime.config import CONFIG_NAME, UnimeConfig
 from unime.errors import ModelLoadError
+from unime.multi_vector import HEAD_FILE, load_head
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
@@ -75,6 +76,8 @@ def load(
     converting_to_reranker = kind == "reranker" and config.kind != "reranker"
     if kind is not None and kind != config.kind:
         config = dataclasses.replace(config, kind=kind)
+    if config.kind != "embedder":
+        config = dataclasses.replace(config, multi_vector=None)  # a reranker built from an embedder has no such head
     spec = get_backbone(config.backbone)
 
     device = torch.device(device) if device is not None else _default_device()
@@ -99,6 +102,10 @@ def load(
 
         add_answer_tokens(model, processor, (config.rerank.no_token, config.rerank.yes_token), seed=0)
     model.to(device).eval()
+    if config.multi_vector is not None:
+        hidden_size = model.config.get_text_config().hidden_size
+        head = load_head(_local_or_cached_file(source, HEAD_FILE, hub), config.multi_vector, hidden_size)
+        return _model_class(config.kind)(model, processor, config, multi_vector_head=head.to(device).eval())
     return _model_class(config.kind)(model, processor, config)
 
 
@@ -110,6 +117,14 @@ def _model_class(kind: str):
     if kind not in classes:
         raise ModelLoadError(f"models of kind {kind!r} cannot be loaded by this version of unime")
     return classes[kind]
+
+
+def _local_or_cached_file(source: str, name: str, hub: dict) -> Path:
+    """A file of a local model directory, or of a hub repository (downloaded); a missing one is left to the caller."""
+    if Path(source).is_dir():
+        return Path(source) / name
+    resolved = cached_file(source, name, _raise_exceptions_for_missing_entries=False, **hub)
+    return Path(resolved) if resolved else Path(source) / name
 
 
 def _read_unime_config(source: str, hub: dict) -> UnimeConfig | None:
@@ -172,11 +187,8 @@ def load_processor(
 
 
 def _local_or_cached_adapter(source: str, hub: dict) -> Path | None:
-    if Path(source).is_dir():
-        path = Path(source) / ADAPTER_CONFIG_NAME
-        return Path(source) if path.is_file() else None
-    resolved = cached_file(source, ADAPTER_CONFIG_NAME, _raise_exceptions_for_missing_entries=False, **hub)
-    return Path(resolved).parent if resolved else None
+    path = _local_or_cached_file(source, ADAPTER_CONFIG_NAME, hub)
+    return path.parent if path.is_file() else None
 
 
 def _adapter_base(adapter_dir: Path) -> str:

@@ -3,7 +3,9 @@
 Layout:
     config.json, model.safetensors    Hugging Face weights (LoRA merged), or adapter_* files beside a base
     processor / tokenizer files         with the embedding prompt template as the chat template
-    unime_config.json                   kind, backbone, pooling, normalisation, prompts, matryoshka dims
+    unime_config.json                   kind, backbone, pooling, normalisation, prompts, matryoshka dims,
+                                        the multi-vector head's settings when there is one
+    multi_vector_head.safetensors       an embedder's multi-vector head, when it has one (`custom_text_proj.weight`)
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, 2_Normalize/
                                         an embedder: sentence-transformers' own Transformer -> Pooling ->
                                         Normalize, so that `SentenceTransformer(dir)` works without
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unime.atomic import write_json_atomic
+from unime.multi_vector import save_head
 
 if TYPE_CHECKING:  # backbone_module imports this module to save itself: the type only, no circle at run time
     from unime.backbone_module import BackboneModule
@@ -47,6 +50,10 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
         _declare_tied_embeddings(model.config)
         model.save_pretrained(staging, safe_serialization=True)
         module.processor.save_pretrained(staging)
+        head = getattr(module, "multi_vector_head", None)  # an embedder's; a reranker has none
+        config.multi_vector = head.config if head is not None else None
+        if head is not None:
+            save_head(head, staging)
         config.save(staging)
         if config.kind == "reranker":
             write_cross_encoder_files(staging, yes_token_id=module.yes_token_id, no_token_id=module.no_token_id)
