@@ -1,8 +1,9 @@
 """Training losses: pure functions of tensors, looked up by name from a recipe's config.
 
 Each embedding loss takes L2-normalised `query [B, D]`, `positive [B, D]` and optional `negatives [B, K, D]` and
-returns a scalar; any of them can be wrapped in `matryoshka_loss`. The reranker losses (`rerank_*`) take
-answer logits `[B, 1 + N, 2]` instead.
+returns a scalar; any of them can be wrapped in `matryoshka_loss`. `late_interaction_loss` takes padded token
+matrices with masks instead (a multi-vector head's output) and scores them by MaxSim. The reranker losses
+(`rerank_*`) take answer logits `[B, 1 + N, 2]` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from unime.losses.contrastive import global_candidates, info_nce, select_hard_negatives, unime_hard_negative_loss
 from unime.losses.distill import similarity_kl
+from unime.losses.late_interaction import late_interaction_loss
 from unime.losses.matryoshka import matryoshka_loss, truncate_and_normalize
 from unime.losses.rerank import rerank_contrastive_loss, rerank_sft_loss, unified_rerank_loss
 from unime.losses.soft_label import soft_label_kl
@@ -52,6 +54,7 @@ __all__ = [
     "get_loss",
     "global_candidates",
     "info_nce",
+    "late_interaction_loss",
     "matryoshka_loss",
     "rerank_contrastive_loss",
     "rerank_sft_loss",

@@ -188,8 +188,27 @@ def unime_hard_negative_loss(
     _check_temperature("unime_hard_negative_loss", temperature)
     candidates, positive_index = global_candidates(positive, negatives, gather=gather)
     scores = query @ candidates.T  # [B, C]
+    return hard_negative_cross_entropy(scores, positive_index, temperature=temperature, margin=margin, k=k)
+
+
+def hard_negative_cross_entropy(
+    scores: torch.Tensor, positive_index: torch.Tensor, *, temperature: float, margin: float, k: int
+) -> torch.Tensor:
+    """UniME's stage-2 objective on a score matrix, whatever computed the scores (cosines, MaxSim).
+
+    Args:
+        scores: `[B, C]` similarities of each query to every candidate.
+        positive_index: `[B]` the column of each query's own positive.
+        temperature: the softmax temperature the kept scores are divided by.
+        margin: the false-negative margin of `select_hard_negatives`.
+        k: the number of hard negatives per query.
+
+    Returns:
+        A scalar, the cross-entropy of [s_pos, the k hardest non-false negatives] / temperature with target 0,
+        averaged over the queries.
+    """
     indices, valid = select_hard_negatives(scores, positive_index, margin=margin, k=k)  # [B, k], [B, k]
-    rows = torch.arange(query.shape[0], device=query.device)  # [B]
+    rows = torch.arange(scores.shape[0], device=scores.device)  # [B]
     positive_score = scores[rows, positive_index].unsqueeze(1)  # [B, 1]
     negative_scores = scores.gather(1, indices).masked_fill(~valid, float("-inf"))  # [B, k]
     logits = torch.cat([positive_score, negative_scores], dim=1) / temperature  # [B, 1 + k]
