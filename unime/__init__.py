@@ -7,6 +7,7 @@ from unime.config import PromptConfig, UnimeConfig
 from unime.embedder import Embedder
 from unime.errors import ConfigError, InvalidInputError, ModelLoadError, UnimeError
 from unime.loading import load
+from unime.multi_vector import MultiVectorConfig, add_multi_vector_head
 from unime.reranker import Reranker
 from unime.tiny import build_tiny, save_tiny
 
@@ -18,10 +19,12 @@ __all__ = [
     "Embedder",
     "InvalidInputError",
     "ModelLoadError",
+    "MultiVectorConfig",
     "PromptConfig",
     "Reranker",
     "UnimeConfig",
     "UnimeError",
+    "add_multi_vector_head",
     "build_tiny",
     "get_backbone",
     "list_backbones",
