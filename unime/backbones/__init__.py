@@ -50,7 +50,7 @@ def backbone_for_model_type(model_type: str) -> BackboneSpec:
 
 
 # Modules of this package that define built-in families; each exports `SPECS`, a tuple of BackboneSpec.
-_BUILTIN_MODULES = ("qwen2_vl", "llava", "idefics3")
+_BUILTIN_MODULES = ("qwen2_vl", "qwen3_vl", "llava", "idefics3")
 
 
 def _register_builtin() -> None:

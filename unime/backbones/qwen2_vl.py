@@ -1,6 +1,10 @@
-"""Qwen2-VL and Qwen2.5-VL: ViT with 2x2 patch merging, dynamic resolution, M-RoPE, ChatML turns."""
+"""Qwen2-VL and Qwen2.5-VL: ViT with 2x2 patch merging, dynamic resolution, M-RoPE, ChatML turns; and what every
+Qwen-VL family shares (tokenizer, turns, module paths, batch-wide inputs)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -10,6 +14,9 @@ from unime.backbones.spec import BackboneSpec, TurnFormat
 from unime.backbones.tiny_tokenizer import train_tiny_tokenizer
 from unime.config import PromptConfig
 from unime.prompts import embedding_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -72,23 +79,35 @@ def _text_config(
     )
 
 
-def _build_tiny(
-    seed: int, *, config_class: str, model_class: str, processor_class: str, vision: dict, text: dict | None = None
-):
+def tiny_qwen_tokenizer() -> tuple[transformers.PreTrainedTokenizerFast, dict[str, int]]:
+    """The tiny tokenizer of the Qwen-VL families (same special tokens and ChatML turns) and its special token ids."""
     tokenizer = train_tiny_tokenizer(
         QWEN_SPECIAL_TOKENS,
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         chat_template=embedding_chat_template(QWEN_TURNS, PromptConfig()),
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    config = getattr(transformers, config_class)(
-        text_config=_text_config(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"], **(text or {})),
-        vision_config=vision,
+    return tokenizer, {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+
+
+def qwen_vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The config's image, video and vision start/end token ids, from the tokenizer's special token ids."""
+    return dict(
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def _build_tiny(
+    seed: int, *, config_class: str, model_class: str, processor_class: str, vision: dict, text: dict | None = None
+):
+    tokenizer, ids = tiny_qwen_tokenizer()
+    config = getattr(transformers, config_class)(
+        text_config=_text_config(len(tokenizer), ids["<|endoftext|>"], ids["<|im_end|>"], **(text or {})),
+        vision_config=vision,
+        **qwen_vision_token_ids(ids),
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
@@ -173,39 +192,50 @@ def build_tiny_qwen2_5_vl(seed: int = 0):
     )
 
 
-QWEN2_VL = BackboneSpec(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    model_class="Qwen2VLForConditionalGeneration",
-    processor_class="Qwen2VLProcessor",
-    image_token="<|image_pad|>",
-    turn_format=QWEN_TURNS,
-    lora_target_modules=QWEN_LORA_TARGETS,
-    vision_tower="model.visual",
-    projector="model.visual.merger",
-    language_model="model.language_model",
-    build_tiny=build_tiny_qwen2_vl,
+def qwen_spec(
+    name: str,
+    model_class: str,
+    processor_class: str,
+    build_tiny: Callable[[int], tuple[PreTrainedModel, ProcessorMixin]],
+    example_checkpoints: tuple[str, ...],
+    build_small: Callable[[int], tuple[PreTrainedModel, ProcessorMixin]] | None = None,
+) -> BackboneSpec:
+    """A Qwen-VL family's entry: ChatML turns, the `<|image_pad|>` token, `model.visual` / `model.language_model`
+    paths and the batch-wide inputs and M-RoPE positions are shared; the classes and builders differ."""
+    return BackboneSpec(
+        name=name,
+        model_types=(name,),
+        model_class=model_class,
+        processor_class=processor_class,
+        image_token="<|image_pad|>",
+        turn_format=QWEN_TURNS,
+        lora_target_modules=QWEN_LORA_TARGETS,
+        vision_tower="model.visual",
+        projector="model.visual.merger",
+        language_model="model.language_model",
+        build_tiny=build_tiny,
+        build_small=build_small,
+        example_checkpoints=example_checkpoints,
+        batch_inputs=batch_inputs,
+        position_ids=mrope_position_ids,
+    )
+
+
+QWEN2_VL = qwen_spec(
+    "qwen2_vl",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2VLProcessor",
+    build_tiny_qwen2_vl,
+    ("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
     build_small=build_small_qwen2_vl,
-    example_checkpoints=("Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct"),
-    batch_inputs=batch_inputs,
-    position_ids=mrope_position_ids,
 )
 
-QWEN2_5_VL = BackboneSpec(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    model_class="Qwen2_5_VLForConditionalGeneration",
-    processor_class="Qwen2_5_VLProcessor",
-    image_token="<|image_pad|>",
-    turn_format=QWEN_TURNS,
-    lora_target_modules=QWEN_LORA_TARGETS,
-    vision_tower="model.visual",
-    projector="model.visual.merger",
-    language_model="model.language_model",
-    build_tiny=build_tiny_qwen2_5_vl,
-    example_checkpoints=("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
-    batch_inputs=batch_inputs,
-    position_ids=mrope_position_ids,
+QWEN2_5_VL = qwen_spec(
+    "qwen2_5_vl",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen2_5_VLProcessor",
+    build_tiny_qwen2_5_vl,
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct"),
 )
 
 SPECS = (QWEN2_VL, QWEN2_5_VL)
