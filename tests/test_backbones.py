@@ -14,7 +14,7 @@ BACKBONES = list_backbones()
 
 
 def test_the_four_families_of_the_design_are_registered() -> None:
-    assert {"qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "smolvlm"} <= set(BACKBONES)
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "idefics3", "smolvlm"} <= set(BACKBONES)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)

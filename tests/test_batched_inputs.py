@@ -18,7 +18,7 @@ import unime
 from unime.backbones.qwen2_vl_batched import batch_inputs, mrope_position_ids
 from unime.inputs import Input
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Sizes around and beyond the tiny processor's budget (28x28 .. 112x112 pixels): tiny, thin, square, odd, large.
 SIZES = [(12, 40), (28, 28), (30, 97), (64, 64), (111, 57), (160, 120), (300, 41), (57, 300)]

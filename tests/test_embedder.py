@@ -16,9 +16,10 @@ from tests.conftest import mixed_inputs
 from unime.inputs import parse_input
 
 
-@pytest.fixture(scope="module")
-def embedder(tiny_embedders):
-    return tiny_embedders("qwen2_vl")
+# Qwen2-VL, and Qwen3-VL for its own image processor, DeepStack and interleaved M-RoPE behind the same template.
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def embedder(request, tiny_embedders):
+    return tiny_embedders(request.param)
 
 
 @pytest.fixture(scope="module")

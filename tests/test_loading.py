@@ -19,19 +19,24 @@ def texts_and_images(scenes):
     return [captions[0], images[0], {"text": captions[1], "image": images[1]}]
 
 
-def test_plain_hugging_face_checkpoint_loads_with_backbone_auto(tiny_embedders, tmp_path, texts_and_images) -> None:
-    embedder = tiny_embedders("qwen2_vl")
+@pytest.mark.parametrize("backbone", ["qwen2_vl", "qwen3_vl"])
+def test_plain_hugging_face_checkpoint_loads_with_backbone_auto(
+    backbone, tiny_embedders, tmp_path, texts_and_images
+) -> None:
+    embedder = tiny_embedders(backbone)
     embedder.hf_model.save_pretrained(tmp_path)
     embedder.processor.save_pretrained(tmp_path)
     assert not (tmp_path / CONFIG_NAME).exists()
 
     with pytest.raises(unime.ModelLoadError, match=f"has no {CONFIG_NAME}.*backbone='auto'"):
         unime.load(tmp_path)
-    for backbone in ("auto", "qwen2_vl"):
-        loaded = unime.load(tmp_path, backbone=backbone)
-        assert loaded.config == UnimeConfig(backbone="qwen2_vl")
+    for requested in ("auto", backbone):
+        loaded = unime.load(tmp_path, backbone=requested)
+        assert loaded.config == UnimeConfig(backbone=backbone)
+        assert type(loaded.processor).__name__ == embedder.spec.processor_class  # not the tokenizer alone
         np.testing.assert_allclose(loaded.encode(texts_and_images), embedder.encode(texts_and_images), atol=1e-6)
-    with pytest.raises(unime.ModelLoadError, match="model_type 'qwen2_vl', which backbone 'qwen2_5_vl' does not serve"):
+    refused = f"model_type '{backbone}', which backbone 'qwen2_5_vl' does not serve"
+    with pytest.raises(unime.ModelLoadError, match=refused):
         unime.load(tmp_path, backbone="qwen2_5_vl")
 
 

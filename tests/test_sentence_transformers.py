@@ -9,9 +9,16 @@ from sentence_transformers import SentenceTransformer
 import unime
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_dir):
-    return unime.load(tiny_dir), SentenceTransformer(str(tiny_dir))
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen3_vl"])
+def pair(request, tmp_path_factory):
+    if request.param == "qwen2_vl":
+        directory = request.getfixturevalue("tiny_dir")
+    else:  # the same query instruction as `tiny_dir`'s, on a fresh Qwen3-VL
+        embedder = unime.build_tiny(request.param, seed=0)
+        embedder.config.prompts.query_instruction = "Find the image that matches the caption."
+        directory = tmp_path_factory.mktemp("models") / "tiny-qwen3-vl"
+        embedder.save(directory)
+    return unime.load(directory), SentenceTransformer(str(directory))
 
 
 @pytest.fixture(scope="module")
