@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import unime.late_interaction
 from unime.late_interaction import maxsim
 
 
@@ -91,6 +92,16 @@ def test_chunked_equals_unchunked(chunk_size):
     whole = maxsim(queries, query_mask, documents, document_mask, chunk_size=10)
     chunked = maxsim(queries, query_mask, documents, document_mask, chunk_size=chunk_size)
     # The same arithmetic per pair whatever the chunking: equal up to BLAS summation order.
+    torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+def test_automatic_chunks_under_a_small_budget_equal_one_chunk(monkeypatch):
+    queries, query_mask = padded_tokens(3, 4, 8, seed=16)
+    documents, document_mask = padded_tokens(12, 9, 8, seed=17)
+    whole = maxsim(queries, query_mask, documents, document_mask, chunk_size=12)
+    # A budget this small splits the length-sorted documents into runs of different sizes, down to one document.
+    monkeypatch.setattr(unime.late_interaction, "DEFAULT_BLOCK_ELEMENTS", 60)
+    chunked = maxsim(queries, query_mask, documents, document_mask)
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
 
 
