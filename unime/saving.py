@@ -9,7 +9,9 @@ Layout:
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, 2_Normalize/
                                         an embedder: sentence-transformers' own Transformer -> Pooling ->
                                         Normalize, so that `SentenceTransformer(dir)` works without
-                                        trust_remote_code
+                                        trust_remote_code; with a multi-vector head also a token-level
+                                        Dense (the head's weight) and a token Normalize, so that
+                                        `MultiVectorEncoder(dir)` gives unime's token vectors
     modules.json, ..., 1_LogitScore/    a reranker: Transformer (any-to-any) -> LogitScore(yes, no), so that
                                         `CrossEncoder(dir)` gives sigmoid(z_yes - z_no) = p(yes)
 The directory is written beside its target and renamed into place, so a reader never sees half of it.
@@ -24,14 +26,20 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from safetensors.torch import save_file
+
 from unime.atomic import write_json_atomic
-from unime.multi_vector import save_head
+from unime.multi_vector import MultiVectorHead, save_head
 
 if TYPE_CHECKING:  # backbone_module imports this module to save itself: the type only, no circle at run time
     from unime.backbone_module import BackboneModule
 
 # unime pooling name -> sentence-transformers Pooling mode
 _ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
+# The features key the multi-vector Dense writes: apart from `token_embeddings` until the Pooling has read those
+_MULTI_VECTOR_KEY = "multi_vector_embeddings"
+_ST_MULTI_VECTOR_MASK = "sentence_transformers.multi_vector_encoder.modules.multi_vector_mask.MultiVectorMask"
 
 
 def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
@@ -58,7 +66,10 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
         if config.kind == "reranker":
             write_cross_encoder_files(staging, yes_token_id=module.yes_token_id, no_token_id=module.no_token_id)
         else:
-            write_sentence_transformers_files(staging, config, module.hidden_size)
+            image_token_id = module.processor.tokenizer.convert_tokens_to_ids(module.spec.image_token)
+            write_sentence_transformers_files(
+                staging, config, module.hidden_size, multi_vector_head=head, image_token_id=image_token_id
+            )
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -74,28 +85,63 @@ def _declare_tied_embeddings(config) -> None:
         text_config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
 
 
-def write_sentence_transformers_files(directory: Path, config, embedding_dim: int) -> None:
-    """Describe the model to sentence-transformers (>= 5.4) with its own modules only."""
-    modules = [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
-        {
-            "idx": 1,
-            "name": "1",
-            "path": "1_Pooling",
-            "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
-        },
-    ]
+def write_sentence_transformers_files(
+    directory: Path,
+    config,
+    embedding_dim: int,
+    *,
+    multi_vector_head: MultiVectorHead | None = None,
+    image_token_id: int | None = None,
+) -> None:
+    """Describe the model to sentence-transformers (>= 5.4) with its own modules only.
+
+    A single-vector embedder is Transformer -> Pooling -> Normalize. A model with a multi-vector head stays a
+    `SentenceTransformer` directory, so that `SentenceTransformer(dir)` keeps giving the pooled vector, and gains
+    two modules: before the Pooling a token-level Dense (the head's weight, no bias) that writes
+    `multi_vector_embeddings`, and after it a Normalize that writes their unit vectors into `token_embeddings`.
+    `MultiVectorEncoder(dir)` converts such a directory by dropping the Pooling and the sentence-level Normalize
+    and keeping the rest; as a Dense is there, it adds no random projection of its own, and its encode returns the
+    head's unit vector of every kept token. The Dense goes before the Pooling because `SentenceTransformer` takes
+    its embedding dimension from the last module that knows one.
+    """
+    modules: list[tuple[str, str, dict]] = []  # (folder name, class reference, module config), after the Transformer
+    if multi_vector_head is not None:
+        dense = {
+            "in_features": embedding_dim,
+            "out_features": multi_vector_head.dim,
+            "bias": False,
+            "activation_function": "torch.nn.modules.linear.Identity",
+            "module_input_name": "token_embeddings",
+            "module_output_name": _MULTI_VECTOR_KEY,
+        }
+        modules.append(("MultiVectorDense", "sentence_transformers.base.modules.dense.Dense", dense))
+    pooling = {
+        "embedding_dimension": embedding_dim,
+        "pooling_mode": _ST_POOLING[config.pooling],
+        "include_prompt": True,
+    }
+    modules.append(("Pooling", "sentence_transformers.sentence_transformer.modules.pooling.Pooling", pooling))
     if config.normalize:
-        modules.append(
-            {
-                "idx": 2,
-                "name": "2",
-                "path": "2_Normalize",
-                "type": "sentence_transformers.base.modules.normalize.Normalize",
-            }
-        )
-        write_json_atomic(directory / "2_Normalize" / "config.json", {})
-    write_json_atomic(directory / "modules.json", modules)
+        modules.append(("Normalize", "sentence_transformers.base.modules.normalize.Normalize", {}))
+    if multi_vector_head is not None:
+        to_tokens = {"module_input_name": _MULTI_VECTOR_KEY, "module_output_name": "token_embeddings"}
+        modules.append(("MultiVectorNormalize", "sentence_transformers.base.modules.normalize.Normalize", to_tokens))
+        if multi_vector_head.config.tokens == "image":
+            # Documents keep only their image-patch tokens, as unime's `tokens="image"` keeps for an input with an
+            # image. Queries are not restricted here, and a text-only document keeps no token (docs/inference.md).
+            mask = {"skiplist_words": [], "skiplist_tasks": ["document"], "keep_only_token_ids": [image_token_id]}
+            modules.append(("MultiVectorMask", _ST_MULTI_VECTOR_MASK, mask))
+    entries = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"}
+    ]
+    for idx, (name, class_ref, module_config) in enumerate(modules, start=1):
+        folder = directory / f"{idx}_{name}"
+        entries.append({"idx": idx, "name": str(idx), "path": folder.name, "type": class_ref})
+        write_json_atomic(folder / "config.json", module_config)
+        if name == "MultiVectorDense":  # the Dense module's weight file, the head's weight under its own name
+            weight = multi_vector_head.custom_text_proj.weight.detach().to("cpu", torch.float32).contiguous()
+            save_file({"linear.weight": weight}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_json_atomic(directory / "modules.json", entries)
     # Every modality goes through the chat template ("message"), the same prompt path unime's encode takes.
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
     write_json_atomic(
@@ -108,14 +154,6 @@ def write_sentence_transformers_files(directory: Path, config, embedding_dim: in
                 "message": {**forward, "format": "structured"},
             },
             "module_output_name": "token_embeddings",
-        },
-    )
-    write_json_atomic(
-        directory / "1_Pooling" / "config.json",
-        {
-            "embedding_dimension": embedding_dim,
-            "pooling_mode": _ST_POOLING[config.pooling],
-            "include_prompt": True,
         },
     )
     # sentence-transformers sends a prompt as a system message, which the template renders as the instruction.
