@@ -17,7 +17,7 @@ import json
 import mimetypes
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from unime.embedding_store import model_fingerprint
-from unime.errors import UnimeError
+from unime.errors import ConfigError, UnimeError
 from unime.inputs import Input
 
 HTTPServer = Literal["unime", "vllm"]
@@ -51,6 +51,38 @@ class Encoder(Protocol):
     def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         """`[len(items), dim]` float32."""
         ...
+
+
+@runtime_checkable
+class MultiVectorEncoder(Protocol):
+    """An encoder that also gives token matrices, for late-interaction (MaxSim) scoring."""
+
+    @property
+    def has_multi_vector(self) -> bool:
+        """Whether this encoder's model has a multi-vector head."""
+        ...
+
+    def encode_multi_vector(self, items: Sequence[Input], *, batch_size: int = 32) -> list[np.ndarray]:
+        """One `[n_tokens_i, dim]` float32 matrix per item, row order = item order."""
+        ...
+
+
+def require_multi_vector(encoder: Encoder, setting: str) -> MultiVectorEncoder:
+    """`encoder` as a `MultiVectorEncoder`, or a ConfigError naming its model and the `setting` that asked for
+    token matrices."""
+    if isinstance(encoder, MultiVectorEncoder) and encoder.has_multi_vector:
+        return encoder
+    described = encoder.describe()
+    model = described.get("model", described.get("url", type(encoder).__name__))
+    why = (
+        "has no multi-vector head (its unime_config.json has no multi_vector section)"
+        if isinstance(encoder, MultiVectorEncoder)
+        else f"is evaluated through the {described.get('backend', '?')} backend, which gives single vectors only"
+    )
+    raise ConfigError(
+        f"{setting}: multi-vector scoring needs token matrices, but the model {model} {why}; "
+        f"set {setting} to 'single_vector' or evaluate a model with a multi-vector head"
+    )
 
 
 def _digest(*parts: object) -> str:
@@ -105,21 +137,44 @@ class UnimeEncoder:
             "fingerprint": self.fingerprint,
         }
 
+    @property
+    def has_multi_vector(self) -> bool:
+        """Whether the model holds a multi-vector head (`encode_multi_vector` works)."""
+        return getattr(self.model, "multi_vector_head", None) is not None
+
+    def _encode_by_prompt(self, items: Sequence[Input], batch_size: int, **encode_kwargs: Any) -> Iterator[Any]:
+        """`(indices, output)` per group of items sharing a role and instruction: the model's `encode` applies one
+        instruction per call, so each group is one call."""
+        for (role, instruction), indices in _group_by_prompt(items).items():
+            prompt: dict[str, Any] = {"prompt": instruction} if instruction is not None else {"prompt_name": role}
+            yield (
+                indices,
+                self.model.encode(
+                    [items[i].to_dict() for i in indices],
+                    batch_size=batch_size,
+                    show_progress_bar=False,
+                    **prompt,
+                    **encode_kwargs,
+                ),
+            )
+
     def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
         out: np.ndarray | None = None
-        for (role, instruction), indices in _group_by_prompt(items).items():
-            kwargs: dict[str, Any] = {"prompt": instruction} if instruction is not None else {"prompt_name": role}
-            vectors = self.model.encode(
-                [items[i].to_dict() for i in indices],
-                batch_size=batch_size,
-                truncate_dim=self.truncate_dim,
-                show_progress_bar=False,
-                **kwargs,
-            )  # [n_group, D]
+        for indices, vectors in self._encode_by_prompt(items, batch_size, truncate_dim=self.truncate_dim):
+            # vectors: [n_group, D]
             if out is None:
                 out = np.empty((len(items), vectors.shape[1]), dtype=np.float32)
             out[indices] = vectors
         return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+    def encode_multi_vector(self, items: Sequence[Input], *, batch_size: int = 32) -> list[np.ndarray]:
+        """One `[n_tokens_i, dim]` float32 matrix of unit token vectors per item (the multi-vector head's kept
+        tokens), in item order. `truncate_dim` does not apply: it truncates single vectors only."""
+        out: list[np.ndarray] = [np.zeros((0, 0), dtype=np.float32)] * len(items)
+        for indices, matrices in self._encode_by_prompt(items, batch_size, output="multi_vector"):
+            for index, matrix in zip(indices, matrices, strict=True):
+                out[index] = np.asarray(matrix, dtype=np.float32)  # [n_tokens, dim]
+        return out
 
 
 class SentenceTransformersEncoder:

@@ -38,10 +38,36 @@ def task_rows(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     if "compositional" in tasks:
         groups[f"compositional {tasks['compositional']['dataset']}"] = dict(tasks["compositional"]["scores"])
     for result in tasks.get("visdoc", []):
-        groups[f"visdoc {result['dataset']}"] = dict(result["scores"])
+        by_scoring = visdoc_scorings(result)
+        if len(by_scoring) == 1:
+            groups[f"visdoc {result['dataset']}"] = dict(next(iter(by_scoring.values())))
+        else:
+            # Metric by metric, one bar per scoring beside the other, so the two sit side by side in the plot.
+            metrics = list(dict.fromkeys(metric for scores in by_scoring.values() for metric in scores))
+            groups[f"visdoc {result['dataset']}"] = {
+                f"{metric} ({scoring})": scores[metric]
+                for metric in metrics
+                for scoring, scores in by_scoring.items()
+                if metric in scores
+            }
     for result in tasks.get("rerank", []):
         groups[f"rerank {result['dataset']}"] = dict(result["scores"])
     return groups
+
+
+def visdoc_scorings(result: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A visdoc result's numbers per scoring (`single_vector`, `multi_vector`); a results file written before
+    visdoc had scorings holds single-vector numbers only."""
+    return result.get("scores_by_scoring") or {"single_vector": result["scores"]}
+
+
+SCORING_COLORS = {"single_vector": "tab:blue", "multi_vector": "tab:orange"}
+"""Bar colours of the visdoc scorings; any other bar is blue."""
+
+
+def _bar_color(label: str) -> str:
+    scoring = label.rpartition(" (")[2].rstrip(")") if label.endswith(")") else ""
+    return SCORING_COLORS.get(scoring, "tab:blue")
 
 
 def to_markdown(results: dict[str, Any]) -> str:
@@ -87,12 +113,13 @@ def to_markdown(results: dict[str, Any]) -> str:
         lines += _table(list(result["scores"]), [[_pct(v) for v in result["scores"].values()]]) + [""]
     if tasks.get("visdoc"):
         lines += ["## Visual-document retrieval", ""]
-        keys = list(tasks["visdoc"][0]["scores"])
+        keys = list(dict.fromkeys(k for r in tasks["visdoc"] for scores in visdoc_scorings(r).values() for k in scores))
         rows = [
-            [r["dataset"], str(r["queries"]), str(r["pages"]), *(_pct(r["scores"][k]) for k in keys)]
+            [r["dataset"], scoring, str(r["queries"]), str(r["pages"]), *(_pct(scores.get(k)) for k in keys)]
             for r in tasks["visdoc"]
+            for scoring, scores in visdoc_scorings(r).items()
         ]
-        lines += _table(("dataset", "queries", "pages", *keys), rows) + [""]
+        lines += _table(("dataset", "scoring", "queries", "pages", *keys), rows) + [""]
     if tasks.get("rerank"):
         lines += ["## Reranking", ""]
         keys = list(tasks["rerank"][0]["scores"])
@@ -152,7 +179,12 @@ def plot_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     paths = {}
     for group, values in task_rows(results).items():
         figure, axes = plt.subplots(figsize=(max(4.0, 0.6 * len(values) + 2), 3.5))
-        axes.bar(range(len(values)), [100 * v for v in values.values()], color="tab:blue")
+        colors = [_bar_color(label) for label in values]
+        axes.bar(range(len(values)), [100 * v for v in values.values()], color=colors)
+        if len(set(colors)) > 1:  # visdoc with both scorings: say which colour is which
+            shown = {scoring: color for scoring, color in SCORING_COLORS.items() if color in colors}
+            handles = [plt.Rectangle((0, 0), 1, 1, color=color) for color in shown.values()]
+            axes.legend(handles, list(shown), fontsize=8)
         axes.set_xticks(range(len(values)), list(values), rotation=45, ha="right", fontsize=8)
         axes.set_ylabel("%")
         axes.set_ylim(0, 100)

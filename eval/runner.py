@@ -19,11 +19,11 @@ from typing import Any
 from unime.eval.compositional import load_compositional, run_compositional
 from unime.eval.data import OnBadRows
 from unime.eval.embedding import EmbedStats
-from unime.eval.encoders import Encoder
+from unime.eval.encoders import Encoder, require_multi_vector
 from unime.eval.image_text_retrieval import Layout, load_retrieval, run_retrieval
 from unime.eval.mmeb import load_dataset, run_mmeb
 from unime.eval.rerank import run_rerank
-from unime.eval.visdoc import run_visdoc
+from unime.eval.visdoc import SCORINGS, VisDocScoring, run_visdoc
 from unime.retrieve_rerank import PairScorer
 
 
@@ -51,6 +51,10 @@ class EvalConfig:
     """Its image root (COCO val2017; default `<sugarcrepe>/images`)."""
     visdoc: list[str] = field(default_factory=list)
     """Visual-document retrieval sets in the BEIR layout (corpus, queries, qrels; MMEB-V2 visdoc, ViDoRe)."""
+    visdoc_scoring: VisDocScoring = "single_vector"
+    """How visdoc pages are scored: `single_vector` (cosine of pooled vectors), `multi_vector` (MaxSim of token
+    matrices; needs a model with a multi-vector head; the matrices are not cached), or `both`, reported side by
+    side. Other tasks always use single vectors."""
     rerank_datasets: list[str] = field(default_factory=list)
     """MMEB datasets (under `mmeb_root`) whose first-stage top K the reranker reorders."""
     rerank_top_k: int = 10
@@ -75,6 +79,8 @@ def run_eval(encoder: Encoder, config: EvalConfig, *, reranker: PairScorer | Non
         raise ValueError("rerank_datasets were given but no reranker")
     if config.rerank_datasets and config.mmeb_root is None:
         raise ValueError("rerank_datasets are MMEB datasets: set mmeb_root too")
+    if config.visdoc and "multi_vector" in SCORINGS.get(config.visdoc_scoring, ()):
+        require_multi_vector(encoder, "visdoc_scoring")  # before the first task, not after an hour of MMEB
     started = time.perf_counter()
     stats = EmbedStats()
     common = {"batch_size": config.batch_size, "cache_dir": config.cache_dir, "progress": config.progress}
@@ -109,7 +115,12 @@ def run_eval(encoder: Encoder, config: EvalConfig, *, reranker: PairScorer | Non
         stats.add(task_stats)
     for path in config.visdoc:
         result, task_stats = run_visdoc(
-            encoder, path, on_bad_rows=config.on_bad_rows, faiss_min_corpus=config.faiss_min_corpus, **common
+            encoder,
+            path,
+            on_bad_rows=config.on_bad_rows,
+            faiss_min_corpus=config.faiss_min_corpus,
+            scoring=config.visdoc_scoring,
+            **common,
         )
         tasks.setdefault("visdoc", []).append({**result, "path": str(path)})
         stats.add(task_stats)

@@ -6,9 +6,14 @@ parquet or JSONL file (`corpus.parquet`) or a folder of them (`corpus/test-00000
   `{"bytes", "path"}`), optionally `text`;
 - `queries`: `query-id` and `query` (or `text`);
 - `qrels`: `query-id`, `corpus-id` and `score` (graded relevance; > 0 is relevant).
-Queries rank the whole corpus; scores follow MMEB-V2's report: `ndcg_linear@5` (gains = qrels scores), with
-hit@1, recall@5/10 and MRR of the best relevant page beside it. Queries without a relevant page are skipped
-(counted, as BEIR evaluation drops them).
+Queries rank the whole corpus; scores follow ViDoRe's and MMEB-V2's reports: `ndcg_linear@5` (gains = qrels
+scores; ViDoRe's main number), recall@1/5/10 (the share of a query's relevant pages in its top k), hit@1 and MRR
+of the best relevant page. Queries without a relevant page are skipped (counted, as BEIR evaluation drops them).
+
+Scoring (`scoring`): `single_vector` ranks pages by the cosine of pooled vectors (cached in the embedding store);
+`multi_vector` by MaxSim of token matrices from the model's multi-vector head (ColPali-style late interaction;
+the matrices are encoded on every run, since the embedding store holds one fixed-size vector per item); `both`
+reports the two side by side.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from unime.data.dataset import DataError
 from unime.eval.data import (
@@ -35,10 +41,21 @@ from unime.eval.data import (
 )
 from unime.eval.embed_sets import embed_sets
 from unime.eval.embedding import EmbedStats
-from unime.eval.encoders import Encoder
+from unime.eval.encoders import Encoder, require_multi_vector
 from unime.eval.scoring import corpus_ranks, positions_in_list
 from unime.inputs import Input
 from unime.metrics import hit_at_k, mrr, ndcg_at_k_multi, recall_at_k_multi
+from unime.multi_vector import maxsim_scores
+
+VisDocScoring = Literal["single_vector", "multi_vector", "both"]
+"""How pages are scored: pooled vectors, MaxSim of token matrices, or both side by side."""
+
+SCORINGS: dict[str, tuple[str, ...]] = {
+    "single_vector": ("single_vector",),
+    "multi_vector": ("multi_vector",),
+    "both": ("single_vector", "multi_vector"),
+}
+"""The scorings each setting runs, in the order they are reported."""
 
 
 @dataclass
@@ -147,6 +164,45 @@ def _page_image(image: Any, folder: Path, image_dir: Path) -> Path:
     raise BadRow("page without an image", "expected 'image' as a path or a {'bytes', 'path'} struct")
 
 
+def visdoc_scores(positions: list[np.ndarray], gains: list[list[float]]) -> dict[str, float]:
+    """The reported numbers from each query's relevant pages: their 1-based positions in its ranked list and their
+    graded relevance (in the same order)."""
+    best = [float(np.min(query_positions)) for query_positions in positions]
+    return {
+        "ndcg_linear@5": ndcg_at_k_multi(positions, 5, gains=gains),
+        "recall@1": recall_at_k_multi(positions, 1),
+        "recall@5": recall_at_k_multi(positions, 5),
+        "recall@10": recall_at_k_multi(positions, 10),
+        "hit@1": hit_at_k(best, 1),
+        "mrr": mrr(best),
+    }
+
+
+def ranks_from_scores(scores: torch.Tensor, relevant: list[list[int]]) -> list[np.ndarray]:
+    """For each query, the 1-based ranks of its relevant pages among the irrelevant ones, from a `[Q, N]` score
+    matrix; the tie rule of `corpus_ranks` (an irrelevant page with an equal score ranks above), so a model that
+    scores every page alike ranks nothing first."""
+    if scores.shape[0] != len(relevant):
+        raise ValueError(f"{len(relevant)} relevance lists for {scores.shape[0]} queries")
+    out = []
+    for row, entries in zip(scores, relevant, strict=True):
+        irrelevant = torch.ones(scores.shape[1], dtype=torch.bool)  # [N]
+        irrelevant[entries] = False
+        own = row[entries]  # [r]
+        out.append(1 + (row[irrelevant].unsqueeze(0) >= own.unsqueeze(1)).sum(dim=1).double().numpy())  # [r]
+    return out
+
+
+def multi_vector_scores(
+    encoder: Encoder, dataset: VisDocDataset, *, batch_size: int = 32, setting: str = "visdoc_scoring"
+) -> torch.Tensor:
+    """`[queries, pages]` MaxSim scores of the dataset's token matrices (encoded here, never cached)."""
+    model = require_multi_vector(encoder, setting)
+    pages = model.encode_multi_vector(dataset.pages, batch_size=batch_size)  # N x [n_tokens, dim]
+    queries = model.encode_multi_vector(dataset.queries, batch_size=batch_size)  # Q x [n_tokens, dim]
+    return maxsim_scores(queries, pages)  # [Q, N]
+
+
 def run_visdoc(
     encoder: Encoder,
     folder: str | Path,
@@ -156,37 +212,51 @@ def run_visdoc(
     on_bad_rows: OnBadRows = "error",
     faiss_min_corpus: int = 100_000,
     progress: bool = True,
+    scoring: VisDocScoring = "single_vector",
 ) -> tuple[dict[str, Any], EmbedStats]:
+    """Evaluate `encoder` on one BEIR-layout folder, scored as `scoring` says.
+
+    The result's `scores` are those of the first scoring run (single-vector unless only `multi_vector` is
+    asked); `scores_by_scoring` holds every scoring's numbers, keyed `single_vector` / `multi_vector`.
+
+    Raises:
+        ConfigError: a multi-vector scoring with an encoder whose model has no multi-vector head (naming it).
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"visdoc scoring must be one of {sorted(SCORINGS)}, got {scoring!r}")
+    scorings = SCORINGS[scoring]
+    if "multi_vector" in scorings:
+        require_multi_vector(encoder, "visdoc_scoring")  # before any encoding: a wrong model fails at once
+    by_scoring: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="unime-visdoc-") as image_dir:
         dataset = load_visdoc(folder, image_dir=image_dir, on_bad_rows=on_bad_rows)
-        vectors, stats = embed_sets(
-            encoder,
-            {"pages": dataset.pages, "queries": dataset.queries},
-            dataset=dataset.name,
-            batch_size=batch_size,
-            cache_dir=cache_dir,
-            progress=progress,
-        )
-    pages, queries = vectors["pages"], vectors["queries"]
-    relevant = [list(judged) for judged in dataset.relevant]
-    ranks = [
-        positions_in_list(query_ranks)
-        for query_ranks in corpus_ranks(queries, pages, relevant, faiss_min_corpus=faiss_min_corpus)
-    ]
-    gains = [[judged[page] for page in entries] for judged, entries in zip(dataset.relevant, relevant, strict=True)]
-    best = [float(np.min(query_ranks)) for query_ranks in ranks]
-    scores = {
-        "ndcg_linear@5": ndcg_at_k_multi(ranks, 5, gains=gains),
-        "hit@1": hit_at_k(best, 1),
-        "recall@5": recall_at_k_multi(ranks, 5),
-        "recall@10": recall_at_k_multi(ranks, 10),
-        "mrr": mrr(best),
-    }
+        relevant = [list(judged) for judged in dataset.relevant]
+        gains = [[judged[page] for page in entries] for judged, entries in zip(dataset.relevant, relevant, strict=True)]
+        stats = EmbedStats(listed=len(dataset.pages) + len(dataset.queries))
+        stats.distinct = stats.listed
+        if "single_vector" in scorings:
+            vectors, stats = embed_sets(
+                encoder,
+                {"pages": dataset.pages, "queries": dataset.queries},
+                dataset=dataset.name,
+                batch_size=batch_size,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+            ranks = corpus_ranks(vectors["queries"], vectors["pages"], relevant, faiss_min_corpus=faiss_min_corpus)
+            by_scoring["single_vector"] = visdoc_scores([positions_in_list(r) for r in ranks], gains)
+        if "multi_vector" in scorings:
+            scores = multi_vector_scores(encoder, dataset, batch_size=batch_size)  # [Q, N]
+            stats.encoded += len(dataset.pages) + len(dataset.queries)  # token matrices are encoded every run
+            ranks = ranks_from_scores(scores, relevant)
+            by_scoring["multi_vector"] = visdoc_scores([positions_in_list(r) for r in ranks], gains)
     return {
         "task": "visdoc",
         "dataset": dataset.name,
         "queries": len(dataset.queries),
         "pages": len(dataset.pages),
-        "scores": scores,
+        "scoring": list(scorings),
+        "scores": by_scoring[scorings[0]],
+        "scores_by_scoring": by_scoring,
         "skipped": dataset.skipped.to_dict(),
     }, stats
