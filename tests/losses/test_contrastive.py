@@ -8,7 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unime.losses import LOSSES, get_loss, info_nce, select_hard_negatives, soft_label_kl, unime_hard_negative_loss
+from unime.losses import (
+    LOSSES,
+    get_loss,
+    info_nce,
+    late_interaction_loss,
+    select_hard_negatives,
+    soft_label_kl,
+    unime_hard_negative_loss,
+)
 from unime.losses.distill import similarity_kl
 from unime.losses.rerank import rerank_contrastive_loss, rerank_sft_loss, unified_rerank_loss
 
@@ -182,6 +190,7 @@ def test_registry_and_get_loss():
         "rerank_sft": rerank_sft_loss,
         "rerank_contrastive": rerank_contrastive_loss,
         "rerank_unified": unified_rerank_loss,
+        "late_interaction": late_interaction_loss,
     }
     assert get_loss("unime_hard_negative") is unime_hard_negative_loss
     with pytest.raises(ValueError, match=r"'nope'.*info_nce.*soft_label_kl.*unime_hard_negative"):

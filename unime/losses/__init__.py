@@ -31,6 +31,8 @@ LOSSES: dict[str, LossFn] = {
     "rerank_sft": rerank_sft_loss,
     "rerank_contrastive": rerank_contrastive_loss,
     "rerank_unified": unified_rerank_loss,
+    # Multi-vector: (query, query_mask, positive, positive_mask, negatives, negatives_mask) token matrices.
+    "late_interaction": late_interaction_loss,
 }
 RERANK_LOSSES = frozenset({"rerank_sft", "rerank_contrastive", "rerank_unified"})
 

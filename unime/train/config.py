@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from unime.config import MultiVectorConfig
 from unime.settings import apply_overrides, build_dataclass, read_yaml_mapping
 
 
@@ -59,6 +60,11 @@ class ModelSettings:
     (the GMR prompt for a new reranker). Saved with the model, so every consumer prompts the same way."""
     rerank_instruction: str | None = None
     """Reranker only: the instruction of pairs whose row gives none; None keeps the model's."""
+    multi_vector: MultiVectorConfig | None = None
+    """Train a multi-vector (late-interaction, ColPali-style) head with `loss.name: late_interaction`: its `dim`
+    (128 as ColQwen) and which `tokens` it keeps. A start model without a head gets a new one (seeded by `seed`);
+    one with a head keeps it, and these settings must then match it. None: no new head (a start model's head is
+    still trained by `late_interaction`). The head always trains, beside the LoRA adapter or the full weights."""
 
 
 @dataclass
@@ -93,15 +99,18 @@ class LossSettings:
         "rerank_sft",
         "rerank_contrastive",
         "rerank_unified",
+        "late_interaction",
     ] = "unime_hard_negative"
     """The objective (see `unime.losses`); `text_distill_kl` is UniME stage 1 (needs the `distill` section);
-    `rerank_*` train a reranker (`model.kind: reranker`)."""
+    `rerank_*` train a reranker (`model.kind: reranker`); `late_interaction` trains a multi-vector head on MaxSim
+    scores of token matrices (`model.multi_vector`)."""
     temperature: float = 0.02
     """Softmax temperature (UniME, VLM2Vec: 0.02)."""
     margin: float = 0.1
-    """unime_hard_negative: a candidate scoring above the positive + margin is a false negative."""
+    """unime_hard_negative, late_interaction: a candidate scoring above the positive + margin is a false negative."""
     hard_negatives: int = 8
-    """unime_hard_negative: the k hardest remaining negatives per query."""
+    """unime_hard_negative, late_interaction: the k hardest remaining negatives per query; late_interaction with 0
+    keeps every candidate (plain InfoNCE on MaxSim, as colpali-engine's ColbertLoss)."""
     teacher_temperature: float | None = None
     """soft_label_kl, text_distill_kl: temperature of the teacher's scores (default: `temperature`)."""
     matryoshka_dims: list[int] = field(default_factory=list)

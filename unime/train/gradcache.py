@@ -22,6 +22,11 @@ micro-batch, and several of them break its gradient bookkeeping: wrong or missin
 and DDP training are fine (DDP through `no_sync`, below). This module does not check which
 engine runs it: the training loop decides which combinations to allow.
 
+What `encode` gives a chunk is either single vectors `[n, D]`, or a multi-vector head's token matrices with
+their mask, a pair `([n, T, d], [n, T])`: each chunk pads to its own longest input, so a group's chunks are
+padded to one length `T` (masked) before the loss sees them, and each chunk's cached gradient is trimmed back
+to its own length. The mask carries no gradient.
+
 Losses given to `encode_with_grad_cache` must be pure functions of the embeddings (DESIGN.md, contract 5):
 parameters inside `compute_loss` (say, a learnable temperature) would get no gradient, because step 2 asks
 autograd for the gradient of the embeddings only.
@@ -35,10 +40,13 @@ from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 
 Features = dict[str, torch.Tensor]
-Encode = Callable[[Features], torch.Tensor]
-ComputeLoss = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# Single vectors [n, D], or token matrices [n, T, d] with their [n, T] boolean mask.
+Representation = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+Encode = Callable[[Features], Representation]
+ComputeLoss = Callable[[dict[str, Representation]], torch.Tensor]
 Backward = Callable[[torch.Tensor], None]
 
 T = TypeVar("T")
@@ -120,10 +128,12 @@ def encode_with_grad_cache(
     deterministic, on the whole batch at once); peak activation memory is that of the largest chunk.
 
     Args:
-        encode: features of one chunk -> embeddings `[n, D]` (e.g. `embedder.embed`), with grad when grad is on.
+        encode: features of one chunk -> embeddings `[n, D]` (e.g. `embedder.embed`), or token matrices and
+            their mask `([n, T, d], [n, T])` (e.g. `embedder.embed_multi_vector`), with grad when grad is on.
         chunks: group name (`"query"`, `"positive"`, `"negatives"`, ...) -> that group's feature chunks, in
             order. Each group's embeddings reach `compute_loss` concatenated in this order.
-        compute_loss: group name -> `[N_g, D]` embeddings of the whole group -> scalar loss. It may contain a
+        compute_loss: group name -> `[N_g, D]` embeddings (or `([N_g, T_g, d], [N_g, T_g])` token matrices
+            padded to the group's longest chunk) of the whole group -> scalar loss. It may contain a
             differentiable all_gather: every rank runs it exactly once per call.
         backward: how to backpropagate a scalar, e.g. `accelerator.backward` (which applies loss scaling and
             gradient-accumulation division; it is called once per chunk, on the surrogate of step 3).
@@ -141,31 +151,39 @@ def encode_with_grad_cache(
 
     # Step 1: embeddings of every chunk without grad; RNG recorded before each chunk so step 3 can replay it.
     rand_contexts: dict[str, list[RandContext]] = {}
-    cached: dict[str, list[torch.Tensor]] = {}
+    cached: dict[str, list[Representation]] = {}
     with torch.no_grad():
         for group, group_chunks in chunks.items():
             rand_contexts[group], cached[group] = [], []
             for features in group_chunks:
                 rand_contexts[group].append(RandContext())
-                cached[group].append(_check_embeddings(encode(features), group).detach())  # [n, D]
+                cached[group].append(_detach(_check_embeddings(encode(features), group)))  # [n, D] or pair
 
     # Step 2: the loss on leaf embeddings, and its gradient with respect to them. autograd.grad (not
     # `backward`) so that the cached gradients are the plain d loss / d embeddings: loss scaling and
     # accumulation division happen once, in `backward` of step 3, not twice.
     # Every rank must run this step once per call, in step: the loss may all_gather the embeddings (a
     # collective), and the backward of that gather inside autograd.grad is another one.
-    leaves = {group: torch.cat(parts).requires_grad_(True) for group, parts in cached.items()}  # [N_g, D]
+    leaves = {group: _concat(parts) for group, parts in cached.items()}  # [N_g, D] or ([N_g, T_g, d], mask)
+    differentiable = [_values(leaf).requires_grad_(True) for leaf in leaves.values()]
     with torch.enable_grad():
         loss = compute_loss(leaves)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(f"compute_loss must return a scalar tensor, got {_describe(loss)}")
         # materialize_grads: a group the loss ignores gets zero gradients, and every chunk still runs one
         # backward, so the number of backward and no_sync calls does not depend on the loss.
-        grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
+        grads = torch.autograd.grad(loss, differentiable, materialize_grads=True)
     cached_grads = {
-        group: list(grad.split([part.shape[0] for part in cached[group]]))  # [n, D] per chunk
+        group: [
+            # A chunk's token matrices were padded to the group's length: its gradient is trimmed back.
+            chunk_grad[:, : _values(part).shape[1]] if chunk_grad.dim() == 3 else chunk_grad  # [n, D] / [n, T, d]
+            for part, chunk_grad in zip(
+                cached[group], grad.split([_values(part).shape[0] for part in cached[group]]), strict=True
+            )
+        ]
         for group, grad in zip(leaves, grads, strict=True)
     }
+    del differentiable
     del leaves, cached
 
     # Step 3: re-encode each chunk with grad under its recorded RNG and push the cached gradient through it.
@@ -177,7 +195,7 @@ def encode_with_grad_cache(
             # DDP all-reduces gradients in every backward outside no_sync: only the last one needs to.
             sync = no_sync is None or position == total
             with rand_context, contextlib.nullcontext() if sync else no_sync():
-                embeddings = _check_embeddings(encode(features), group)  # [n, D]
+                embeddings = _values(_check_embeddings(encode(features), group))  # [n, D] or [n, T, d]
                 if embeddings.shape != grad.shape:
                     raise RuntimeError(
                         f"chunk {position} of group {group!r} gave embeddings of shape {tuple(embeddings.shape)} "
@@ -205,7 +223,7 @@ def encode_without_cache(
     """
     _check_chunks(chunks)
     embeddings = {
-        group: torch.cat([_check_embeddings(encode(features), group) for features in group_chunks])  # [N_g, D]
+        group: _concat([_check_embeddings(encode(features), group) for features in group_chunks])  # [N_g, D] / pair
         for group, group_chunks in chunks.items()
     }
     loss = compute_loss(embeddings)
@@ -225,13 +243,50 @@ def _check_chunks(chunks: Mapping[str, Sequence[Features]]) -> None:
             )
 
 
-def _check_embeddings(embeddings: Any, group: str) -> torch.Tensor:
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        raise ValueError(f"encode must return embeddings [n, D]; for group {group!r} it gave {_describe(embeddings)}")
-    return embeddings
+def _check_embeddings(embeddings: Any, group: str) -> Representation:
+    if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2:
+        return embeddings
+    if isinstance(embeddings, tuple) and len(embeddings) == 2:
+        tokens, mask = embeddings
+        if (
+            isinstance(tokens, torch.Tensor)
+            and isinstance(mask, torch.Tensor)
+            and tokens.dim() == 3
+            and mask.dtype == torch.bool
+            and mask.shape == tokens.shape[:2]
+        ):
+            return embeddings
+    raise ValueError(
+        f"encode must return embeddings [n, D] or token matrices with their mask ([n, T, d], bool [n, T]); for "
+        f"group {group!r} it gave {_describe(embeddings)}"
+    )
+
+
+def _values(representation: Representation) -> torch.Tensor:
+    """The part that carries gradient: the embeddings, or the token matrices without their mask."""
+    return representation if isinstance(representation, torch.Tensor) else representation[0]
+
+
+def _detach(representation: Representation) -> Representation:
+    if isinstance(representation, torch.Tensor):
+        return representation.detach()
+    tokens, mask = representation
+    return tokens.detach(), mask
+
+
+def _concat(parts: Sequence[Representation]) -> Representation:
+    """A group's chunks as one: embeddings concatenated, or token matrices padded (masked) to the longest."""
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)  # [N, D]
+    length = max(tokens.shape[1] for tokens, _ in parts)
+    tokens = torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts])  # [N, T, d]
+    mask = torch.cat([F.pad(m, (0, length - m.shape[1]), value=False) for _, m in parts])  # [N, T]
+    return tokens, mask
 
 
 def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_describe(item) for item in value) + ")"
     return f"{type(value).__name__}"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from unime.data.collator import EmbeddingCollator, RerankCollator, TrainBatch
@@ -95,7 +96,8 @@ def train(
     optim = config.optim
     output_dir = Path(config.output_dir)
 
-    make_trainable(module, config.model)
+    multi_vector = check_multi_vector(config, module)
+    make_trainable(module, config.model, multi_vector=multi_vector)
     module.train()
     trainable, total = count_parameters(module)
     accelerator.print(
@@ -109,7 +111,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, optim.max_steps))
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
     # process, a schedule for a per-process batch. Checkpoints carry its state as JSON (see unime.train.checkpoint).
-    model, optimizer = accelerator.prepare(module, optimizer)
+    # Token vectors come from `TokenVectors.forward`: DDP sees a forward pass, as it must to reduce gradients.
+    model, optimizer = accelerator.prepare(TokenVectors(module) if multi_vector else module, optimizer)
 
     state = TrainerState()
     checkpoint = latest_checkpoint(output_dir) if config.resume else None
@@ -146,7 +149,7 @@ def train(
                 f"loss became {logs['loss']} at step {state.step}; lower optim.lr or clip gradients"
             )
         if eval_hook is not None and config.eval_every and state.step % config.eval_every == 0:
-            logs.update({f"eval/{k}": v for k, v in eval_hook(accelerator.unwrap_model(model), state.step).items()})
+            logs.update({f"eval/{k}": v for k, v in eval_hook(unwrap(accelerator, model), state.step).items()})
         if state.step % config.log_every == 0 or state.step == optim.max_steps:
             accelerator.log(logs, step=state.step)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -159,7 +162,7 @@ def train(
 
     final_dir = output_dir / "final"
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(accelerator, model)
     if eval_hook is not None:
         metrics = eval_hook(unwrapped, state.step)
         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.step)
@@ -177,7 +180,8 @@ def training_task(config: TrainConfig, module, model, examples: Sequence[TrainEx
     """What differs between an embedder and a reranker: the batches, the objective, and the model's output.
 
     Returns `(collator, objective, encode)`, where `encode(features)` is what the objective reads: normalised
-    embeddings `[n, D]` of an embedder, answer logits `[n, 2]` of a reranker's pairs.
+    embeddings `[n, D]` of an embedder, token matrices and masks `([n, T, d], [n, T])` of a multi-vector
+    embedder (`model` is then `TokenVectors`), answer logits `[n, 2]` of a reranker's pairs.
     """
     data, optim = config.data, config.optim
     if module.config.kind == "reranker":
@@ -204,12 +208,49 @@ def training_task(config: TrainConfig, module, model, examples: Sequence[TrainEx
         sample_negatives=data.sample_negatives,
         seed=config.seed,
     )
+    if config.loss.name == "late_interaction":
+        return collator, EmbeddingObjective(config.loss), model  # ([n, T, d], [n, T])
     normalize = module.config.normalize
 
     def encode(features):
         return finish_embeddings(model(features), normalize=normalize)  # [n, D]
 
     return collator, EmbeddingObjective(config.loss), encode
+
+
+class TokenVectors(nn.Module):
+    """An embedder whose forward gives token matrices and masks (`Embedder.embed_multi_vector`), to train them."""
+
+    def __init__(self, embedder):
+        super().__init__()
+        self.embedder = embedder
+
+    def forward(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embedder.embed_multi_vector(features)  # [n, T, d], [n, T]
+
+
+def unwrap(accelerator, model):
+    """The trained embedder or reranker, without accelerate's wrappers or `TokenVectors`."""
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped.embedder if isinstance(unwrapped, TokenVectors) else unwrapped
+
+
+def check_multi_vector(config: TrainConfig, module) -> bool:
+    """Whether this run trains a multi-vector head (loss `late_interaction`); refuses a head that would not train."""
+    head = getattr(module, "multi_vector_head", None)
+    if config.loss.name == "late_interaction":
+        if head is None:
+            raise ConfigError(
+                f"loss.name late_interaction trains a multi-vector head, but {config.model.name_or_path} has none: "
+                "set model.multi_vector (e.g. {dim: 128}) to add one"
+            )
+        return True
+    if config.model.multi_vector is not None:
+        raise ConfigError(
+            f"model.multi_vector adds a multi-vector head, which only loss.name late_interaction trains "
+            f"(loss.name is {config.loss.name}); remove model.multi_vector or change the loss"
+        )
+    return False
 
 
 def fill_teacher_cache(config: TrainConfig, examples: Sequence[TrainExample], accelerator):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from unime.errors import ConfigError
+from unime.multi_vector import add_multi_vector_head
 from unime.train.config import ModelSettings
 
 TINY_PREFIX = "tiny:"
@@ -34,4 +35,19 @@ def load_for_training(settings: ModelSettings):
         if settings.kind != "reranker":
             raise ConfigError("model.rerank_system_prompt / model.rerank_instruction apply to rerankers only")
         model.set_rerank_prompt(**prompt_changes)
+    if settings.multi_vector is not None:
+        attach_multi_vector_head(model, settings)
     return model
+
+
+def attach_multi_vector_head(model, settings: ModelSettings) -> None:
+    """A new seeded head for a start model without one; a start model's own head is kept if it matches."""
+    if settings.kind != "embedder":
+        raise ConfigError("model.multi_vector applies to embedders only (model.kind: embedder)")
+    if model.multi_vector_head is None:
+        add_multi_vector_head(model, settings.multi_vector, seed=settings.seed)
+    elif model.config.multi_vector != settings.multi_vector:
+        raise ConfigError(
+            f"model.multi_vector {settings.multi_vector} differs from the head {settings.name_or_path} already has "
+            f"({model.config.multi_vector}); set model.multi_vector to match it, or null to keep it"
+        )

@@ -1,7 +1,7 @@
 """Training objectives: a batch's named model outputs -> the configured loss (a pure tensor function).
 
-`EmbeddingObjective` reads group embeddings (query, positive, negatives); `RerankObjective` reads the answer
-logits of every (query, document) pair.
+`EmbeddingObjective` reads group embeddings (query, positive, negatives), or with `late_interaction` each group's
+token matrices and masks; `RerankObjective` reads the answer logits of every (query, document) pair.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ class EmbeddingObjective:
     def __init__(self, settings: LossSettings):
         if settings.name in RERANK_LOSSES:
             raise ConfigError(f"loss.name {settings.name!r} trains a reranker: set model.kind: reranker")
-        if settings.name == "text_distill_kl" and settings.matryoshka_dims:
-            raise ConfigError("loss.matryoshka_dims is not supported with text_distill_kl (stage 1)")
+        if settings.name in ("text_distill_kl", "late_interaction") and settings.matryoshka_dims:
+            raise ConfigError(f"loss.matryoshka_dims is not supported with {settings.name}")
+        if settings.name == "late_interaction" and settings.hard_negatives < 0:
+            raise ConfigError(f"loss.hard_negatives: expected >= 0 (0: every candidate), got {settings.hard_negatives}")
         self.settings = settings
         self.loss_fn = get_loss(settings.name)
 
@@ -51,7 +53,9 @@ class EmbeddingObjective:
             }
         return {"temperature": s.temperature}
 
-    def __call__(self, embeddings: dict[str, torch.Tensor], batch: TrainBatch) -> torch.Tensor:
+    def __call__(self, embeddings: dict[str, Any], batch: TrainBatch) -> torch.Tensor:
+        if self.settings.name == "late_interaction":
+            return self.late_interaction(embeddings, batch)
         query, positive = embeddings["query"], embeddings["positive"]  # [B, D] each
         negatives = None
         if batch.num_negatives:
@@ -73,6 +77,29 @@ class EmbeddingObjective:
                 **kwargs,
             )
         return self.loss_fn(query, positive, negatives, **kwargs)
+
+    def late_interaction(
+        self, matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], batch: TrainBatch
+    ) -> torch.Tensor:
+        """MaxSim contrastive loss on each group's `([n, T, d], [n, T])` token matrices and masks."""
+        (query, query_mask), (positive, positive_mask) = matrices["query"], matrices["positive"]
+        negatives = negatives_mask = None
+        if batch.num_negatives:
+            tokens, mask = matrices["negatives"]  # [B*K, Tn, d], [B*K, Tn], query-major
+            negatives = tokens.view(batch.size, batch.num_negatives, *tokens.shape[1:])  # [B, K, Tn, d]
+            negatives_mask = mask.view(batch.size, batch.num_negatives, -1)  # [B, K, Tn]
+        s = self.settings
+        return self.loss_fn(
+            query.float(),
+            query_mask,
+            positive.float(),
+            positive_mask,
+            None if negatives is None else negatives.float(),
+            negatives_mask,
+            temperature=s.temperature,
+            margin=s.margin,
+            k=s.hard_negatives or None,
+        )
 
 
 class RerankObjective:

@@ -6,8 +6,12 @@ from unime.backbone_module import checkpoint_contexts
 from unime.train.config import ModelSettings
 
 
-def make_trainable(embedder, settings: ModelSettings) -> None:
-    """Attach the adapter or unfreeze the right weights, in place (the registry names the parts)."""
+def make_trainable(embedder, settings: ModelSettings, *, multi_vector: bool = False) -> None:
+    """Attach the adapter or unfreeze the right weights, in place (the registry names the parts).
+
+    A multi-vector head trains in full, beside the adapter or the weights, when `multi_vector` (the loss scores its
+    token vectors); otherwise it stays as it is (frozen: no loss reaches it, and DDP refuses unused parameters).
+    """
     spec = embedder.spec
     if settings.lora.enabled:
         from peft import LoraConfig, get_peft_model
@@ -38,6 +42,9 @@ def make_trainable(embedder, settings: ModelSettings) -> None:
         )
         # With a frozen embedding layer the checkpointed blocks would see inputs without grad and drop it.
         embedder.hf_model.enable_input_require_grads()
+    head = getattr(embedder, "multi_vector_head", None)
+    if head is not None:
+        head.requires_grad_(multi_vector)
     if not any(p.requires_grad for p in embedder.model.parameters()):
         raise ValueError("nothing to train: no parameter requires a gradient")
 
