@@ -342,8 +342,11 @@ def draw_page(page: Page, width: int = 384, height: int = 512) -> Image.Image:
     """
     image = Image.new("RGB", (width, height), (255, 255, 255))
     canvas = ImageDraw.Draw(image)
-    unit = max(7, width // 32)  # body text size; everything else scales with it
-    margin = round(width * 0.05)
+    # Body text size, and everything else with it, from the width, or from the height on a wide page (the text
+    # and both blocks need about 0.65 x width of height at this size).
+    side = min(width, height * 3 // 4)
+    unit = max(7, side // 32)
+    margin = round(side * 0.05)
     canvas.text((margin, margin), page.title, font=_font(round(unit * 1.5)), fill=BLACK)
     y = margin + unit * 2.6
     for line in _wrap(canvas, page.paragraph, unit, width - 2 * margin)[:3]:
@@ -424,8 +427,9 @@ def _check(config: PagesSynthConfig) -> None:
         raise ConfigError(
             f"queries_per_page must be in 1..8 (a page has at least 8 facts), got {config.queries_per_page}"
         )
-    if config.width < 128 or config.height < 128:
-        raise ConfigError(f"width and height must be >= 128 pixels, got {config.width}x{config.height}")
+    if config.width < 128 or config.height < 160:
+        # Below 160 pixels of height the heading, the paragraph and two blocks no longer fit the smallest text.
+        raise ConfigError(f"pages must be at least 128 wide and 160 high, got {config.width}x{config.height}")
 
 
 def _negatives(page: Page, fact: str, wanted: int, rng: random.Random, pages: DistinctScenes) -> tuple[Page, ...]:

@@ -16,6 +16,7 @@ from unime.data_synth.pages import (
     plan,
     write_pages,
 )
+from unime.errors import ConfigError
 from unime.eval.visdoc import load_visdoc
 
 CONFIG = PagesSynthConfig(train=8, held_out=4, negatives=3, queries_per_page=2, seed=3, width=192, height=256)
@@ -159,3 +160,16 @@ def test_the_command_writes_pages_and_refuses_bad_settings(tmp_path, capsys):
     (tmp_path / "a-file").write_text("not a folder")
     assert main(["synth", "pages", str(tmp_path / "a-file"), "--train", "1", "--held-out", "1"]) == 2
     assert f"{tmp_path / 'a-file'}: cannot write the output folder there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("width", "height"), [(128, 160), (1000, 160), (128, 1000), (640, 200)])
+def test_pages_of_any_allowed_size_draw(width, height):
+    """Narrow, wide and small pages all draw (a wide page takes its text size from its height)."""
+    for query in plan(PagesSynthConfig(train=0, held_out=4, negatives=2, seed=3, width=width, height=height)):
+        for page in (query.page, *query.negatives):
+            assert draw_page(page, width, height).size == (width, height)
+
+
+def test_a_page_too_small_for_its_text_is_refused():
+    with pytest.raises(ConfigError, match="at least 128 wide and 160 high, got 300x128"):
+        list(plan(PagesSynthConfig(train=0, held_out=1, width=300, height=128)))
