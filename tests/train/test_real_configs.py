@@ -20,6 +20,8 @@ def test_every_family_and_stage_has_a_real_config() -> None:
     names = [path.name for path in REAL]
     assert sum("stage1" in n for n in names) >= 4 and sum("stage2" in n for n in names) >= 4
     assert any("reranker" in n for n in names)
+    late_interaction = {c.model.backbone for c in map(load_train_config, REAL) if c.loss.name == "late_interaction"}
+    assert {"qwen2_vl", "qwen3_vl"} <= late_interaction
 
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: p.name)
@@ -34,6 +36,8 @@ def test_real_config_validates_and_its_backbone_resolves(path: Path) -> None:
         assert base in spec.example_checkpoints
     if config.loss.name.startswith("rerank_"):
         assert config.model.kind == "reranker"
+    if config.loss.name == "late_interaction":  # ColQwen's head: 128 dims, trained with a LoRA adapter
+        assert config.model.multi_vector is not None and config.model.multi_vector.dim == 128
     if config.loss.name == "text_distill_kl":
         assert config.distill.teacher != "sentence-transformers/all-MiniLM-L6-v2", "a real run needs a strong teacher"
     assert config.model.lora.enabled and config.optim.max_steps > 0
