@@ -42,7 +42,12 @@ def main(argv: list[str] | None = None) -> Path:
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
-    config = parse_settings(TrainConfig, argv if argv is not None else sys.argv[1:], prog="train_embedder.py")
+    config = parse_settings(
+        TrainConfig,
+        argv if argv is not None else sys.argv[1:],
+        prog="train_embedder.py",
+        description=__doc__.splitlines()[0],
+    )
     embedder = load_for_training(config.model)
     examples, held_out = load_recipe_data(config.data)
     eval_hook = None

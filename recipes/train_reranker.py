@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> Path:
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
-    config = parse_settings(TrainConfig, argv if argv is not None else sys.argv[1:], prog="train_reranker.py")
+    config = parse_settings(
+        TrainConfig,
+        argv if argv is not None else sys.argv[1:],
+        prog="train_reranker.py",
+        description=__doc__.splitlines()[0],
+    )
     config.model.kind = "reranker"
     reranker = load_for_training(config.model)
     examples, held_out = load_recipe_data(config.data)

@@ -106,11 +106,12 @@ def _tokens(value: Any) -> list[str]:
 
 
 def _flag(path: str, value: Any) -> list[str]:
-    *sections, name = path.split(".")
-    flag = "--" + ".".join([*sections, name.replace("_", "-")])
+    """The flag as `--help` spells it: every part with `-` for `_`."""
+    *sections, name = path.replace("_", "-").split(".")
+    flag = "--" + ".".join([*sections, name])
     if isinstance(value, bool):
         prefix = "--" + ".".join(sections) + "." if sections else "--"
-        return [flag] if value else [f"{prefix}no-{name.replace('_', '-')}"]
+        return [flag] if value else [f"{prefix}no-{name}"]
     return [flag, *_tokens(value)]
 
 

@@ -69,7 +69,9 @@ def parse_settings(
     # their error reaches the caller as a ConfigError rather than being printed by tyro as a usage error.
     unchecked = _without_checks(cls)
     default = partial_instance(unchecked, data, where, "")
-    description = description if description is not None else (cls.__doc__ or "")
+    if description is None:  # the class docstring, unless it is the signature dataclasses writes without one
+        doc = cls.__doc__ or ""
+        description = "" if doc.startswith(f"{cls.__name__}(") else doc
     parsed = tyro.cli(
         unchecked, args=list(rest), default=default, prog=prog, description=_with_config_usage(description)
     )

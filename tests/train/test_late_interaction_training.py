@@ -145,7 +145,7 @@ def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_p
         marker_pages["train"],
         tmp_path / "single",
         *steps,
-        "model.multi_vector=null",
+        "model.multi_vector.enabled=false",
         "loss.name=unime_hard_negative",
         "loss.hard_negatives=63",
     )
@@ -202,7 +202,7 @@ def test_the_head_trains_and_is_saved_with_the_model(small_pages, tmp_path: Path
     config = _config(
         small_pages,
         tmp_path / "run",
-        "model.multi_vector={dim: 16}",
+        "model.multi_vector={enabled: true, dim: 16}",
         f"model.lora.enabled={str(lora).lower()}",
         "optim.batch_size=4",
         "optim.max_steps=2",
@@ -219,20 +219,22 @@ def test_the_head_trains_and_is_saved_with_the_model(small_pages, tmp_path: Path
     assert matrix.shape[1] == 16 and np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
     # Trained again from the saved model: its head is kept (same settings) and refused when they differ.
     again = load_for_training(
-        load_train_config(CONFIG, [f"model.name_or_path={final}", "model.multi_vector={dim: 16}"]).model
+        load_train_config(CONFIG, [f"model.name_or_path={final}", "model.multi_vector={enabled: true, dim: 16}"]).model
     )
     assert torch.equal(
         again.multi_vector_head.custom_text_proj.weight, loaded.multi_vector_head.custom_text_proj.weight
     )
     with pytest.raises(ConfigError, match="differs from the head"):
         load_for_training(
-            load_train_config(CONFIG, [f"model.name_or_path={final}", "model.multi_vector={dim: 8}"]).model
+            load_train_config(
+                CONFIG, [f"model.name_or_path={final}", "model.multi_vector={enabled: true, dim: 8}"]
+            ).model
         )
 
 
 def test_a_head_without_its_loss_and_the_loss_without_a_head_are_config_errors(small_pages, tmp_path: Path) -> None:
     examples = load_examples([small_pages])[0]
-    no_head = _config(small_pages, tmp_path / "a", "model.multi_vector=null", "optim.batch_size=4")
+    no_head = _config(small_pages, tmp_path / "a", "model.multi_vector.enabled=false", "optim.batch_size=4")
     with pytest.raises(ConfigError, match="set model.multi_vector"):
         train(no_head, load_for_training(no_head.model), examples)
     wrong_loss = _config(small_pages, tmp_path / "b", "loss.name=info_nce", "optim.batch_size=4")

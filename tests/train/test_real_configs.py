@@ -37,7 +37,7 @@ def test_real_config_validates_and_its_backbone_resolves(path: Path) -> None:
     if config.loss.name.startswith("rerank_"):
         assert config.model.kind == "reranker"
     if config.loss.name == "late_interaction":  # ColQwen's head: 128 dims, trained with a LoRA adapter
-        assert config.model.multi_vector is not None and config.model.multi_vector.dim == 128
+        assert config.model.multi_vector.enabled and config.model.multi_vector.dim == 128
     if config.loss.name == "text_distill_kl":
         assert config.distill.teacher != "sentence-transformers/all-MiniLM-L6-v2", "a real run needs a strong teacher"
     assert config.model.lora.enabled and config.optim.max_steps > 0

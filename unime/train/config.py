@@ -34,6 +34,22 @@ class LoraSettings:
 
 
 @dataclass
+class MultiVectorSettings:
+    enabled: bool = False
+    """Give the model a multi-vector head: a start model without one gets a new one (seeded by `model.seed`); one
+    with a head keeps it, and `dim` and `tokens` must then match it. Off: no new head (a start model's own head is
+    still trained by `late_interaction`). The head always trains in full, beside the LoRA adapter or the weights."""
+    dim: int = 128
+    """Size of each token vector (ColPali and ColQwen use 128)."""
+    tokens: Literal["all", "image"] = "all"
+    """Tokens kept: `all` non-padding tokens, or `image`: only the image-patch tokens of an input with an image."""
+
+    def head(self) -> MultiVectorConfig | None:
+        """The head these settings ask for (None when off)."""
+        return MultiVectorConfig(dim=self.dim, tokens=self.tokens) if self.enabled else None
+
+
+@dataclass
 class ModelSettings:
     name_or_path: str = "tiny:qwen2_vl"
     """Model directory or hub name to start from; `tiny:<backbone>` builds a tiny offline model in code."""
@@ -60,11 +76,8 @@ class ModelSettings:
     (the GMR prompt for a new reranker). Saved with the model, so every consumer prompts the same way."""
     rerank_instruction: str | None = None
     """Reranker only: the instruction of pairs whose row gives none; None keeps the model's."""
-    multi_vector: MultiVectorConfig | None = None
-    """Train a multi-vector (late-interaction, ColPali-style) head with `loss.name: late_interaction`: its `dim`
-    (128 as ColQwen) and which `tokens` it keeps. A start model without a head gets a new one (seeded by `seed`);
-    one with a head keeps it, and these settings must then match it. None: no new head (a start model's head is
-    still trained by `late_interaction`). The head always trains, beside the LoRA adapter or the full weights."""
+    multi_vector: MultiVectorSettings = field(default_factory=lambda: MultiVectorSettings())
+    """A multi-vector (late-interaction, ColPali-style) head, trained with `loss.name: late_interaction`."""
 
 
 @dataclass

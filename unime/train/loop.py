@@ -242,13 +242,13 @@ def check_multi_vector(config: TrainConfig, module) -> bool:
         if head is None:
             raise ConfigError(
                 f"loss.name late_interaction trains a multi-vector head, but {config.model.name_or_path} has none: "
-                "set model.multi_vector (e.g. {dim: 128}) to add one"
+                "set model.multi_vector.enabled: true (and its dim, e.g. 128) to add one"
             )
         return True
-    if config.model.multi_vector is not None:
+    if config.model.multi_vector.enabled:
         raise ConfigError(
             f"model.multi_vector adds a multi-vector head, which only loss.name late_interaction trains "
-            f"(loss.name is {config.loss.name}); remove model.multi_vector or change the loss"
+            f"(loss.name is {config.loss.name}); set model.multi_vector.enabled: false or change the loss"
         )
     return False
 

@@ -35,7 +35,7 @@ def load_for_training(settings: ModelSettings):
         if settings.kind != "reranker":
             raise ConfigError("model.rerank_system_prompt / model.rerank_instruction apply to rerankers only")
         model.set_rerank_prompt(**prompt_changes)
-    if settings.multi_vector is not None:
+    if settings.multi_vector.enabled:
         attach_multi_vector_head(model, settings)
     return model
 
@@ -44,10 +44,11 @@ def attach_multi_vector_head(model, settings: ModelSettings) -> None:
     """A new seeded head for a start model without one; a start model's own head is kept if it matches."""
     if settings.kind != "embedder":
         raise ConfigError("model.multi_vector applies to embedders only (model.kind: embedder)")
+    wanted = settings.multi_vector.head()
     if model.multi_vector_head is None:
-        add_multi_vector_head(model, settings.multi_vector, seed=settings.seed)
-    elif model.config.multi_vector != settings.multi_vector:
+        add_multi_vector_head(model, wanted, seed=settings.seed)
+    elif model.config.multi_vector != wanted:
         raise ConfigError(
-            f"model.multi_vector {settings.multi_vector} differs from the head {settings.name_or_path} already has "
-            f"({model.config.multi_vector}); set model.multi_vector to match it, or null to keep it"
+            f"model.multi_vector {wanted} differs from the head {settings.name_or_path} already has "
+            f"({model.config.multi_vector}); set model.multi_vector to match it, or enabled: false to keep it"
         )
