@@ -3,7 +3,8 @@
 A backend runs one batch at a time, from the batcher's worker thread, and returns per-input results and token
 counts. Both return what `unime.load(dir)` would: full-size vectors, normalised as the model is configured
 (the server truncates them per request, renormalising, as `Embedder.encode(truncate_dim=...)` does), and
-reranker scores p(yes).
+reranker scores p(yes). The transformers embedder also gives the token vectors of a multi-vector head, for the
+inputs that ask for them (`TokenVectors`), as `Embedder.encode(..., output="multi_vector")` does.
 """
 
 from __future__ import annotations
@@ -30,14 +31,27 @@ from unime.serve.micro_batching import estimated_tokens
 Pair = tuple[Input, Input]
 
 
+@dataclass(frozen=True)
+class TokenVectors:
+    """An embedder input whose token vectors (the multi-vector head's) are asked for instead of its pooled vector.
+
+    Requests of both kinds share the embedder's queue and merged batches; each input says which output it wants.
+    """
+
+    item: Input
+
+
 @dataclass
 class BatchResult:
     """Outputs of one batch, in input order."""
 
     values: np.ndarray
-    """`[n, dim]` vectors (embedder) or `[n]` scores (reranker)."""
+    """`[n, dim]` vectors (embedder) or `[n]` scores (reranker); the row of a `TokenVectors` input is zeros."""
     tokens: list[int]
     """Prompt tokens of each input (images included), for `usage`."""
+    matrices: list[np.ndarray | None] | None = None
+    """Embedder: the `[n_tokens, dim]` float32 token vectors of each `TokenVectors` input (None for the other
+    inputs), the kept tokens only; None when no input of the batch asked for them."""
 
 
 class EmbedderBackend(Protocol):
@@ -46,6 +60,8 @@ class EmbedderBackend(Protocol):
     normalize: bool
     matryoshka_dims: list[int]
     """The truncations the model was trained for (its `unime_config.json`); any size up to `dimension` works."""
+    multi_vector_dim: int | None
+    """Size of the token vectors of the model's multi-vector head; None: the model has none."""
 
     def instruction_for(self, input_type: str | None) -> str | None: ...
 
@@ -60,6 +76,10 @@ class RerankerBackend(Protocol):
 
 def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def _multi_vector_dim(config: Any) -> int | None:
+    return config.multi_vector.dim if config.multi_vector is not None else None
 
 
 def _instruction_for(config: Any, input_type: str | None) -> str | None:
@@ -111,27 +131,42 @@ class TransformersEmbedder:
         self.dimension = self.model.embedding_dim
         self.normalize = self.config.normalize
         self.matryoshka_dims = list(self.config.matryoshka_dims)
+        self.multi_vector_dim = _multi_vector_dim(self.config)
         self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
     def instruction_for(self, input_type: str | None) -> str | None:
         return _instruction_for(self.config, input_type)
 
-    def embed(self, items: Sequence[Input], instructions: Sequence[str | None]) -> BatchResult:
-        vectors = torch.empty(len(items), self.dimension, dtype=torch.float32)
+    def embed(self, items: Sequence[Input | TokenVectors], instructions: Sequence[str | None]) -> BatchResult:
+        """Pooled vectors of the plain inputs and token vectors of the `TokenVectors` ones, each kind in passes of
+        its own (an input's outputs do not depend on its batch)."""
+        inputs = [item.item if isinstance(item, TokenVectors) else item for item in items]
+        wants_tokens = [isinstance(item, TokenVectors) for item in items]
+        vectors = torch.zeros(len(items), self.dimension, dtype=torch.float32)
+        matrices: list[np.ndarray | None] = [None] * len(items)
         tokens = [0] * len(items)
-        lengths = [estimated_tokens(item, instruction) for item, instruction in zip(items, instructions, strict=True)]
+        lengths = [estimated_tokens(item, instruction) for item, instruction in zip(inputs, instructions, strict=True)]
         with torch.inference_mode():
-            for chunk in self.passes.plan(lengths):
-                with self.passes.timed(chunk, lengths):
-                    features = self.model.tokenize(
-                        [items[i] for i in chunk], [instructions[i] for i in chunk], indices=chunk
-                    )
-                    vectors[chunk] = self.model(features).float().cpu()  # [b, D] pooled
-                for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
-                    tokens[position] = int(count)
-        vectors = finish_embeddings(vectors, normalize=self.normalize)
-        return BatchResult(values=vectors.numpy(), tokens=tokens)
+            for multi_vector in (False, True):
+                group = [i for i, wanted in enumerate(wants_tokens) if wanted == multi_vector]
+                for planned in self.passes.plan([lengths[i] for i in group]) if group else []:
+                    chunk = [group[i] for i in planned]
+                    with self.passes.timed(chunk, lengths):
+                        features = self.model.tokenize(
+                            [inputs[i] for i in chunk], [instructions[i] for i in chunk], indices=chunk
+                        )
+                        if multi_vector:
+                            token_vectors, mask = self.model.embed_multi_vector(features)  # [b, T, d], [b, T]
+                            token_vectors, mask = token_vectors.float().cpu(), mask.cpu()
+                            for row, position in enumerate(chunk):
+                                matrices[position] = token_vectors[row][mask[row]].numpy()  # [n_tokens, d]
+                        else:
+                            vectors[chunk] = self.model(features).float().cpu()  # [b, D] pooled
+                    for position, count in zip(chunk, features["attention_mask"].sum(dim=1).tolist(), strict=True):
+                        tokens[position] = int(count)
+        vectors = finish_embeddings(vectors, normalize=self.normalize)  # zero rows stay zero
+        return BatchResult(values=vectors.numpy(), tokens=tokens, matrices=matrices if any(wants_tokens) else None)
 
 
 class TransformersReranker:
@@ -223,6 +258,8 @@ class VllmEmbedder:
         self.config = self.prompts.config
         self.normalize = self.config.normalize
         self.matryoshka_dims = list(self.config.matryoshka_dims)
+        # Recorded so that a request for token vectors is told this backend does not serve them yet (the routes).
+        self.multi_vector_dim = _multi_vector_dim(self.config)
         kwargs = vllm_compat.embedder_engine_kwargs(model_dir, dtype=dtype)
         kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
         self.llm = start_engine(model_dir, kwargs)

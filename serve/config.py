@@ -46,6 +46,9 @@ class ServeConfig:
     max_input_tokens: int = 16_384
     """Longest prompt accepted for one input (embedder) or one query + document pair (reranker), in tokens after
     templating: instruction, template and text, and images at one token per 28x28 pixels."""
+    max_tokens_per_item: int = 4096
+    """Most token vectors in one returned matrix (`/v1/embeddings` with `"output": "multi_vector"`): an input whose
+    matrix holds more is answered 413 naming it (a 4096 x 128 matrix is about 10 MB of JSON floats)."""
     max_image_pixels: int = 4096 * 4096
     """Largest image (width x height) accepted, checked from its header before decoding (decompression bombs)."""
     max_request_pixels: int = 2 * 4096 * 4096
@@ -104,7 +107,14 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.embedder_dir is None and self.reranker_dir is None:
             raise ValueError("give an embedder directory, a reranker directory (--reranker), or both")
-        positive = ("max_body_bytes", "max_items", "max_text_chars", "max_input_tokens", "max_image_pixels")
+        positive = (
+            "max_body_bytes",
+            "max_items",
+            "max_text_chars",
+            "max_input_tokens",
+            "max_tokens_per_item",
+            "max_image_pixels",
+        )
         for name in (*positive, "max_request_pixels", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -26,6 +26,7 @@ class RequestError(UnimeError):
             401: "authentication_error",
             404: "not_found_error",
             413: "request_too_large",
+            501: "not_implemented_error",
             503: "server_overloaded",
         }.get(self.status, "invalid_request_error")
 

@@ -52,7 +52,8 @@ class HostedModel:
     """A model the server hosts: its public name, its backend and the batcher in front of it.
 
     `backend` is the backend itself, or in an HTTP worker a description of it (`workers.BackendInfo`): the
-    routes read only its `name`, `dimension`, `normalize`, `matryoshka_dims` and `instruction_for`.
+    routes read only its `name`, `dimension`, `normalize`, `matryoshka_dims`, `multi_vector_dim` and
+    `instruction_for`.
     """
 
     name: str
@@ -64,17 +65,23 @@ class HostedModel:
 def split_batch(result: BatchResult, sizes: list[int]) -> list[BatchResult]:
     parts, start = [], 0
     for size in sizes:
-        parts.append(
-            BatchResult(values=result.values[start : start + size], tokens=result.tokens[start : start + size])
-        )
-        start += size
+        stop = start + size
+        matrices = result.matrices[start:stop] if result.matrices is not None else None
+        parts.append(BatchResult(values=result.values[start:stop], tokens=result.tokens[start:stop], matrices=matrices))
+        start = stop
     return parts
 
 
 def join_batches(parts: list[BatchResult]) -> BatchResult:
     """The results of a request's slices (`MicroBatcher`), back in one."""
+    matrices = None
+    if any(part.matrices is not None for part in parts):
+        # A slice whose batch asked for no token vectors has none: its inputs are plain ones.
+        matrices = [m for part in parts for m in (part.matrices or [None] * len(part.tokens))]
     return BatchResult(
-        values=np.concatenate([part.values for part in parts]), tokens=[n for part in parts for n in part.tokens]
+        values=np.concatenate([part.values for part in parts]),
+        tokens=[n for part in parts for n in part.tokens],
+        matrices=matrices,
     )
 
 

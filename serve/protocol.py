@@ -53,7 +53,17 @@ class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: str | list[str | InputItem] = Field(description="One text, or a list of texts and items: one vector each.")
     model: str | None = Field(None, description="The served model name (see /v1/models).")
-    encoding_format: Literal["float", "base64"] = Field("float", description="base64: little-endian float32 bytes.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: little-endian bytes of `dtype` (a token matrix row after row)."
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Number type of base64 output; float16 halves it (needs encoding_format base64)."
+    )
+    output: Literal["single_vector", "multi_vector"] = Field(
+        "single_vector",
+        description="multi_vector: each item's token vectors from the model's multi-vector head, a [num_tokens, "
+        "dim] matrix (see /v1/models' multi_vector_dimensions), with num_tokens beside it.",
+    )
     dimensions: int | None = Field(None, ge=1, description="Keep the first dims (matryoshka), renormalised.")
     input_type: Literal["query", "document"] | None = Field(
         None, description="Applies the model's query or document instruction."
@@ -152,6 +162,8 @@ class EmbeddingCall:
     items: list[Input]
     model: str | None
     encoding_format: Literal["float", "base64"]
+    dtype: Literal["float32", "float16"]
+    output: Literal["single_vector", "multi_vector"]
     dimensions: int | None
     input_type: Literal["query", "document"] | None
     instruction: str | None
@@ -313,11 +325,24 @@ def parse_embedding_request(body: Any, limits: Limits) -> EmbeddingCall:
         )
     pixels = RequestImages(limits)
     items = [parse_item(value, limits, pixels, param=f"input[{i}]", index=i) for i, value in enumerate(raw)]
+    encoding_format = _choice(body, "encoding_format", ("float", "base64"), "float")
+    dtype = _choice(body, "dtype", ("float32", "float16"), "float32")
+    if dtype == "float16" and encoding_format != "base64":
+        # JSON floats carry no number type: float16 values would print longer, not shorter.
+        raise RequestError('"float16" needs "encoding_format": "base64"', param="dtype")
+    output = _choice(body, "output", ("single_vector", "multi_vector"), "single_vector")
+    dimensions = _optional_int(body, "dimensions", 1)
+    if output == "multi_vector" and dimensions is not None:
+        raise RequestError(
+            'token vectors are not truncated: "dimensions" applies to "single_vector" output only', param="dimensions"
+        )
     return EmbeddingCall(
         items=items,
         model=_optional_str(body, "model", limits),
-        encoding_format=_choice(body, "encoding_format", ("float", "base64"), "float"),
-        dimensions=_optional_int(body, "dimensions", 1),
+        encoding_format=encoding_format,
+        dtype=dtype,
+        output=output,
+        dimensions=dimensions,
         input_type=_choice(body, "input_type", (None, "query", "document"), None),
         instruction=_optional_str(body, "instruction", limits),
     )
@@ -388,16 +413,36 @@ class PromptTokens:
             for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special_tokens)
         ]
 
-    def embedding_costs(self, items: Sequence[Input], instruction: str | None, max_tokens: int) -> list[int]:
-        """Tokens of each input's prompt (instruction, template, text, image); 413 above `max_tokens`."""
+    def embedding_costs(
+        self, items: Sequence[Input], instruction: str | None, max_tokens: int, field: str = "input"
+    ) -> list[int]:
+        """Tokens of each input's prompt (instruction, template, text, image); 413 above `max_tokens`, naming the
+        item as `field[index]` (or the instruction, when it alone is too long)."""
         counts = self._count([self._renderer.render(item, instruction) for item in items])
         costs = [count + image_tokens(item) for count, item in zip(counts, items, strict=True)]
         for index, cost in enumerate(costs):
             if cost > max_tokens:
                 alone = self._count([instruction])[0] if instruction else 0
-                param, where = ("instruction", None) if alone > max_tokens else (f"input[{index}]", index)
-                raise _too_many_tokens(f"input {index}'s prompt", cost, max_tokens, param, where)
+                param, where = ("instruction", None) if alone > max_tokens else (f"{field}[{index}]", index)
+                raise _too_many_tokens(f"{field} {index}'s prompt", cost, max_tokens, param, where)
         return costs
+
+    def maxsim_costs(
+        self,
+        query: Input,
+        documents: Sequence[Input],
+        query_instruction: str | None,
+        document_instruction: str | None,
+        max_tokens: int,
+    ) -> list[int]:
+        """Tokens of the query's prompt, then of each document's, each embedded alone (MaxSim reranking by a
+        multi-vector embedder); 413 above `max_tokens`, naming the query or `documents[index]`."""
+        try:
+            query_cost = self.embedding_costs([query], query_instruction, max_tokens)
+        except RequestError as err:
+            param = err.param if err.param == "instruction" else "query"
+            raise RequestError(err.message.replace("input 0's", "the query's"), param=param, status=413) from err
+        return query_cost + self.embedding_costs(documents, document_instruction, max_tokens, field="documents")
 
     def rerank_costs(
         self, query: Input, documents: Sequence[Input], instruction: str | None, max_tokens: int

@@ -11,6 +11,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import State
 
+from unime.multi_vector import maxsim_scores
 from unime.pooling import finish_embeddings
-from unime.serve.backends import BatchResult
+from unime.serve.backends import BatchResult, TokenVectors
 from unime.serve.errors import RequestError
 from unime.serve.hosting import HostedModel
 from unime.serve.protocol import (
@@ -85,10 +87,30 @@ def model_for(state: State, kind: str, asked: str | None) -> HostedModel:
     return model
 
 
+def check_token_vectors(model: HostedModel, param: str, otherwise: str) -> None:
+    """Token vectors are asked of `model`: 400 when it has no multi-vector head, 501 where its backend does not serve
+    them yet (`otherwise`: what the client can do instead)."""
+    if model.backend.multi_vector_dim is None:
+        raise RequestError(
+            f"model {model.name!r} is a single-vector embedder (no multi-vector head in its directory), so it gives "
+            f"no token vectors; {otherwise}",
+            param=param,
+        )
+    if model.backend.name != "transformers":
+        raise RequestError(
+            f"the {model.backend.name} backend does not serve token vectors (multi-vector output) yet; serve "
+            f"{model.name!r} with --backend transformers",
+            param=param,
+            status=501,
+        )
+
+
 def prepare_embeddings(state: State, raw: bytes) -> tuple[EmbeddingCall, HostedModel, str | None, list[int]]:
     # In the thread pool, in one trip: decoding (JSON, images) and token counting are slow for large bodies.
     call = parse_embedding_request(load_json(raw), state.limits)
     model = model_for(state, "embedder", call.model)
+    if call.output == "multi_vector":
+        check_token_vectors(model, "output", 'leave "output" out (or "single_vector") for one vector per item')
     if call.dimensions is not None and call.dimensions > model.backend.dimension:
         raise RequestError(
             f"must be <= {model.backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"
@@ -98,13 +120,64 @@ def prepare_embeddings(state: State, raw: bytes) -> tuple[EmbeddingCall, HostedM
     return call, model, instruction, costs
 
 
-def prepare_rerank(state: State, raw: bytes) -> tuple[RerankCall, HostedModel, list[int]]:
+def rerank_model(state: State, asked: str | None) -> HostedModel:
+    """The reranker, or the embedder where the request names it and it has a multi-vector head (MaxSim scoring)."""
+    embedder: HostedModel | None = state.hosted.get("embedder")
+    reranker: HostedModel | None = state.hosted.get("reranker")
+    if embedder is not None and asked == embedder.name:
+        if embedder.backend.multi_vector_dim is None:  # the embedder exists, but cannot rank: not found as a ranker
+            hosted = f"this server's reranker is {reranker.name!r}" if reranker else "this server hosts no reranker"
+            raise RequestError(
+                f"model {asked!r} is a single-vector embedder (no multi-vector head in its directory), which cannot "
+                f"rank; {hosted}",
+                param="model",
+                status=404,
+            )
+        check_token_vectors(embedder, "model", "rank with a reranker")
+        return embedder
+    if asked is None and reranker is None and embedder is not None and embedder.backend.multi_vector_dim is not None:
+        raise RequestError(
+            f"this server hosts no reranker; name the multi-vector embedder {embedder.name!r} to rank by MaxSim",
+            param="model",
+            status=404,
+        )
+    return model_for(state, "reranker", asked)
+
+
+@dataclass
+class RerankJob:
+    """A validated `/v1/rerank` request and what its model's queue gets."""
+
+    call: RerankCall
+    model: HostedModel
+    inputs: list[Any]
+    """(query, document) pairs for a reranker; the query then each document (`TokenVectors`) for an embedder."""
+    instructions: list[str | None]
+    costs: list[int]
+
+    @property
+    def by_maxsim(self) -> bool:
+        return self.model.kind == "embedder"
+
+
+def prepare_rerank(state: State, raw: bytes) -> RerankJob:
     call = parse_rerank_request(load_json(raw), state.limits)
-    model = model_for(state, "reranker", call.model)
-    costs = state.tokens["reranker"].rerank_costs(
-        call.query, call.documents, call.instruction, state.config.max_input_tokens
-    )
-    return call, model, costs
+    model = rerank_model(state, call.model)
+    limit = state.config.max_input_tokens
+    if model.kind == "embedder":
+        # The query and each document are embedded alone, with the model's query and document instructions (the
+        # request's instruction replaces the query's), as `encode_query` / `encode_document` would.
+        query_instruction = call.instruction if call.instruction is not None else model.backend.instruction_for("query")
+        document_instruction = model.backend.instruction_for("document")
+        costs = state.tokens["embedder"].maxsim_costs(
+            call.query, call.documents, query_instruction, document_instruction, limit
+        )
+        inputs: list[Any] = [TokenVectors(item) for item in (call.query, *call.documents)]
+        instructions = [query_instruction] + [document_instruction] * len(call.documents)
+        return RerankJob(call, model, inputs, instructions, costs)
+    costs = state.tokens["reranker"].rerank_costs(call.query, call.documents, call.instruction, limit)
+    pairs = [(call.query, document) for document in call.documents]
+    return RerankJob(call, model, pairs, [call.instruction] * len(pairs), costs)
 
 
 @router.get("/health", summary="Liveness: the models are loaded and the workers run")
@@ -151,9 +224,14 @@ async def models(request: Request) -> dict[str, Any]:
                 "owned_by": "unime",
                 "kind": kind,
                 "backend": m.backend.name,
-                # An embedder's size and the truncations (`dimensions`) it was trained for; any size works.
+                # An embedder's size and the truncations (`dimensions`) it was trained for (any size works), and
+                # the size of its token vectors (`"output": "multi_vector"`; null: it has no multi-vector head).
                 **(
-                    {"dimensions": m.backend.dimension, "matryoshka_dimensions": m.backend.matryoshka_dims}
+                    {
+                        "dimensions": m.backend.dimension,
+                        "matryoshka_dimensions": m.backend.matryoshka_dims,
+                        "multi_vector_dimensions": m.backend.multi_vector_dim,
+                    }
                     if kind == "embedder"
                     else {}
                 ),
@@ -179,18 +257,30 @@ async def embeddings(request: Request) -> FastJSONResponse:
     raw = await request.body()
     with arriving(state, "embedder"):
         call, model, instruction, costs = await run_in_threadpool(prepare_embeddings, state, raw)
-        pending = model.batcher.enqueue(call.items, [instruction] * len(call.items), costs)
+        items = call.items if call.output == "single_vector" else [TokenVectors(item) for item in call.items]
+        pending = model.batcher.enqueue(items, [instruction] * len(call.items), costs)
     result: BatchResult = await pending
-    vectors = truncate(result.values, call.dimensions, model.backend.normalize)
+    if call.output == "multi_vector":
+        # Off the event loop: a large matrix takes milliseconds to turn into JSON numbers or base64.
+        data = await run_in_threadpool(
+            token_matrix_data, result.matrices, call.encoding_format, call.dtype, state.config.max_tokens_per_item
+        )
+    else:
+        vectors = truncate(result.values, call.dimensions, model.backend.normalize)
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": encode_vector(vector, call.encoding_format, call.dtype),
+            }
+            for index, vector in enumerate(vectors)
+        ]
     state.metrics.items.labels("/v1/embeddings").inc(len(call.items))
     tokens = sum(result.tokens)
     return FastJSONResponse(
         {
             "object": "list",
-            "data": [
-                {"object": "embedding", "index": index, "embedding": encode_vector(vector, call.encoding_format)}
-                for index, vector in enumerate(vectors)
-            ],
+            "data": data,
             "model": model.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
@@ -205,12 +295,16 @@ async def embeddings(request: Request) -> FastJSONResponse:
 async def rerank(request: Request) -> FastJSONResponse:
     state = request.app.state
     raw = await request.body()
-    with arriving(state, "reranker"):
-        call, model, costs = await run_in_threadpool(prepare_rerank, state, raw)
-        pairs = [(call.query, document) for document in call.documents]
-        pending = model.batcher.enqueue(pairs, [call.instruction] * len(pairs), costs)
+    # Before decoding, the model asked for is unknown: the reranker's batcher is told, where one is hosted.
+    with arriving(state, "reranker" if "reranker" in state.hosted else "embedder"):
+        job = await run_in_threadpool(prepare_rerank, state, raw)
+        call, model = job.call, job.model
+        pending = model.batcher.enqueue(job.inputs, job.instructions, job.costs)
     result: BatchResult = await pending
-    scores = np.asarray(result.values, dtype=np.float64)
+    if job.by_maxsim:
+        scores = await run_in_threadpool(maxsim_relevance, result.matrices)
+    else:
+        scores = np.asarray(result.values, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")[: call.top_n]
     results = []
     for index in order:
@@ -218,7 +312,7 @@ async def rerank(request: Request) -> FastJSONResponse:
         if call.return_documents:
             entry["document"] = echo_document(call.raw_documents[index])
         results.append(entry)
-    state.metrics.items.labels("/v1/rerank").inc(len(pairs))
+    state.metrics.items.labels("/v1/rerank").inc(len(call.documents))
     tokens = sum(result.tokens)
     return FastJSONResponse(
         {
@@ -242,11 +336,51 @@ def truncate(vectors: np.ndarray, dimensions: int | None, normalize: bool) -> np
     return finish_embeddings(torch.from_numpy(vectors), normalize=normalize, truncate_dim=dimensions).numpy()
 
 
-def encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:
-    """float: a JSON list; base64: little-endian float32 bytes (what the OpenAI client decodes)."""
+def encode_vector(vector: np.ndarray, encoding_format: str, dtype: str = "float32") -> list | str:
+    """float: a JSON list (of lists, for a token matrix); base64: the little-endian bytes of `dtype`, row after row
+    (float32 is what the OpenAI client decodes)."""
     if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        little_endian = "<f2" if dtype == "float16" else "<f4"
+        return base64.b64encode(np.ascontiguousarray(vector, dtype=little_endian).tobytes()).decode("ascii")
     return np.asarray(vector, dtype=np.float32).tolist()  # Python floats, as float(x) of each gives
 
 
-__all__: Sequence[str] = ("FastJSONResponse", "encode_vector", "router", "truncate")
+def token_matrix_data(
+    matrices: Sequence[np.ndarray], encoding_format: str, dtype: str, max_tokens: int
+) -> list[dict[str, Any]]:
+    """The `data` of a multi-vector answer: each input's `[num_tokens, dim]` token vectors and their count; 413
+    naming the first input whose matrix holds more than `max_tokens` (`max_tokens_per_item`)."""
+    for index, matrix in enumerate(matrices):
+        if len(matrix) > max_tokens:
+            raise RequestError(
+                f"input {index}'s token matrix holds {len(matrix)} token vectors; this server returns at most "
+                f"{max_tokens} per item (max_tokens_per_item)",
+                param=f"input[{index}]",
+                index=index,
+                status=413,
+            )
+    return [
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": encode_vector(matrix, encoding_format, dtype),
+            "num_tokens": len(matrix),
+        }
+        for index, matrix in enumerate(matrices)
+    ]
+
+
+def maxsim_relevance(matrices: Sequence[np.ndarray]) -> np.ndarray:
+    """`[n_documents]` MaxSim scores of the query (the first matrix) against each document (the others), as
+    `Embedder.maxsim` gives them: the sum over the query's tokens of their best cosine with a document token."""
+    return maxsim_scores(matrices[:1], matrices[1:])[0].double().numpy()  # [n_documents]
+
+
+__all__: Sequence[str] = (
+    "FastJSONResponse",
+    "encode_vector",
+    "maxsim_relevance",
+    "router",
+    "token_matrix_data",
+    "truncate",
+)

@@ -110,6 +110,8 @@ class BackendInfo:
     dimension: int | None = None
     normalize: bool = True
     matryoshka_dims: list[int] = field(default_factory=list)
+    multi_vector_dim: int | None = None
+    """Size of the token vectors of an embedder's multi-vector head; None: it has none."""
     instructions: dict[str, str | None] = field(default_factory=dict)
     """The instruction of each input type (`query`, `document`)."""
 
@@ -121,6 +123,7 @@ class BackendInfo:
             dimension=getattr(backend, "dimension", None),
             normalize=getattr(backend, "normalize", True),
             matryoshka_dims=list(getattr(backend, "matryoshka_dims", [])),
+            multi_vector_dim=getattr(backend, "multi_vector_dim", None),
             instructions={kind: instruction_for(kind) for kind in ("query", "document")} if instruction_for else {},
         )
 

@@ -1,0 +1,341 @@
+"""Serving a multi-vector model (transformers backend): token matrices from `/v1/embeddings` and MaxSim ranking from
+`/v1/rerank`, the same as `unime.load(dir)` computes them; bad input answered with the field and item at fault.
+
+One real `unime serve` subprocess per module hosts a tiny Qwen2-VL embedder with a multi-vector head, beside the
+session's tiny reranker. The refusals of a single-vector model and of the vLLM backend are decided before a request
+reaches a model: they are checked on the app in process (as a server, or an HTTP worker, runs it).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.serve.server_process import cosines, data_url, embed, model_args, start_server
+from unime.serve.app import create_app
+from unime.serve.backends import BatchResult, TransformersEmbedder
+from unime.serve.config import ServeConfig
+from unime.serve.hosting import HostedModel, host_models, join_batches, split_batch
+from unime.serve.metrics import ServerMetrics
+from unime.serve.micro_batching import MicroBatcher
+from unime.serve.workers import BackendInfo
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS_PER_ITEM = 120
+MODEL = "tiny-multi-vector"
+
+
+@pytest.fixture(scope="module")
+def multi_vector_dir(tmp_path_factory):
+    """A tiny Qwen2-VL embedder with a multi-vector head (128-d token vectors) and query/document instructions."""
+    import unime
+
+    directory = tmp_path_factory.mktemp("serve-multi-vector") / MODEL
+    embedder = unime.build_tiny("qwen2_vl", seed=3, multi_vector=unime.MultiVectorConfig())
+    embedder.config.prompts = dataclasses.replace(
+        embedder.config.prompts,
+        query_instruction="Find the page that answers the question.",
+        document_instruction="Represent the page for retrieval.",
+    )
+    embedder.save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def local(multi_vector_dir):
+    import unime
+
+    return unime.load(multi_vector_dir)
+
+
+@pytest.fixture(scope="module")
+def server(multi_vector_dir, serve_models, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve-logs") / "multi-vector.log"
+    models = {"embedder": multi_vector_dir, "reranker": serve_models["reranker"]}
+    # Through an HTTP worker: requests for token vectors and their matrices cross the pipe to the model process
+    # (one process runs the same routes: `test_in_one_process_the_token_matrices_are_the_same`).
+    args = [*model_args(models), "--max-tokens-per-item", str(MAX_TOKENS_PER_ITEM), "--max-items", "8"]
+    args += ["--http-workers", "1"]
+    proc = start_server(args, log, timeout=120)
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def mixed_inputs(serve_inputs):
+    """Texts, an image alone and a text+image item: as the server takes them, and as `encode` takes them."""
+    images, captions = serve_inputs
+    served = [captions[0], {"image": data_url(images[1])}, {"text": captions[2], "image": data_url(images[2])}]
+    local = [captions[0], images[1], {"text": captions[2], "image": images[2]}]
+    return served, local
+
+
+def token_matrices(client: httpx.Client | TestClient, payload: dict) -> list[np.ndarray]:
+    """The token matrices of a 200 answer (float lists or base64, by the payload), checked for order and counts."""
+    response = client.post("/v1/embeddings", json={"model": MODEL, "output": "multi_vector", **payload})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [row["index"] for row in body["data"]] == list(range(len(body["data"])))
+    matrices = []
+    for row in body["data"]:
+        if payload.get("encoding_format") == "base64":
+            dtype = "<f2" if payload.get("dtype") == "float16" else "<f4"
+            matrix = np.frombuffer(base64.b64decode(row["embedding"]), dtype=dtype).astype(np.float32).reshape(-1, 128)
+        else:
+            matrix = np.asarray(row["embedding"], dtype=np.float32)
+        assert matrix.shape == (row["num_tokens"], 128)
+        matrices.append(matrix)
+    assert body["usage"]["prompt_tokens"] == sum(len(m) for m in matrices)  # every token kept (tokens="all")
+    return matrices
+
+
+def assert_same_tokens(served: list[np.ndarray], local: list[np.ndarray], min_cosine: float = 0.9999) -> None:
+    assert [len(m) for m in served] == [len(m) for m in local]
+    for index, (a, b) in enumerate(zip(served, local, strict=True)):
+        worst = cosines(a, b).min()
+        assert worst >= min_cosine, f"input {index}: a token's cosine is {worst}"
+
+
+def assert_refused(response: httpx.Response, status: int, param: str, index: int | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"], error["index"]) == (status, param, index), error
+    return error
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token matrices
+# ------------------------------------------------------------------------------------------------------------
+def test_served_token_matrices_equal_local_encode(client, local, mixed_inputs):
+    served_items, local_items = mixed_inputs
+    served = token_matrices(client, {"input": served_items, "input_type": "document"})
+    expected = local.encode_document(local_items, output="multi_vector")
+    assert_same_tokens(served, expected)
+    # With no instruction, the prompts are shorter: the count follows the prompt, not a fixed size.
+    plain = token_matrices(client, {"input": served_items[:1]})
+    assert_same_tokens(plain, local.encode(local_items[:1], output="multi_vector"))
+    assert len(plain[0]) < len(served[0])
+
+
+def test_base64_float32_and_float16_decode_to_the_float_matrices(client, mixed_inputs):
+    served_items, _ = mixed_inputs
+    floats = token_matrices(client, {"input": served_items})
+    as_float32 = token_matrices(client, {"input": served_items, "encoding_format": "base64"})
+    as_float16 = token_matrices(client, {"input": served_items, "encoding_format": "base64", "dtype": "float16"})
+    for exact, packed, half in zip(floats, as_float32, as_float16, strict=True):
+        np.testing.assert_array_equal(packed, exact)  # the same float32 numbers, in bytes
+        np.testing.assert_allclose(half, exact, atol=1e-3)  # unit vectors: float16 keeps ~3 decimals
+        assert cosines(half, exact).min() >= 0.9999
+
+
+def test_a_plain_request_to_a_multi_vector_model_gives_single_vectors(client, local, mixed_inputs):
+    served_items, local_items = mixed_inputs
+    vectors = embed(client, {"input": served_items, "input_type": "query"})
+    assert vectors.shape == (3, local.embedding_dim)
+    assert cosines(vectors, local.encode_query(local_items)).min() >= 0.9999
+    embedder = next(m for m in client.get("/v1/models").json()["data"] if m["kind"] == "embedder")
+    assert (embedder["id"], embedder["multi_vector_dimensions"]) == (MODEL, 128)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MaxSim reranking
+# ------------------------------------------------------------------------------------------------------------
+def test_rerank_naming_the_embedder_scores_by_local_maxsim(client, local, serve_inputs):
+    images, captions = serve_inputs
+    documents = [captions[1], {"image": data_url(images[0])}, captions[3], {"text": captions[0]}]
+    response = client.post(
+        "/v1/rerank", json={"model": MODEL, "query": captions[0], "documents": documents, "return_documents": True}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == MODEL and body["usage"]["prompt_tokens"] > 0
+    served = {row["index"]: row["relevance_score"] for row in body["results"]}
+    local_documents = [captions[1], images[0], captions[3], captions[0]]
+    query = local.encode_query([captions[0]], output="multi_vector")
+    expected = local.maxsim(query, local.encode_document(local_documents, output="multi_vector"))[0].numpy()
+    np.testing.assert_allclose([served[i] for i in range(4)], expected, rtol=1e-4, atol=1e-4)
+    scores = [row["relevance_score"] for row in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert [row["document"] for row in body["results"]] == [
+        {"text": d} if isinstance(d, str) else d for d in (documents[row["index"]] for row in body["results"])
+    ]
+    # The request's instruction replaces the query's; top_n keeps the best.
+    asked = client.post(
+        "/v1/rerank",
+        json={"model": MODEL, "query": captions[0], "documents": documents, "instruction": "Match it.", "top_n": 2},
+    ).json()
+    query = local.encode([captions[0]], prompt="Match it.", output="multi_vector")
+    expected = local.maxsim(query, local.encode_document(local_documents, output="multi_vector"))[0].numpy()
+    assert [row["index"] for row in asked["results"]] == list(np.argsort(-expected, kind="stable")[:2])
+    np.testing.assert_allclose(
+        [row["relevance_score"] for row in asked["results"]], np.sort(expected)[::-1][:2], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_rerank_without_a_model_name_still_uses_the_reranker(client, serve_inputs):
+    _, captions = serve_inputs
+    body = client.post("/v1/rerank", json={"query": captions[0], "documents": captions[:3]}).json()
+    assert body["model"] == "tiny-reranker"
+    assert all(0.0 <= row["relevance_score"] <= 1.0 for row in body["results"])  # p(yes), not a MaxSim sum
+
+
+def test_the_new_requests_need_the_key(server):
+    for path, payload in (
+        ("/v1/embeddings", {"input": "a page", "output": "multi_vector"}),
+        ("/v1/rerank", {"model": MODEL, "query": "a page", "documents": ["a page"]}),
+    ):
+        response = httpx.post(server.url + path, json=payload, timeout=60)
+        assert response.status_code == 401, response.text
+        assert httpx.post(server.url + path, json=payload, headers=server.headers, timeout=60).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input: the field and item at fault, and the server stays healthy
+# ------------------------------------------------------------------------------------------------------------
+LONG_TEXT = "the quarterly report lists revenue " * 30  # well over MAX_TOKENS_PER_ITEM tokens
+BAD_REQUESTS = [
+    pytest.param(
+        "/v1/embeddings",
+        {"input": ["a short page", LONG_TEXT], "output": "multi_vector"},
+        (413, "input[1]", 1),
+        "max_tokens_per_item",
+        id="matrix-over-max-tokens-per-item",
+    ),
+    pytest.param(
+        "/v1/embeddings",
+        {"input": ["a page"], "output": "multi_vector", "dimensions": 16},
+        (400, "dimensions", None),
+        "single_vector",
+        id="dimensions-with-token-vectors",
+    ),
+    pytest.param(
+        "/v1/embeddings",
+        {"input": ["a page"], "output": "multi_vector", "dtype": "float16"},
+        (400, "dtype", None),
+        "base64",
+        id="float16-without-base64",
+    ),
+    pytest.param(
+        "/v1/embeddings",
+        {"input": ["a page"], "output": "tokens"},
+        (400, "output", None),
+        "multi_vector",
+        id="unknown-output",
+    ),
+    pytest.param(
+        "/v1/embeddings",
+        {"input": ["a page"], "output": "multi_vector", "dtype": "int8", "encoding_format": "base64"},
+        (400, "dtype", None),
+        "float16",
+        id="unknown-dtype",
+    ),
+    pytest.param(
+        "/v1/rerank",
+        {"model": MODEL, "query": "a page", "documents": ["a page", {"text": ""}]},
+        (400, "documents[1].text", 1),
+        "empty",
+        id="rerank-empty-document",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "where", "words"), BAD_REQUESTS)
+def test_bad_input_names_the_field_and_item_and_the_server_stays_healthy(client, path, payload, where, words):
+    status, param, index = where
+    error = assert_refused(client.post(path, json=payload), status, param, index)
+    assert words in error["message"], error
+    assert client.get("/health").json()["status"] == "ok"
+    assert len(token_matrices(client, {"input": ["a short page"]})) == 1
+
+
+def test_the_token_limit_counts_the_returned_matrix(client, local):
+    # The longest prefix of LONG_TEXT (in words) whose matrix fits comes back whole; one word more is refused.
+    words = LONG_TEXT.split()
+    counts = [len(local.encode(" ".join(words[:k]), output="multi_vector")) for k in range(1, len(words) + 1)]
+    fits = max(k for k, count in enumerate(counts, start=1) if count <= MAX_TOKENS_PER_ITEM)
+    (matrix,) = token_matrices(client, {"input": [" ".join(words[:fits])]})
+    assert len(matrix) == counts[fits - 1] <= MAX_TOKENS_PER_ITEM
+    too_long = {"input": ["a short page", " ".join(words[: fits + 1])], "output": "multi_vector"}
+    error = assert_refused(client.post("/v1/embeddings", json=too_long), 413, "input[1]", 1)
+    assert f"holds {counts[fits]} token vectors" in error["message"]
+    assert f"at most {MAX_TOKENS_PER_ITEM}" in error["message"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Refused before the model: a single-vector model, and the vLLM backend (the app in process)
+# ------------------------------------------------------------------------------------------------------------
+def unused_model(items, instructions) -> BatchResult:
+    raise AssertionError("a refused request reached the model")
+
+
+def app_with_embedder(directory, name: str, backend) -> tuple[TestClient, HostedModel]:
+    config = ServeConfig(embedder_dir=str(directory))
+    metrics = ServerMetrics()
+    if isinstance(backend, BackendInfo):  # what an HTTP worker sees of a backend in the model process
+        batcher = MicroBatcher(
+            name, unused_model, split_batch, join=join_batches, max_queue=4, max_batch_items=4,
+            max_batch_tokens=10_000, wait_ms=0, batching=True, retry_after_s=1,
+        )  # fmt: skip
+        hosted = {"embedder": HostedModel(name, "embedder", backend, batcher)}
+    else:
+        hosted = host_models(config, metrics, embedder=backend, reranker=None, embedder_name=name, reranker_name=None)
+    return TestClient(create_app(config, hosted, metrics)), hosted["embedder"]
+
+
+def test_a_single_vector_model_refuses_token_vectors_naming_the_field_and_model(serve_models):
+    backend = TransformersEmbedder(str(serve_models["embedder"]), dtype=None, device="cpu", max_batch_items=8)
+    http, hosted = app_with_embedder(serve_models["embedder"], "single", backend)
+    try:
+        with http:
+            error = assert_refused(
+                http.post("/v1/embeddings", json={"input": "a", "output": "multi_vector"}), 400, "output"
+            )
+            assert "'single'" in error["message"] and "single-vector" in error["message"]
+            error = assert_refused(
+                http.post("/v1/rerank", json={"model": "single", "query": "a", "documents": ["b"]}), 404, "model"
+            )
+            assert "'single'" in error["message"] and "cannot rank" in error["message"]
+            # The same request for single vectors is served.
+            assert http.post("/v1/embeddings", json={"input": "a"}).status_code == 200
+            assert http.get("/v1/models").json()["data"][0]["multi_vector_dimensions"] is None
+    finally:
+        hosted.batcher.close(5)
+
+
+def test_in_one_process_the_token_matrices_are_the_same(multi_vector_dir, local, mixed_inputs):
+    served_items, local_items = mixed_inputs
+    backend = TransformersEmbedder(str(multi_vector_dir), dtype=None, device="cpu", max_batch_items=8)
+    http, hosted = app_with_embedder(multi_vector_dir, MODEL, backend)
+    try:
+        with http:
+            assert_same_tokens(
+                token_matrices(http, {"input": served_items, "input_type": "query"}),
+                local.encode_query(local_items, output="multi_vector"),
+            )
+    finally:
+        hosted.batcher.close(5)
+
+
+def test_the_vllm_backend_answers_501_for_token_vectors(multi_vector_dir):
+    info = BackendInfo(name="vllm", dimension=64, multi_vector_dim=128)
+    http, hosted = app_with_embedder(multi_vector_dir, MODEL, info)
+    try:
+        with http:
+            for path, payload, param in (
+                ("/v1/embeddings", {"input": "a", "output": "multi_vector"}, "output"),
+                ("/v1/rerank", {"model": MODEL, "query": "a", "documents": ["b"]}, "model"),
+            ):
+                error = assert_refused(http.post(path, json=payload), 501, param)
+                assert "vllm backend does not serve token vectors" in error["message"], error
+                assert error["type"] == "not_implemented_error"
+            # With no reranker hosted, a rerank naming no model is told which model ranks by MaxSim.
+            error = assert_refused(http.post("/v1/rerank", json={"query": "a", "documents": ["b"]}), 404, "model")
+            assert repr(MODEL) in error["message"]
+    finally:
+        hosted.batcher.close(5)
