@@ -71,6 +71,7 @@ def run_child(code: str, *args: str, check: bool = True) -> subprocess.Completed
     return result
 
 
+@pytest.mark.slow  # another process reads them
 def test_vectors_read_back_equal_after_reopening_and_in_another_process(tmp_path: Path):
     wanted = keys(23)
     store = EmbeddingStore(tmp_path, NAMESPACE, shard_size=5)
@@ -108,6 +109,7 @@ def test_repeats_and_stored_keys_are_computed_once(tmp_path: Path):
         store.get([wanted[0], content_key(text="never stored")])
 
 
+@pytest.mark.slow  # a child process, killed mid-fill
 def test_a_killed_fill_keeps_whole_shards_only_and_a_rerun_computes_only_the_rest(tmp_path: Path):
     # The child dies without unwinding (as under SIGKILL) in the middle of writing its third shard.
     child = """
@@ -158,6 +160,7 @@ def test_an_exception_in_compute_keeps_what_was_computed(tmp_path: Path):
     assert EmbeddingStore(tmp_path, NAMESPACE).fill(wanted, rerun) == 4 and rerun.asked == wanted[6:]
 
 
+@pytest.mark.slow  # two child processes
 def test_two_processes_fill_one_folder_at_once(tmp_path: Path):
     # Each writes 40 keys, 20 of them shared, a shard per key, racing for every number: nothing is lost or replaced.
     child = """
