@@ -71,7 +71,12 @@ def test_cli_runs_the_synthetic_benchmark_end_to_end(tiny_dir, tmp_path, capsys)
     )
     assert (tmp_path / "c.png").stat().st_size > 1000
     # Bad data is reported by name, with exit status 2.
-    assert main(["eval", "run", "--model", str(tiny_dir), "--mmeb-root", str(tmp_path), "--out", str(out), "--no-progress"]) == 2
+    assert (
+        main(
+            ["eval", "run", "--model", str(tiny_dir), "--mmeb-root", str(tmp_path), "--out", str(out), "--no-progress"]
+        )
+        == 2
+    )
     assert "no dataset folders found" in capsys.readouterr().err
 
 
@@ -186,7 +191,16 @@ def test_cli_reranks_with_a_unime_reranker_on_image_and_text_pairs(tiny_dir, syn
     reranker = unime.build_tiny("qwen2_vl", kind="reranker", seed=0)
     reranker.save(tmp_path / "reranker")
     out = tmp_path / "run"
-    command = ["eval", "run", "--model", str(tiny_dir), "--mmeb-root", str(synthetic_root), "--no-progress", "--no-plots"]
+    command = [
+        "eval",
+        "run",
+        "--model",
+        str(tiny_dir),
+        "--mmeb-root",
+        str(synthetic_root),
+        "--no-progress",
+        "--no-plots",
+    ]
     command += ["--mmeb-datasets", "Synthetic-I2T", "--reranker", str(tmp_path / "reranker")]
     command += ["--rerank-datasets", "Synthetic-I2T", "Synthetic-T2I", "--rerank-top-k", "3", "--out", str(out)]
     assert main(command) == 0
