@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> Path:
     eval_hook = None
     if config.data.eval_files:
         teacher = held_out_teacher(config, held_out) if config.loss.name == "text_distill_kl" else None
+        # A late-interaction run trains the multi-vector head: score the held-out set the way it is trained (MaxSim).
+        multi_vector = config.loss.name == "late_interaction"
 
         def eval_hook(model, step):
-            metrics = retrieval_recall(model, held_out)
+            metrics = retrieval_recall(model, held_out, multi_vector=multi_vector)
             if teacher is not None:
                 metrics["teacher_spearman"] = teacher_agreement(model, held_out, teacher)
             return metrics

@@ -7,34 +7,89 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from unime.data.schema import TrainExample
 from unime.metrics import hit_at_k, mrr, ndcg_at_k
+from unime.multi_vector import maxsim_scores
 
 
 def retrieval_recall(
-    embedder, examples: Sequence[TrainExample], *, batch_size: int = 32, truncate_dim: int | None = None
+    embedder,
+    examples: Sequence[TrainExample],
+    *,
+    batch_size: int = 32,
+    truncate_dim: int | None = None,
+    multi_vector: bool = False,
 ) -> dict[str, float]:
     """Recall@1 and @5 of each query's own positive among all positives of `examples`, and hard-negative accuracy.
 
     `hard_negative_accuracy` is the share of (query, mined negative) pairs where the positive scores higher than
     the negative: it measures fine-grained discrimination that in-batch recall can miss. `truncate_dim` scores
     the first dims of every embedding only (a matryoshka truncation, as `Embedder.encode` makes it).
+    `multi_vector` scores every pair by MaxSim of the multi-vector head's token matrices instead (what a
+    late-interaction run trains); the metrics are the same.
     """
-    q = _embed_sides(embedder, [e.query for e in examples], batch_size, truncate_dim)  # [N, D]
-    p = _embed_sides(embedder, [e.positive for e in examples], batch_size, truncate_dim)  # [N, D]
-    ranks = _own_positive_ranks(q, p)  # [N]
+    scores = held_out_scores(
+        embedder, examples, batch_size=batch_size, truncate_dim=truncate_dim, multi_vector=multi_vector
+    )
+    ranks = _own_positive_ranks(scores.positives)  # [N]
     metrics = {"recall@1": float((ranks < 1).float().mean()), "recall@5": float((ranks < 5).float().mean())}
-    pairs = [(i, side) for i, e in enumerate(examples) for side in e.negatives]
-    if pairs:
-        n = _embed_sides(embedder, [side for _, side in pairs], batch_size, truncate_dim)  # [P, D]
-        owners = torch.tensor([i for i, _ in pairs])
-        negative_scores = (q[owners] * n).sum(-1)  # [P]
-        wins = int((negative_scores < (q * p).sum(-1)[owners]).sum())
-        metrics["hard_negative_accuracy"] = wins / len(pairs)
+    if len(scores.negatives):
+        own = scores.positives.diag()[scores.owners]  # [P] the owner's positive score beside each negative
+        metrics["hard_negative_accuracy"] = int((scores.negatives < own).sum()) / len(scores.negatives)
     return metrics
+
+
+@dataclass
+class HeldOutScores:
+    """The scores `retrieval_recall` reads its metrics from."""
+
+    positives: torch.Tensor
+    """`[N, N]` query i against positive j."""
+    negatives: torch.Tensor
+    """`[P]` each (query, mined negative) pair's score, the examples' negatives in order."""
+    owners: torch.Tensor
+    """`[P]` the example (query) each negative belongs to."""
+
+
+def held_out_scores(
+    embedder,
+    examples: Sequence[TrainExample],
+    *,
+    batch_size: int = 32,
+    truncate_dim: int | None = None,
+    multi_vector: bool = False,
+) -> HeldOutScores:
+    """Every query against every positive and against its own mined negatives: dot products of single vectors, or
+    (`multi_vector`) MaxSim scores of token matrices (`unime.late_interaction.maxsim`)."""
+    if multi_vector and truncate_dim is not None:
+        raise ValueError("truncate_dim applies to single vectors; multi-vector token vectors are not truncated")
+    embed = _embed_token_matrices if multi_vector else partial(_embed_sides, truncate_dim=truncate_dim)
+    score = maxsim_scores if multi_vector else _dot_products
+    q = embed(embedder, [e.query for e in examples], batch_size)  # [N, D] or N matrices [n_i, d]
+    p = embed(embedder, [e.positive for e in examples], batch_size)  # [N, D] or N matrices [n_i, d]
+    sides = [side for e in examples for side in e.negatives]
+    negatives = embed(embedder, sides, batch_size) if sides else []  # [P, D] or P matrices [n_i, d]
+    negative_scores, owners, start = [], [], 0
+    for index, example in enumerate(examples):
+        stop = start + len(example.negatives)
+        if stop > start:
+            negative_scores.append(score(q[index : index + 1], negatives[start:stop])[0])  # [K_i]
+            owners += [index] * (stop - start)
+        start = stop
+    return HeldOutScores(
+        positives=score(q, p),  # [N, N]
+        negatives=torch.cat(negative_scores) if negative_scores else torch.empty(0),  # [P]
+        owners=torch.tensor(owners, dtype=torch.long),  # [P]
+    )
+
+
+def _dot_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b.T  # [n, m]
 
 
 def reranked_recall(
@@ -67,7 +122,7 @@ def reranked_recall(
         batch_size=batch_size,
         show_progress_bar=False,
     )
-    ranks = _own_positive_ranks(q, p)  # [N]
+    ranks = _own_positive_ranks(q @ p.T)  # [N]
     return {
         "recall@1": float((ranks < 1).float().mean()),
         f"recall@{top_k}": float((ranks < top_k).float().mean()),
@@ -85,10 +140,29 @@ def _embed_sides(embedder, sides, batch_size: int, truncate_dim: int | None = No
         embedder.train(was_training)
 
 
-def _own_positive_ranks(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """`[N]` how many of the N positives score above query i's own (0: its positive is first)."""
-    scores = q @ p.T  # [N, N]
+def _own_positive_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """`[N]` how many of the N positives score above query i's own (0: its positive is first), from `[N, N]` scores
+    of query i against positive j."""
     return (scores > scores.diag().unsqueeze(1)).sum(1)
+
+
+def _embed_token_matrices(embedder, sides, batch_size: int) -> list[torch.Tensor]:
+    """The multi-vector head's token matrices `[n_i, d]` of training-row sides (the tokens its mask keeps), each
+    with its own instruction, in eval mode."""
+    was_training = embedder.training
+    embedder.eval()
+    matrices = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(sides), batch_size):
+                batch = sides[start : start + batch_size]
+                features = embedder.tokenize(batch, [s.instruction for s in batch])
+                vectors, mask = embedder.embed_multi_vector(features)  # [B, T, d], [B, T]
+                vectors, mask = vectors.float().cpu(), mask.cpu()
+                matrices += [vectors[row][mask[row]] for row in range(len(batch))]  # each [n_i, d]
+    finally:
+        embedder.train(was_training)
+    return matrices
 
 
 def _encode(embedder, inputs, instructions, batch_size: int, truncate_dim: int | None = None) -> torch.Tensor:
