@@ -8,16 +8,27 @@
 - `prompting` (versioned prompt files in `prompts/`), `plan` (tasks, modality combinations, languages),
   `answer` (the JSON schema and the checks of each answer), `rows` (answer -> training row), `images`.
 
-Command line: `unime generate IMAGE_DIR OUT_DIR --backend vllm|openai ...`.
+`GenerateConfig.mode="pages"` asks instead, for each image of a document page, for queries that find the page
+(ColPali / mmE5 VisDoc), each a row: text query -> page image.
+
+Command line: `unime generate IMAGE_DIR OUT_DIR --backend vllm|openai [--mode pages] ...`.
 """
 
 from __future__ import annotations
 
-from unime.data_synth.mllm.answer import Answer, Rejected, answer_schema, parse_answer
+from unime.data_synth.mllm.answer import (
+    Answer,
+    PageAnswer,
+    Rejected,
+    answer_schema,
+    page_answer_schema,
+    parse_answer,
+    parse_page_answer,
+)
 from unime.data_synth.mllm.generate import GenerateConfig, generate_dataset
 from unime.data_synth.mllm.openai_backend import OpenAIBackend, OpenAIBackendConfig
 from unime.data_synth.mllm.plan import COMBINATIONS, TASKS, PlanChoices
-from unime.data_synth.mllm.prompting import PROMPT_VERSION, load_prompt
+from unime.data_synth.mllm.prompting import PAGES_PROMPT_VERSION, PROMPT_VERSION, load_prompt
 from unime.data_synth.mllm.vllm_backend import VllmBackend, VllmBackendConfig
 
 __all__ = [
@@ -28,12 +39,16 @@ __all__ = [
     "GenerateConfig",
     "OpenAIBackend",
     "OpenAIBackendConfig",
+    "PAGES_PROMPT_VERSION",
+    "PageAnswer",
     "PlanChoices",
     "Rejected",
     "VllmBackend",
     "VllmBackendConfig",
     "answer_schema",
     "generate_dataset",
+    "page_answer_schema",
     "load_prompt",
     "parse_answer",
+    "parse_page_answer",
 ]

@@ -90,12 +90,7 @@ def parse_answer(text: str, choices: PlanChoices, *, min_score: int = 4, truncat
         min_score: the lowest self-evaluation score that is kept.
         truncated: the backend stopped at its token limit (an invalid answer is then `truncated_answer`).
     """
-    try:
-        raw = json.loads(_strip_code_fence(text))
-    except (json.JSONDecodeError, RecursionError) as err:
-        reason = "truncated_answer" if truncated else "invalid_json"
-        raise Rejected(reason, f"{err.__class__.__name__}: {err}") from None
-    obj = _object(raw, "answer")
+    obj = _object(_load_json(text, truncated), "answer")
     description = _string(obj, "description", "")
     task = _choice(obj, "task", choices.tasks)
     combination = _choice(obj, "combination", choices.combinations)
@@ -123,6 +118,14 @@ def parse_answer(text: str, choices: PlanChoices, *, min_score: int = 4, truncat
     if sides.candidate_text and _normalise(final.hard_negative) == _normalise(final.positive):
         raise Rejected("negative_equals_positive")
     return Answer(description, task, combination, language, score, final)
+
+
+def _load_json(text: str, truncated: bool) -> Any:
+    try:
+        return json.loads(_strip_code_fence(text))
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = "truncated_answer" if truncated else "invalid_json"
+        raise Rejected(reason, f"{err.__class__.__name__}: {err}") from None
 
 
 def _strip_code_fence(text: str) -> str:
@@ -163,3 +166,79 @@ def _choice(obj: dict, name: str, allowed: tuple[str, ...]) -> str:
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+# -- the pages mode: queries that find a page image ----------------------------------------------------------
+
+PAGE_QUERY_FIELDS = ("query", "fact")
+
+
+def page_answer_schema(choices: PlanChoices, queries_per_page: int) -> dict[str, Any]:
+    """The JSON schema of one answer of the pages mode: exactly `queries_per_page` queries, each with its fact."""
+    query = {
+        "type": "object",
+        "properties": {name: {"type": "string"} for name in PAGE_QUERY_FIELDS},
+        "required": list(PAGE_QUERY_FIELDS),
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "description": {"type": "string"},
+            "language": {"type": "string", "enum": list(choices.languages)},
+            "queries": {
+                "type": "array",
+                "items": query,
+                "minItems": queries_per_page,
+                "maxItems": queries_per_page,
+            },
+        },
+        "required": ["description", "language", "queries"],
+        "additionalProperties": False,
+    }
+
+
+@dataclass(frozen=True)
+class PageQuery:
+    """One query of an accepted page answer."""
+
+    query: str
+    """What a user would type to find the page."""
+    fact: str
+    """The fact on the page that answers it."""
+
+
+@dataclass(frozen=True)
+class PageAnswer:
+    """An accepted answer of the pages mode."""
+
+    description: str
+    language: str
+    queries: tuple[PageQuery, ...]
+
+
+def parse_page_answer(text: str, choices: PlanChoices, queries_per_page: int, *, truncated: bool = False) -> PageAnswer:
+    """Parse and check one answer of the pages mode; raises `Rejected` naming the first problem (the same
+    reasons as `parse_answer`, plus `wrong_count:queries` and `repeated_query`)."""
+    obj = _object(_load_json(text, truncated), "answer")
+    description = _string(obj, "description", "")
+    language = _choice(obj, "language", choices.languages)
+    items = _field(obj, "queries", "")
+    if not isinstance(items, list):
+        raise Rejected("wrong_type:queries", f"expected an array, got {type(items).__name__}")
+    if len(items) != queries_per_page:
+        raise Rejected("wrong_count:queries", f"expected {queries_per_page} queries, got {len(items)}")
+    queries = []
+    for index, item in enumerate(items):
+        where = f"queries[{index}]"
+        item = _object(item, where)
+        query = PageQuery(*(_string(item, name, f"{where}.") for name in PAGE_QUERY_FIELDS))
+        for name in PAGE_QUERY_FIELDS:
+            if not getattr(query, name).strip():
+                raise Rejected(f"empty_field:{where}.{name}")
+        queries.append(query)
+    if not description.strip():
+        raise Rejected("empty_field:description")
+    if len({_normalise(query.query) for query in queries}) < len(queries):
+        raise Rejected("repeated_query", "two queries of the page are the same")
+    return PageAnswer(description, language, tuple(queries))

@@ -1,4 +1,5 @@
-"""`unime generate IMAGE_DIR OUT_DIR --backend vllm|openai ...`: the MLLM generator's command line."""
+"""`unime generate IMAGE_DIR OUT_DIR --backend vllm|openai [--mode tasks|pages] ...`: the MLLM generator's command
+line."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from unime.data_synth.mllm.vllm_backend import VllmBackend, VllmBackendConfig
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateSettings(GenerateConfig):
-    """Generate training data from photos with an MLLM: the generator's settings, the backend, and that backend's
-    section (`openai.*` or `vllm.*`)."""
+    """Generate training data from photos (or, with `--mode pages`, from images of document pages) with an MLLM:
+    the generator's settings, the backend, and that backend's section (`openai.*` or `vllm.*`)."""
 
     image_dir: Positional[str]
     """Folder of photos (searched recursively)."""

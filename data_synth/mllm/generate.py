@@ -15,6 +15,13 @@ Results are committed in key order whatever order the backend finishes them in, 
 writes exactly what an uninterrupted run writes. Backend failures (timeouts, HTTP errors, a dead engine) are
 counted in the manifest's `details.last_run.failed` and are not recorded as done: the next run retries them.
 `details.last_run.rejection_examples` shows the start of the first rejected answer of each reason.
+
+With `mode="pages"` (the ColPali / mmE5 way for document pages), step 3 asks instead for `queries_per_page`
+queries a user would type to find the page, each with the fact it asks about (`answer.parse_page_answer`), and
+step 4 writes one row per query (text -> page image, `rows.page_query_row`) under the key `<page key>#<i>`. The
+accepted answer, facts included, is first saved as `facts/<hash>.json`: a run killed between a page's rows
+finishes that page from the file instead of asking again, so that resuming writes what an uninterrupted run
+writes here too.
 """
 
 from __future__ import annotations
@@ -27,10 +34,19 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from unime.atomic import atomic_write
 from unime.data_synth.manifest import Manifest, ShardedJsonlWriter
-from unime.data_synth.mllm.answer import Rejected, answer_schema, parse_answer
+from unime.data_synth.mllm.answer import (
+    PageAnswer,
+    PageQuery,
+    Rejected,
+    answer_schema,
+    page_answer_schema,
+    parse_answer,
+    parse_page_answer,
+)
 from unime.data_synth.mllm.backend import Backend, GenerationRequest, GenerationResult
 from unime.data_synth.mllm.images import (
     Photo,
@@ -41,14 +57,23 @@ from unime.data_synth.mllm.images import (
     second_view,
 )
 from unime.data_synth.mllm.plan import PlanChoices, sides_of, suggest_plan
-from unime.data_synth.mllm.prompting import PROMPT_VERSION, chat_messages, image_data_url, load_prompt
-from unime.data_synth.mllm.rows import text_signature, training_row
+from unime.data_synth.mllm.prompting import (
+    PAGE_PLACEHOLDERS,
+    PAGES_PROMPT_VERSION,
+    PROMPT_VERSION,
+    TASK_PLACEHOLDERS,
+    chat_messages,
+    image_data_url,
+    load_prompt,
+)
+from unime.data_synth.mllm.rows import page_query_row, page_query_signature, text_signature, training_row
 from unime.data_synth.sharding import parse_shard
 from unime.errors import ConfigError
 
 UNREADABLE_IMAGE = "unreadable_image"
 NEAR_DUPLICATE_IMAGE = "near_duplicate_image"
 VIEWS_DIR = "views"
+FACTS_DIR = "facts"
 
 
 @dataclass(frozen=True)
@@ -59,10 +84,16 @@ class GenerateConfig:
     """The folder of photos (searched recursively)."""
     out_dir: str
     """Where the shards, `manifest.json` and second views go; an existing run there is resumed."""
-    prompt: str = PROMPT_VERSION
-    """A packaged prompt name or a prompt file path."""
+    mode: Literal["tasks", "pages"] = "tasks"
+    """"tasks": mmE5 examples from photos (a task, a modality combination, a hard negative); "pages": for
+    images of document pages, `queries_per_page` queries that find each page (ColPali / mmE5 VisDoc)."""
+    queries_per_page: int = 3
+    """With `mode: pages`: queries asked per page, each one row."""
+    prompt: str | None = None
+    """A packaged prompt name or a prompt file path; None: the mode's packaged prompt (`mme5_v1` for tasks,
+    `visdoc_queries_v1` for pages)."""
     choices: PlanChoices = field(default_factory=PlanChoices)
-    """Allowed tasks, combinations and languages."""
+    """Allowed tasks, combinations and languages (the pages mode uses the languages only)."""
     seed: int = 0
     """Seeds the suggested plans (and the backend's sampling)."""
     shard: str | None = None
@@ -85,6 +116,14 @@ class GenerateConfig:
             raise ConfigError(f"max_image_side must be >= 28, got {self.max_image_side}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if self.mode not in ("tasks", "pages"):
+            raise ConfigError(f"mode must be 'tasks' or 'pages', got {self.mode!r}")
+        if self.queries_per_page < 1:
+            raise ConfigError(f"queries_per_page must be >= 1, got {self.queries_per_page}")
+
+    @property
+    def pages(self) -> bool:
+        return self.mode == "pages"
 
 
 def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: str = "") -> Manifest:
@@ -96,8 +135,12 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
     if not photos:
         raise ConfigError(f"image folder {str(image_dir)!r} holds no image files")
     shard = parse_shard(config.shard)
-    prompt = load_prompt(config.prompt)
-    schema = answer_schema(config.choices)
+    if config.pages:
+        prompt = load_prompt(config.prompt or PAGES_PROMPT_VERSION, PAGE_PLACEHOLDERS)
+        schema = page_answer_schema(config.choices, config.queries_per_page)
+    else:
+        prompt = load_prompt(config.prompt or PROMPT_VERSION, TASK_PLACEHOLDERS)
+        schema = answer_schema(config.choices)
 
     unreadable, hashes = set(), {}
     for photo in photos:  # every photo, not only this shard's: near-duplicate decisions must agree across shards
@@ -114,6 +157,9 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
         prompt_version=prompt.version,
         model=backend.name,
         seed=config.seed,
+        # The tasks mode records no settings (folders written before the pages mode resume as they did); the
+        # pages mode's keys depend on queries_per_page, so a folder resumes only with the same count.
+        settings={"mode": "pages", "queries_per_page": config.queries_per_page} if config.pages else {},
         details={
             "generator": "mllm",
             "backend": backend_kind,
@@ -129,17 +175,18 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
     with ShardedJsonlWriter(out_dir, manifest=manifest, records_per_shard=config.records_per_shard) as writer:
         todo: list[Photo] = []
         for photo in owned:
-            if photo.key in writer:
+            if run.done(photo, writer):
                 continue
             if photo.key in unreadable:
                 writer.reject(photo.key, UNREADABLE_IMAGE)
             elif photo.key in duplicates:
                 writer.reject(photo.key, NEAR_DUPLICATE_IMAGE)
-            else:
+            elif not run.finish_saved_page(photo, writer):
                 todo.append(photo)
         run.generate(todo, backend, writer)
         manifest.details["last_run"] = run.stats()
-    manifest.details["kept_by_combination"] = _kept_by_combination(writer.shard_paths)
+    if not config.pages:
+        manifest.details["kept_by_combination"] = _kept_by_combination(writer.shard_paths)
     manifest.save(out_dir)
     return manifest
 
@@ -167,6 +214,22 @@ class _Run:
             "rejection_examples": dict(sorted(self.examples.items())),
         }
 
+    def done(self, photo: Photo, writer: ShardedJsonlWriter) -> bool:
+        """Whether an earlier run recorded `photo` (a page: rejected, or every one of its query rows)."""
+        if photo.key in writer or not self.config.pages:
+            return photo.key in writer
+        return all(_query_key(photo.key, index) in writer for index in range(self.config.queries_per_page))
+
+    def finish_saved_page(self, photo: Photo, writer: ShardedJsonlWriter) -> bool:
+        """Write the rows of a page whose answer a killed run saved but did not write in full; False if none."""
+        path = self._facts_path(photo)
+        if not self.config.pages or not path.is_file():
+            return False
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        queries = tuple(PageQuery(**query) for query in saved["queries"])
+        self._write_page_rows(photo, PageAnswer(saved["description"], saved["language"], queries), writer)
+        return True
+
     def _requests(self, todo: list[Photo]) -> Iterator[GenerationRequest]:
         for photo in todo:
             try:
@@ -175,7 +238,10 @@ class _Run:
                 self.late_unreadable.add(photo.key)
                 continue
             plan = suggest_plan(photo.key, self.config.seed, self.config.choices)
-            text = self.prompt.render(plan, self.config.choices)
+            if self.config.pages:
+                text = self.prompt.render_pages(plan.language, self.config.choices, self.config.queries_per_page)
+            else:
+                text = self.prompt.render(plan, self.config.choices)
             url = image_data_url(image, max_side=self.config.max_image_side)
             self.requests += 1
             yield GenerationRequest(photo.key, chat_messages(text, url))
@@ -208,10 +274,16 @@ class _Run:
         if result.failure is not None or result.text is None:
             self.failed[result.failure or "no_answer"] += 1
             return
+        config = self.config
         try:
-            answer = parse_answer(
-                result.text, self.config.choices, min_score=self.config.min_score, truncated=result.truncated
-            )
+            if config.pages:
+                page = parse_page_answer(
+                    result.text, config.choices, config.queries_per_page, truncated=result.truncated
+                )
+            else:
+                answer = parse_answer(
+                    result.text, config.choices, min_score=config.min_score, truncated=result.truncated
+                )
         except Rejected as rejected:
             if writer.reject(photo.key, rejected.reason) and rejected.reason not in self.examples:
                 self.examples[rejected.reason] = {
@@ -219,6 +291,10 @@ class _Run:
                     "detail": rejected.detail[:200],
                     "answer_start": result.text[:200],
                 }
+            return
+        if config.pages:
+            self._save_facts(photo, page)
+            self._write_page_rows(photo, page, writer)
             return
         sides = sides_of(answer.combination)
         view = None
@@ -228,9 +304,27 @@ class _Run:
             except OSError:
                 writer.reject(photo.key, UNREADABLE_IMAGE)
                 return
-        photo_ref = Path(os.path.relpath(photo.path.resolve(), self.out_dir.resolve())).as_posix()
-        row = training_row(answer, photo_ref, view)
+        row = training_row(answer, self._photo_ref(photo), view)
         writer.write(photo.key, row, signature=text_signature(row))
+
+    def _photo_ref(self, photo: Photo) -> str:
+        """The photo's path as it goes into a row: relative to the shard folder."""
+        return Path(os.path.relpath(photo.path.resolve(), self.out_dir.resolve())).as_posix()
+
+    def _write_page_rows(self, photo: Photo, page: PageAnswer, writer: ShardedJsonlWriter) -> None:
+        """One row per query; the writer skips the keys an interrupted run already wrote."""
+        page_ref = self._photo_ref(photo)
+        for index, query in enumerate(page.queries):
+            row = page_query_row(query, page_ref)
+            writer.write(_query_key(photo.key, index), row, signature=page_query_signature(row))
+
+    def _facts_path(self, photo: Photo) -> Path:
+        return self.out_dir / FACTS_DIR / f"{hashlib.sha256(photo.key.encode('utf-8')).hexdigest()[:20]}.json"
+
+    def _save_facts(self, photo: Photo, page: PageAnswer) -> None:
+        """The accepted answer, facts included, saved atomically before any of its rows."""
+        with atomic_write(self._facts_path(photo), "w") as handle:
+            json.dump({"key": photo.key, **asdict(page)}, handle, ensure_ascii=False, indent=1)
 
     def _write_view(self, photo: Photo) -> str:
         """Save the photo's second view under `views/` (atomically; the same file on every run)."""
@@ -241,6 +335,11 @@ class _Run:
         with atomic_write(target, "wb") as handle:
             view.save(handle, format="JPEG", quality=95)
         return name
+
+
+def _query_key(page_key: str, index: int) -> str:
+    """The record key of a page's `index`-th query (a page's own key is never an image file name plus '#')."""
+    return f"{page_key}#{index}"
 
 
 def _kept_by_combination(shard_paths: list[Path]) -> dict[str, int]:

@@ -23,6 +23,12 @@ from unime.errors import ConfigError
 
 PROMPT_VERSION = "mme5_v1"
 """The default prompt file (`prompts/mme5_v1.txt`)."""
+PAGES_PROMPT_VERSION = "visdoc_queries_v1"
+"""The default prompt file of the pages mode (`prompts/visdoc_queries_v1.txt`)."""
+TASK_PLACEHOLDERS = ("task", "combination", "language", "tasks", "combinations", "languages")
+"""What a prompt of the tasks mode may use."""
+PAGE_PLACEHOLDERS = ("language", "languages", "queries_per_page")
+"""What a prompt of the pages mode may use."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,10 @@ class PromptTemplate:
     version: str
     """`<file stem>@<first 12 hex digits of the file's sha256>`: an edited file gets a new version."""
     text: str
-    """The template, with `$task`, `$combination`, `$language`, `$tasks`, `$combinations`, `$languages`."""
+    """The template, with the placeholders of its mode (`TASK_PLACEHOLDERS` or `PAGE_PLACEHOLDERS`)."""
 
     def render(self, plan: Plan, choices: PlanChoices) -> str:
+        """The tasks mode's request text."""
         values = {
             "task": plan.task,
             "combination": plan.combination,
@@ -45,9 +52,16 @@ class PromptTemplate:
         }
         return string.Template(self.text).substitute(values)
 
+    def render_pages(self, language: str, choices: PlanChoices, queries_per_page: int) -> str:
+        """The pages mode's request text."""
+        values = {"language": language, "languages": ", ".join(choices.languages)}
+        return string.Template(self.text).substitute(values, queries_per_page=queries_per_page)
 
-def load_prompt(name_or_path: str = PROMPT_VERSION) -> PromptTemplate:
-    """A packaged prompt by name (`"mme5_v1"`) or a prompt file by path."""
+
+def load_prompt(
+    name_or_path: str = PROMPT_VERSION, placeholders: tuple[str, ...] = TASK_PLACEHOLDERS
+) -> PromptTemplate:
+    """A packaged prompt by name (`"mme5_v1"`) or a prompt file by path; it may use `placeholders` only."""
     path = Path(name_or_path)
     if path.suffix == ".txt" or path.is_file():
         if not path.is_file():
@@ -59,18 +73,18 @@ def load_prompt(name_or_path: str = PROMPT_VERSION) -> PromptTemplate:
             available = sorted(p.name[:-4] for p in packaged.parent.iterdir() if p.name.endswith(".txt"))
             raise ConfigError(f"unknown prompt {name_or_path!r}; packaged prompts: {available}")
         text, stem = packaged.read_text(encoding="utf-8"), name_or_path
-    _check_placeholders(text, stem)
+    _check_placeholders(text, stem, placeholders)
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
     return PromptTemplate(version=f"{stem}@{digest}", text=text)
 
 
-def _check_placeholders(text: str, where: str) -> None:
+def _check_placeholders(text: str, where: str, placeholders: tuple[str, ...]) -> None:
     try:
-        string.Template(text).substitute(task="", combination="", language="", tasks="", combinations="", languages="")
+        string.Template(text).substitute(dict.fromkeys(placeholders, ""))
     except (KeyError, ValueError) as err:
+        names = ", ".join(f"${name}" for name in placeholders)
         raise ConfigError(
-            f"prompt {where!r}: unknown or malformed placeholder ({err}); use $task, $combination, "
-            "$language, $tasks, $combinations, $languages, and $$ for a literal $"
+            f"prompt {where!r}: unknown or malformed placeholder ({err}); use {names}, and $$ for a literal $"
         ) from err
 
 

@@ -15,6 +15,8 @@ like this; "view" is `images.second_view` of the photo, saved beside the shards:
 
 When both sides carry an image, the candidate gets the view, so that the pair is not matched by identical
 pixels. The instruction goes on the query side.
+
+The pages mode writes one row per query: text query -> the page image (`page_query_row`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from unime.data_synth.mllm.answer import Answer
+from unime.data_synth.mllm.answer import Answer, PageQuery
 from unime.data_synth.mllm.plan import sides_of
+from unime.data_synth.pages import QUERY_INSTRUCTION
 
 SOURCE_PREFIX = "mllm_synthetic"
+PAGES_SOURCE = "Generated-VisDoc"
+"""The source of the pages mode's rows (the drawn pages' rows are "Synthetic-VisDoc")."""
 
 
 def training_row(answer: Answer, photo: str, view: str | None) -> dict[str, Any]:
@@ -60,6 +65,24 @@ def training_row(answer: Answer, photo: str, view: str | None) -> dict[str, Any]
         "negatives": negatives,
         "source": f"{SOURCE_PREFIX}/{answer.task}/{answer.combination}/{answer.language}",
     }
+
+
+def page_query_row(query: PageQuery, page: str) -> dict[str, Any]:
+    """The row of one query of the pages mode: the query text (with the drawn pages' instruction, so that both
+    kinds of page data train and evaluate alike) finds the page image. No negative: page negatives come from
+    mining, as for the image-only candidates of the tasks mode."""
+    return {
+        "query": {"text": query.query, "instruction": QUERY_INSTRUCTION},
+        "positive": {"image": page},
+        "negatives": [],
+        "source": PAGES_SOURCE,
+    }
+
+
+def page_query_signature(row: dict[str, Any]) -> str:
+    """Near-duplicate signature of a pages-mode row: its normalised query alone. The same query written for two
+    pages cannot find either of them, so the second is rejected."""
+    return f"{row['source']}|{_normalise(row['query']['text'])}"
 
 
 def text_signature(row: dict[str, Any]) -> str:
