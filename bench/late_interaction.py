@@ -1,7 +1,9 @@
-"""Late-interaction benchmark: exact vectorised MaxSim scoring against a naive per-pair loop.
+"""Late-interaction benchmark: exact vectorised MaxSim scoring against a naive per-pair loop; encode throughput of
+token matrices against single vectors on the same model; memory per page.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/late_interaction.py [--queries 32] [--documents 256] [--dim 128]
         [--query-tokens 8 32] [--document-tokens 8 32 16 64 16 256 300 800] [--repeats 3] [--threads 1]
+        [--pages 32] [--batch-size 8] [--model-size small] [--page-size 384 512] [--parts scoring encode]
 
 Random L2-normalised token matrices (float32) with ragged lengths: queries of `--query-tokens` MIN MAX tokens, and
 documents in each `--document-tokens` MIN MAX range given (short and long passages of text, then pages, whose image
@@ -15,6 +17,14 @@ Both do the same multiply-adds (the vectorised path multiplies only real query t
 length-sorted documents to its longest), so once the matrices are large the naive loop is bound by arithmetic too
 and the ratio falls towards the gain of one large matmul over many small ones; it is largest where per-pair
 overhead dominates (short matrices, many pairs).
+
+Encode (`--parts encode`): `--pages` document pages drawn by `unime.data_synth.pages` (the generator's default size),
+encoded by one qwen2_vl model (`--model-size`, built in code) with a multi-vector head of `--dim`, at the same batch
+size, as single vectors (`encode(pages)`) and as token matrices (`encode(pages, output="multi_vector")`): pages/s of
+each (best of `--repeats`) and their ratio. Both run the same backbone forward; the multi-vector path adds the
+head's projection and normalisation of every token and hands back one matrix per page. Memory per page is what the
+token matrices of those pages hold: mean kept tokens per page x dim x 4 bytes (float32) or 2 (float16), beside one
+single vector.
 """
 
 from __future__ import annotations
@@ -26,6 +36,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import unime
+from unime.config import MultiVectorConfig
+from unime.data_synth.pages import PagesSynthConfig, draw_page, plan
 from unime.late_interaction import maxsim
 
 
@@ -105,6 +118,48 @@ def bench_scoring(args: argparse.Namespace) -> None:
         )
 
 
+def drawn_pages(count: int, width: int, height: int) -> list:
+    """`count` distinct document pages (PIL images) from the procedural generator, seed 0."""
+    queries = plan(PagesSynthConfig(train=0, held_out=count, negatives=1, seed=0, width=width, height=height))
+    return [draw_page(query.page, width, height) for query in queries]
+
+
+def bench_encode(args: argparse.Namespace) -> None:
+    model = unime.build_tiny("qwen2_vl", size=args.model_size, multi_vector=MultiVectorConfig(dim=args.dim))
+    pages = drawn_pages(args.pages, *args.page_size)
+    items = [{"image": page} for page in pages]
+
+    def single() -> object:
+        return model.encode(items, batch_size=args.batch_size, show_progress_bar=False)  # [N, D]
+
+    def multi() -> list:
+        return model.encode(items, batch_size=args.batch_size, output="multi_vector", show_progress_bar=False)
+
+    single_s, vectors = best_time(single, args.repeats)
+    multi_s, matrices = best_time(multi, args.repeats)
+    tokens = [len(m) for m in matrices]
+    mean_tokens = sum(tokens) / len(tokens)
+    print(
+        f"\nEncode: {len(pages)} drawn pages of {args.page_size[0]}x{args.page_size[1]} px, qwen2_vl "
+        f"size={args.model_size} with a multi-vector head (dim {args.dim}), batch size {args.batch_size}, "
+        f"{torch.get_num_threads()} thread(s), best of {args.repeats}"
+    )
+    print("| output | pages/s | relative to single vector |")
+    print("|---|---|---|")
+    print(f"| single vector ({vectors.shape[1]} dims) | {len(pages) / single_s:.2f} | 1.00x |")
+    print(f"| multi-vector (token matrices) | {len(pages) / multi_s:.2f} | **{single_s / multi_s:.2f}x** |")
+    print(
+        f"\nMemory per page: {mean_tokens:.1f} kept tokens per page on average (min {min(tokens)}, max {max(tokens)})"
+    )
+    print("| representation | bytes per page | relative to one float32 single vector |")
+    print("|---|---|---|")
+    single_bytes = vectors.shape[1] * 4
+    print(f"| single vector, float32 ({vectors.shape[1]} dims) | {single_bytes:,} | 1x |")
+    for name, width in (("float32", 4), ("float16", 2)):
+        per_page = mean_tokens * args.dim * width
+        print(f"| token matrix, {name} (dim {args.dim}) | {per_page:,.0f} | {per_page / single_bytes:.0f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=32)
@@ -120,11 +175,19 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--pages", type=int, default=32, help="drawn pages to encode")
+    parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass, the same for both outputs")
+    parser.add_argument("--model-size", choices=["tiny", "small"], default="small", help="the qwen2_vl built in code")
+    parser.add_argument("--page-size", type=int, nargs=2, default=[384, 512], metavar=("WIDTH", "HEIGHT"))
+    parser.add_argument("--parts", nargs="+", choices=["scoring", "encode"], default=["scoring", "encode"])
     args = parser.parse_args()
     if len(args.document_tokens) % 2:
         parser.error("--document-tokens takes MIN MAX pairs")
     torch.set_num_threads(args.threads)
-    bench_scoring(args)
+    if "scoring" in args.parts:
+        bench_scoring(args)
+    if "encode" in args.parts:
+        bench_encode(args)
 
 
 if __name__ == "__main__":
