@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -198,12 +199,10 @@ def test_reads_are_memory_mapped(tmp_path: Path):
     big = np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)
     EmbeddingStore(tmp_path, NAMESPACE, shard_size=4096).fill(wanted, lambda positions: big[positions], batch_size=4096)
 
-    def resident() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    before = resident()
+    process = psutil.Process()
+    before = process.memory_info().rss
     store = EmbeddingStore(tmp_path, NAMESPACE)
-    assert resident() - before < 16 << 20
+    assert process.memory_info().rss - before < 16 << 20
     assert np.array_equal(store.get(wanted[:3]), big[:3])
 
 

@@ -48,12 +48,17 @@ def rows_of(split: tuple[int, ...], r: int) -> slice:
     return slice(start, start + split[r])
 
 
-def _worker(r: int, port: int, out_dir: str) -> None:
-    """One rank: compute every case on its rows, average like DDP, save what the parent checks."""
+def join_gloo_group(r: int, port: int, world: int = WORLD) -> None:
+    """Make this process rank `r` of a local gloo group of `world` processes (one torch thread each)."""
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=r, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=r, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _worker(r: int, port: int, out_dir: str) -> None:
+    """One rank: compute every case on its rows, average like DDP, save what the parent checks."""
+    join_gloo_group(r, port)
     try:
         results: dict = {"rank": rank(), "world_size": world_size()}
         full = full_batch()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tests.losses.test_distributed import free_port, rows_of
+from tests.losses.test_distributed import free_port, join_gloo_group, rows_of
 from unime.late_interaction import maxsim
 from unime.losses import late_interaction_loss
 from unime.losses.late_interaction import late_interaction_candidates
@@ -249,10 +247,7 @@ def shard(full: tuple[torch.Tensor, ...], rows: slice) -> list[torch.Tensor]:
 
 def _worker(r: int, port: int, out_dir: str) -> None:
     """One rank: every case on its rows, loss and gradients averaged over ranks like DDP, saved for the parent."""
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=r, world_size=WORLD, timeout=timedelta(seconds=60))
+    join_gloo_group(r, port, WORLD)
     try:
         full = example(seed=5)
         batch = full[0].shape[0]

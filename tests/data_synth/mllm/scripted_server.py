@@ -75,15 +75,29 @@ class ScriptedChatServer:
         self.server.shutdown()
         self.server.server_close()
 
-    def respond(self, body: dict) -> tuple[int, dict, dict]:
-        """(status, headers, JSON body) for one request."""
+    def read_request(self, body: dict) -> tuple[str, str, int]:
+        """The request's prompt, its photo's digest, and which attempt for that photo this is (counted)."""
         content = body["messages"][0]["content"]
         url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
         prompt = next(part["text"] for part in content if part["type"] == "text")
         digest = photo_digest(url)
         with self.lock:
             self.attempts[digest] += 1
-            attempt = self.attempts[digest]
+            return prompt, digest, self.attempts[digest]
+
+    @staticmethod
+    def completion(body: dict, completion_id: str, text: str) -> dict:
+        """A chat completion whose one choice says `text`."""
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "model": body.get("model", ""),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }
+
+    def respond(self, body: dict) -> tuple[int, dict, dict]:
+        """(status, headers, JSON body) for one request."""
+        prompt, digest, attempt = self.read_request(body)
         behaviour = self.script.get(digest, "valid")
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -108,13 +122,7 @@ class ScriptedChatServer:
             if behaviour == "duplicate_text":
                 answer = answer_for("shared", task, "I->T", language)
             text = json.dumps(answer)
-        completion = {
-            "id": f"chatcmpl-{digest}-{attempt}",
-            "object": "chat.completion",
-            "model": body.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        }
-        return 200, {}, completion
+        return 200, {}, self.completion(body, f"chatcmpl-{digest}-{attempt}", text)
 
     def _handler_class(self):
         outer = self

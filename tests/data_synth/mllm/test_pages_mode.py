@@ -56,12 +56,8 @@ class ScriptedPageServer(ScriptedChatServer):
     """Answers the pages prompt: `count` queries in the language the prompt suggests, as the script says."""
 
     def respond(self, body: dict) -> tuple[int, dict, dict]:
-        content = body["messages"][0]["content"]
-        url = next(part["image_url"]["url"] for part in content if part["type"] == "image_url")
-        prompt = next(part["text"] for part in content if part["type"] == "text")
-        digest = photo_digest(url)
+        prompt, digest, _ = self.read_request(body)
         with self.lock:
-            self.attempts[digest] += 1
             self.schemas.append(body["response_format"]["json_schema"]["schema"])
         behaviour = self.script.get(digest, "valid")
         language, count = LANGUAGE.search(prompt).group(1), int(COUNT.search(prompt).group(1))
@@ -81,13 +77,7 @@ class ScriptedPageServer(ScriptedChatServer):
             queries[-1]["query"] = queries[0]["query"].upper()
         answer = {"description": f"A report page, {digest}.", "language": language, "queries": queries}
         text = '{"description": "a page", "queries": [' if behaviour == "invalid_json" else json.dumps(answer)
-        completion = {
-            "id": f"chatcmpl-{digest}",
-            "object": "chat.completion",
-            "model": body.get("model", ""),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        }
-        return 200, {}, completion
+        return 200, {}, self.completion(body, f"chatcmpl-{digest}", text)
 
     def __init__(self, script: dict[str, str]):
         super().__init__(script)
