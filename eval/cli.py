@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,17 +23,20 @@ from tyro.conf import Positional
 
 import unime
 from unime.errors import ConfigError, UnimeError
+from unime.eval.embedding import RayBackedEncoder, UnimeEncoderFactory
 from unime.eval.encoders import HTTPEncoder, SentenceTransformersEncoder, UnimeEncoder
 from unime.eval.report import plot_comparison
 from unime.eval.runner import EvalConfig, run_eval, write_outputs
 from unime.eval.synthetic import write_synthetic_benchmark
+from unime.ray_engine import EngineSettings, RayEncoding, ray_cluster
 
 
 @dataclass(kw_only=True)
-class EvalRunSettings(EvalConfig):
+class EvalRunSettings(EvalConfig, EngineSettings):
     """Evaluate a model on benchmarks: the harness's settings (`EvalConfig`), plus what to evaluate and where to
     write. With no benchmark given, the synthetic benchmark is written under `<out>/synthetic-benchmark` and
-    evaluated; with no model, a tiny Qwen2-VL built in memory."""
+    evaluated; with no model, a tiny Qwen2-VL built in memory. With `--engine ray` (and `--model`), the items
+    are embedded on a Ray cluster."""
 
     model: str | None = None
     """A unime model directory or hub name (loaded with unime.load)."""
@@ -112,6 +116,12 @@ def _encoder(args: EvalRunSettings):
     chosen = [flag for flag in ("model", "st", "http") if getattr(args, flag)]
     if len(chosen) > 1:
         raise ConfigError(f"choose one of --model, --st, --http (got {', '.join('--' + c for c in chosen)})")
+    if args.on_ray and not args.model:
+        raise ConfigError("--engine ray embeds with a model directory the workers load: give --model")
+    if args.model and args.on_ray:
+        ray = RayEncoding(UnimeEncoderFactory(args.model, args.truncate_dim, args.batch_size), args.ray)
+        # The model here gives the fingerprint (the cache's namespace) and token matrices; the actors embed.
+        return RayBackedEncoder(UnimeEncoder(args.model, truncate_dim=args.truncate_dim, device="cpu"), ray)
     if args.model:
         return UnimeEncoder(args.model, truncate_dim=args.truncate_dim)
     if args.st:
@@ -170,7 +180,9 @@ def run_eval_command(args: EvalRunSettings) -> int:
     reranker = _reranker(args)
     if config.rerank_datasets and reranker is None:
         raise ConfigError("--rerank-datasets needs --reranker or --reranker-st")
-    results = run_eval(_encoder(args), config, reranker=reranker)
+    encoder = _encoder(args)
+    with ray_cluster(args.ray) if args.on_ray else nullcontext():
+        results = run_eval(encoder, config, reranker=reranker)
     paths = write_outputs(results, out, plots=args.plots)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']}" + (f" and plots in {out / 'plots'}" if args.plots else ""))

@@ -4,20 +4,26 @@ The cache is unime's embedding store (`unime.embedding_store.EmbeddingStore`, th
 use too), namespaced by the encoder's fingerprint and keyed by each item's content (`item_key`: text, image
 bytes, role, instruction). Shards are written atomically every `shard_size` new vectors, so a run that is
 interrupted resumes by embedding only what is missing. Without a cache folder the vectors stay in memory.
+
+A `RayBackedEncoder` (`unime eval run --engine ray`) embeds what the cache lacks on a Ray cluster instead: one Ray
+job per set of items, each actor holding its own copy of the model (`UnimeEncoderFactory`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from unime.embedding_store import EmbeddingStore, content_key
-from unime.eval.encoders import Encoder
+from unime.eval.encoders import Encoder, UnimeEncoder
 from unime.inputs import Input
+from unime.ray_engine import Encode, RayEncoding
 
 
 @dataclass
@@ -70,6 +76,14 @@ def embed_distinct(
             cache folder holds another layout or a damaged shard.
     """
     stats = EmbedStats(listed=len(items), distinct=len(items))
+    if isinstance(encoder, RayBackedEncoder):
+        store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
+        keys = [item_key(item) for item in items]
+        # Ray shows its own progress, per job.
+        stats.encoded = encoder.ray.fill(
+            store, keys, items, source="the encoder", label=lambda i: f"item {i}", unit="items"
+        )
+        return store.get(keys), stats
     bar = tqdm(total=len(items), desc=progress or "", unit="item", disable=progress is None, leave=False)
     try:
         store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
@@ -105,3 +119,45 @@ class ItemTable:
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass
+class UnimeEncoderFactory:
+    """Builds a `UnimeEncoder` in each Ray actor (`unime.ray_engine.EncoderFactory`): the model loaded once, by
+    path, with the evaluation's settings."""
+
+    model: str
+    """The model directory or hub name (every node of the cluster must reach it)."""
+    truncate_dim: int | None = None
+    """Matryoshka truncation, as `UnimeEncoder` takes it."""
+    batch_size: int = 32
+    """Items per forward pass."""
+
+    def __call__(self) -> Encode:
+        return functools.partial(
+            UnimeEncoder(self.model, truncate_dim=self.truncate_dim).encode, batch_size=self.batch_size
+        )
+
+
+class RayBackedEncoder:
+    """An encoder whose benchmark items are embedded on a Ray cluster by `embed_distinct` (what the cache lacks goes
+    to `ray`'s actor pool, inside `unime.ray_engine.ray_cluster`). Everything else (fingerprint, so the same cache;
+    token matrices, which are not cached) is the local encoder's."""
+
+    def __init__(self, local: Encoder, ray: RayEncoding) -> None:
+        self.local = local
+        self.ray = ray
+
+    @property
+    def fingerprint(self) -> str:
+        return self.local.fingerprint
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.local.describe(), "engine": "ray"}
+
+    def encode(self, items: Sequence[Input], *, batch_size: int = 32) -> np.ndarray:
+        return self.local.encode(items, batch_size=batch_size)
+
+    def __getattr__(self, name: str) -> Any:
+        # The local encoder's other abilities (has_multi_vector, encode_multi_vector) stay visible.
+        return getattr(self.local, name)

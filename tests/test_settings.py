@@ -242,7 +242,7 @@ def test_wrong_keys_and_values_are_named_with_the_valid_choices(tmp_path, capsys
 
 def test_unknown_commands_are_named_with_the_known_ones(capsys) -> None:
     assert main(["serv"]) == 2
-    assert "unknown command 'serv'; known: backbones, convert, demo, eval, generate" in capsys.readouterr().err
+    assert "unknown command 'serv'; known: backbones, convert, demo, encode, eval, generate" in capsys.readouterr().err
     assert main(["eval"]) == 2
     assert "`unime eval` needs one of: run, synthetic, compare" in capsys.readouterr().err
     assert main(["--help"]) == 0

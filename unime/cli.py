@@ -123,6 +123,12 @@ def _mine() -> tuple[type, Runner]:
     return MineSettings, run_mine
 
 
+def _encode() -> tuple[type, Runner]:
+    from unime.data_synth.encode import EncodeSettings, run_encode
+
+    return EncodeSettings, run_encode
+
+
 def _generate() -> tuple[type, Runner]:
     from unime.data_synth.mllm.command import GenerateSettings, run_generate
 
@@ -179,6 +185,7 @@ COMMANDS: list[Command] = [
     Command("convert", "convert a public training-data layout into unime's schema", _convert),
     Command("synth", "generate synthetic training data", _synth),
     Command("mine", "mine hard negatives for training rows (faiss, false-negative filters)", _mine),
+    Command("encode", "embed a corpus into the embedding store (locally or on a Ray cluster)", _encode),
     Command("eval run", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _eval_run),
     Command("eval synthetic", "write the synthetic benchmark (MMEB, SugarCrepe, retrieval, visdoc)", _eval_synthetic),
     Command("eval compare", "plot several evaluation runs' results side by side", _eval_compare),

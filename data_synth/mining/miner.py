@@ -16,29 +16,33 @@ KL loss), else the embedding similarities.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+import unime
 from unime.atomic import write_jsonl_atomic
 from unime.data.dataset import DataError, image_problem, load_examples, parse_side
 from unime.data.schema import TrainExample
 from unime.data_synth.manifest import Manifest, make_output_directory
 from unime.data_synth.mining.search import SearchMethod, search
 from unime.data_synth.sharding import ALL, Shard
+from unime.embedder import Embedder
 from unime.embedding_store import EmbeddingStore, content_key, file_digest
 from unime.errors import ConfigError
 from unime.inputs import Input
+from unime.ray_engine import RayEncoding
 from unime.retrieve_rerank import PairScorer
 
 Judge = PairScorer
@@ -130,19 +134,19 @@ class SideEmbedder:
 
     The embedder is an `unime.Embedder`, or any sentence-transformers-style model whose `encode(inputs,
     prompt=..., prompt_name=..., batch_size=..., normalize_embeddings=...)` takes the inputs and an instruction.
+    With `ray`, the vectors the store lacks are computed on a Ray cluster (each actor loads its own copy of the
+    model, see `MiningEncoder`); the embedder here then only names the instructions.
     """
 
-    def __init__(self, embedder: Any, cache: EmbeddingStore, batch_size: int = 32):
+    def __init__(self, embedder: Any, cache: EmbeddingStore, batch_size: int = 32, ray: RayEncoding | None = None):
         self.embedder = embedder
         self.cache = cache
         self.batch_size = batch_size
+        self.ray = ray
         self.hits = 0
         """Vectors read from the store (repeats counted)."""
         self.computed = 0
         """Vectors computed (distinct inputs that were not stored)."""
-        from unime.embedder import Embedder
-
-        self._unime = isinstance(embedder, Embedder)
 
     def look(self, side: Input) -> tuple:
         """What a side shows: its text and its image's bytes. A copy of the positive's image under another name is
@@ -159,37 +163,67 @@ class SideEmbedder:
             return instruction_for(role, None)
         return getattr(self.embedder, "prompts", {}).get(role)
 
-    def embed(self, sides: Sequence[Input], role: str) -> np.ndarray:
-        """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
+    def fill(self, sides: Sequence[Input], role: str) -> list[str]:
+        """Compute and store the vectors of `sides` the store lacks; returns their keys. `role` is "query" or
+        "document" (its default instruction)."""
+        resolved = [replace(side, instruction=self._instruction(side, role)) for side in sides]
         keys = [
-            content_key(text=side.text, image=side.image, instruction=self._instruction(side, role), role=role)
-            for side in sides
+            content_key(text=side.text, image=side.image, instruction=side.instruction, role=role) for side in resolved
         ]
+        self.hits += len(keys) - len(self.cache.missing(keys))
+        if self.ray is not None:
+            self.computed += self.ray.fill(self.cache, keys, resolved, source="the embedder")
+            return keys
 
         def compute(positions: list[int]) -> np.ndarray:
-            groups: dict[str | None, list[int]] = {}
-            for slot, position in enumerate(positions):
-                groups.setdefault(self._instruction(sides[position], role), []).append(slot)
-            out: np.ndarray | None = None
-            for instruction, slots in groups.items():
-                inputs = [_embed_input(sides[positions[slot]], self._unime) for slot in slots]
-                vectors = np.asarray(
-                    self.embedder.encode(
-                        inputs, prompt=instruction, batch_size=self.batch_size, normalize_embeddings=True
-                    ),
-                    dtype=np.float32,
-                )  # [len(slots), D]
-                if out is None:
-                    out = np.zeros((len(positions), vectors.shape[1]), dtype=np.float32)
-                out[slots] = vectors
-            return out
+            return encode_sides(self.embedder, [resolved[p] for p in positions], self.batch_size)
 
-        self.hits += len(keys) - len(self.cache.missing(keys))
         # A shard's worth per call: `compute` batches by instruction itself, and a kill loses at most one shard.
         self.computed += self.cache.fill(keys, compute, batch_size=self.cache.shard_size, source="the embedder")
-        vectors = self.cache.get(keys)
+        return keys
+
+    def embed(self, sides: Sequence[Input], role: str) -> np.ndarray:
+        """`[len(sides), dim]` L2-normalised vectors; `role` is "query" or "document" (its default instruction)."""
+        vectors = self.cache.get(self.fill(sides, role))
         norms = np.linalg.norm(vectors, axis=1, keepdims=True) if len(vectors) else 1.0
         return vectors / np.maximum(norms, 1e-12)
+
+
+def encode_sides(embedder: Any, sides: Sequence[Input], batch_size: int) -> np.ndarray:
+    """`[len(sides), D]` unit vectors of sides whose `instruction` is the one to apply (already resolved by
+    `SideEmbedder`): one `encode` call per distinct instruction."""
+    groups: dict[str | None, list[int]] = {}
+    for slot, side in enumerate(sides):
+        groups.setdefault(side.instruction, []).append(slot)
+    out: np.ndarray | None = None
+    for instruction, slots in groups.items():
+        inputs = [_embed_input(sides[slot], isinstance(embedder, Embedder)) for slot in slots]
+        vectors = np.asarray(
+            embedder.encode(inputs, prompt=instruction, batch_size=batch_size, normalize_embeddings=True),
+            dtype=np.float32,
+        )  # [len(slots), D]
+        if out is None:
+            out = np.zeros((len(sides), vectors.shape[1]), dtype=np.float32)
+        out[slots] = vectors
+    assert out is not None, "encode_sides needs at least one side"
+    return out
+
+
+@dataclass
+class MiningEncoder:
+    """Mining's encoder, built in each Ray actor (`unime.ray_engine.EncoderFactory`): the embedder of `model_dir`
+    loaded once, sides encoded as `SideEmbedder` encodes them here."""
+
+    model_dir: str
+    """The embedder's model directory (unime.load); every node of the cluster must see it."""
+    batch_size: int = 32
+    """Inputs per forward pass."""
+    device: str | None = None
+    """torch device in the actor (default: cuda if the actor has a GPU)."""
+
+    def __call__(self) -> Callable[[list[Input]], np.ndarray]:
+        embedder = unime.load(self.model_dir, **({"device": self.device} if self.device else {}))
+        return functools.partial(encode_sides, embedder, batch_size=self.batch_size)
 
 
 def _embed_input(side: Input, text_as_dict: bool) -> Any:
@@ -254,6 +288,7 @@ def mine_hard_negatives(
     judge: Judge | None = None,
     cache: EmbeddingStore | None = None,
     report: MiningReport | None = None,
+    ray: RayEncoding | None = None,
 ) -> tuple[list[MinedRow], MiningReport]:
     """Mine negatives for `examples` from `corpus` (default: the examples' distinct positives).
 
@@ -264,12 +299,13 @@ def mine_hard_negatives(
         corpus: candidate documents; default: every distinct positive of `examples`.
         judge: optional scorer of (query, document) pairs (see `Judge`).
         cache: where embeddings are kept (default: in memory only).
+        ray: compute the embeddings on a Ray cluster (inside `unime.ray_engine.ray_cluster`); default here.
     """
     config = config or MiningConfig()
     _check(config)
     report = report or MiningReport()
     cache = cache if cache is not None else EmbeddingStore(None, "memory")
-    sides = SideEmbedder(embedder, cache, config.batch_size)
+    sides = SideEmbedder(embedder, cache, config.batch_size, ray)
     if corpus is None:
         unique: dict[tuple, Input] = {}
         for example in examples:
@@ -494,11 +530,12 @@ def mine_file(
     judge_id: str = "",
     cache_dir: str | Path | None = None,
     shard: Shard = ALL,
+    ray: RayEncoding | None = None,
 ) -> tuple[Path, Manifest]:
     """Mine negatives for the rows of `train_path` (a file, or a generated folder) this shard owns and write
     them to `out_path` (atomic), with `<out>.manifest.json` beside it. Rows that fail validation (bad fields,
-    unreadable images) are counted by reason in the manifest and not written. Returns the written path and its
-    manifest."""
+    unreadable images) are counted by reason in the manifest and not written. With `ray`, the embeddings are
+    computed on a Ray cluster (see `mine_hard_negatives`). Returns the written path and its manifest."""
     config = config or MiningConfig()
     _check(config)
     report = MiningReport()
@@ -527,7 +564,9 @@ def mine_file(
             unique.setdefault(side_content(example.positive), example.positive)
         corpus = list(unique.values())
     cache = EmbeddingStore(cache_dir, model_id)
-    mined, report = mine_hard_negatives(owned, embedder, config, corpus=corpus, judge=judge, cache=cache, report=report)
+    mined, report = mine_hard_negatives(
+        owned, embedder, config, corpus=corpus, judge=judge, cache=cache, report=report, ray=ray
+    )
     report.rows_written = write_jsonl_atomic(out, (mined_row_to_dict(row, out.parent) for row in mined))
     manifest = Manifest(
         generated=len(owned) + sum(load_report.reasons.values()),

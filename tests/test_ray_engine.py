@@ -1,0 +1,179 @@
+"""Embedding a corpus on a real local Ray cluster (2 CPUs, started once for this module): the same vectors as the
+local path, resumable after a failed job, and every key exactly once after a worker dies mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from unime.cli import main
+from unime.data_synth.mining.miner import MiningEncoder
+from unime.data_synth.scenes import describe, draw_scene, random_scene
+from unime.embedding_store import SHARD_NAME, EmbeddingStore, content_key, model_fingerprint
+from unime.inputs import Input
+from unime.ray_engine import RaySettings, fill_store_on_ray
+
+pytestmark = pytest.mark.slow
+
+LINES = 30
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The actors unpickle this module's encoder factories: ship them by value (tests/ is not importable there).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """JSONL of texts, drawn images and image+text lines (images relative to the file)."""
+    root = tmp_path_factory.mktemp("ray-corpus")
+    rng = random.Random(3)
+    lines = []
+    for number in range(LINES):
+        scene = random_scene(rng)
+        kind = number % 3
+        if kind == 0:
+            lines.append({"text": describe(scene) + f" (line {number})"})
+            continue
+        draw_scene(scene, size=48).save(root / f"scene-{number}.png")
+        lines.append({"image": f"scene-{number}.png", **({"text": describe(scene)} if kind == 2 else {})})
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _store(directory: Path, model: Path) -> EmbeddingStore:
+    return EmbeddingStore(directory, model_fingerprint(model))
+
+
+def _shard_keys(store: EmbeddingStore) -> list[str]:
+    """Every key in every shard file of the store, repeats kept."""
+    import torch
+
+    keys: list[str] = []
+    for path in sorted(p for p in store.root.iterdir() if SHARD_NAME.match(p.name)):
+        keys += torch.load(path, weights_only=True)["keys"]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def local_store(corpus, tiny_dir, tmp_path_factory) -> EmbeddingStore:
+    directory = tmp_path_factory.mktemp("local-store")
+    assert main(["encode", str(corpus), str(directory), "--model", str(tiny_dir)]) == 0
+    store = _store(directory, tiny_dir)
+    assert len(store) == LINES
+    return store
+
+
+def _same_vectors(store: EmbeddingStore, expected: EmbeddingStore) -> None:
+    keys = sorted(_shard_keys(expected))
+    assert sorted(_shard_keys(store)) == keys  # the same keys, each once
+    np.testing.assert_allclose(store.get(keys), expected.get(keys), atol=1e-6, rtol=0)
+
+
+def test_encode_on_ray_gives_the_local_vectors(cluster, corpus, tiny_dir, local_store, tmp_path, capsys):
+    directory = tmp_path / "ray-store"
+    argv = ["encode", str(corpus), str(directory), "--model", str(tiny_dir), "--engine", "ray"]
+    assert main([*argv, "--ray.batch-size", "4", "--ray.num-workers", "2"]) == 0
+    assert f"{LINES} computed (ray)" in capsys.readouterr().out
+    _same_vectors(_store(directory, tiny_dir), local_store)
+
+
+def test_a_failed_job_resumes_without_recomputing_finished_blocks(cluster, corpus, tiny_dir, local_store, tmp_path):
+    import unime
+    from unime.data_synth.mining.miner import MiningReport, SideEmbedder, read_corpus
+
+    sides = read_corpus(corpus, MiningReport())
+    embedder = unime.load(tiny_dir, device="cpu")
+    settings = RaySettings(num_workers=2, batch_size=4)
+    store = EmbeddingStore(tmp_path, model_fingerprint(tiny_dir), shard_size=4)
+    # The first job dies on line 21 (block 6 of 8, every block after it too): what came back before is kept.
+    failing = SideEmbedder(embedder, store, ray=_ray(FailsOn(MiningEncoder(str(tiny_dir)), sides[21].text), settings))
+    with pytest.raises(Exception, match="planted failure"):
+        failing.fill(sides, "document")
+    kept = len(_store(tmp_path, tiny_dir))
+    assert 4 <= kept <= 20, kept  # at least the first block, at most the blocks before the failing one
+    first_shards = {p.name: p.read_bytes() for p in store.root.iterdir() if SHARD_NAME.match(p.name)}
+
+    resumed = SideEmbedder(embedder, _store(tmp_path, tiny_dir), ray=_ray(MiningEncoder(str(tiny_dir)), settings))
+    resumed.fill(sides, "document")
+    assert resumed.computed == LINES - kept  # only the missing ones went to the cluster
+    store = _store(tmp_path, tiny_dir)
+    assert all((store.root / name).read_bytes() == data for name, data in first_shards.items())  # left as they were
+    _same_vectors(store, local_store)
+
+
+def test_a_worker_killed_mid_job_leaves_every_key_exactly_once(cluster, corpus, tiny_dir, local_store, tmp_path):
+    import unime
+    from unime.data_synth.mining.miner import MiningReport, read_corpus
+
+    sides = read_corpus(corpus, MiningReport())
+    embedder = unime.load(tiny_dir, device="cpu")
+    instruction = embedder.instruction_for("document", None)
+    resolved = [Input(text=s.text, image=s.image, instruction=instruction) for s in sides]
+    keys = [content_key(text=s.text, image=s.image, instruction=s.instruction, role="document") for s in resolved]
+    marker = tmp_path / "died"
+    store = EmbeddingStore(tmp_path / "store", model_fingerprint(tiny_dir), shard_size=4)
+    dies = DiesOnce(MiningEncoder(str(tiny_dir)), sides[12].text, str(marker))
+    settings = RaySettings(num_workers=2, batch_size=4, max_restarts=2)
+    assert fill_store_on_ray(store, keys, resolved, dies, settings) == LINES
+    assert marker.exists()  # an actor did die (os._exit) on that block; Ray restarted it and retried the block
+    store = _store(tmp_path / "store", tiny_dir)
+    _same_vectors(store, local_store)
+
+
+def _ray(make_encoder, settings):
+    from unime.ray_engine import RayEncoding
+
+    return RayEncoding(make_encoder, settings)
+
+
+@dataclass
+class FailsOn:
+    """An encoder factory whose encoder raises on every block holding `text`."""
+
+    inner: MiningEncoder
+    text: str
+
+    def __call__(self):
+        encode = self.inner()
+
+        def run(inputs: list[Input]):
+            if any(item.text == self.text for item in inputs):
+                raise RuntimeError("planted failure")
+            return encode(inputs)
+
+        return run
+
+
+@dataclass
+class DiesOnce:
+    """An encoder factory whose encoder kills its own process the first time it sees `text` (a marker file
+    remembers it across the actor's restart)."""
+
+    inner: MiningEncoder
+    text: str
+    marker: str
+
+    def __call__(self):
+        encode = self.inner()
+
+        def run(inputs: list[Input]):
+            if any(item.text == self.text for item in inputs) and not os.path.exists(self.marker):
+                Path(self.marker).touch()
+                os._exit(1)
+            return encode(inputs)
+
+        return run
