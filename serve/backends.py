@@ -3,8 +3,9 @@
 A backend runs one batch at a time, from the batcher's worker thread, and returns per-input results and token
 counts. Both return what `unime.load(dir)` would: full-size vectors, normalised as the model is configured
 (the server truncates them per request, renormalising, as `Embedder.encode(truncate_dim=...)` does), and
-reranker scores p(yes). The transformers embedder also gives the token vectors of a multi-vector head, for the
-inputs that ask for them (`TokenVectors`), as `Embedder.encode(..., output="multi_vector")` does.
+reranker scores p(yes). Both embedders also give the token vectors of a multi-vector head, for the inputs that ask
+for them (`TokenVectors`), as `Embedder.encode(..., output="multi_vector")` does (vLLM: for the families it has a
+late-interaction class of, and then token vectors only).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class EmbedderBackend(Protocol):
     """The truncations the model was trained for (its `unime_config.json`); any size up to `dimension` works."""
     multi_vector_dim: int | None
     """Size of the token vectors of the model's multi-vector head; None: the model has none."""
+    single_vector: bool
+    """Whether it gives pooled vectors (the vLLM backend gives a multi-vector model's token vectors only)."""
 
     def instruction_for(self, input_type: str | None) -> str | None: ...
 
@@ -132,6 +135,7 @@ class TransformersEmbedder:
         self.normalize = self.config.normalize
         self.matryoshka_dims = list(self.config.matryoshka_dims)
         self.multi_vector_dim = _multi_vector_dim(self.config)
+        self.single_vector = True
         self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
@@ -242,7 +246,13 @@ def engine_refusals_as_input_errors() -> Iterator[None]:
 
 
 class VllmEmbedder:
-    """The vLLM engine configured from the directory (`unime.vllm_compat`), one prompt per input."""
+    """The vLLM engine configured from the directory (`unime.vllm_compat`), one prompt per input.
+
+    A directory with a multi-vector head runs on vLLM's late-interaction class of its family (ColQwen3 for
+    Qwen3-VL, `vllm_compat.late_interaction_engine_kwargs`): vLLM 0.32 runs one pooling task per engine, and that
+    class gives token vectors only, so such a model serves `TokenVectors` inputs (and MaxSim ranking), not pooled
+    vectors (`single_vector` is False, and the routes answer plain requests with 501).
+    """
 
     def __init__(
         self,
@@ -258,9 +268,12 @@ class VllmEmbedder:
         self.config = self.prompts.config
         self.normalize = self.config.normalize
         self.matryoshka_dims = list(self.config.matryoshka_dims)
-        # Recorded so that a request for token vectors is told this backend does not serve them yet (the routes).
         self.multi_vector_dim = _multi_vector_dim(self.config)
-        kwargs = vllm_compat.embedder_engine_kwargs(model_dir, dtype=dtype)
+        self.single_vector = self.multi_vector_dim is None
+        engine_kwargs = (
+            vllm_compat.embedder_engine_kwargs if self.single_vector else vllm_compat.late_interaction_engine_kwargs
+        )
+        kwargs = engine_kwargs(model_dir, dtype=dtype)
         kwargs.update(_engine_options(tensor_parallel_size, enforce_eager, gpu_memory_utilization, kv_cache_gib))
         self.llm = start_engine(model_dir, kwargs)
         self.dimension = int(self.llm.llm_engine.model_config.get_hidden_size())
@@ -269,15 +282,28 @@ class VllmEmbedder:
     def instruction_for(self, input_type: str | None) -> str | None:
         return _instruction_for(self.config, input_type)
 
-    def embed(self, items: Sequence[Input], instructions: Sequence[str | None]) -> BatchResult:
+    def embed(self, items: Sequence[Input | TokenVectors], instructions: Sequence[str | None]) -> BatchResult:
+        wants_tokens = [isinstance(item, TokenVectors) for item in items]
+        if any(wanted == self.single_vector for wanted in wants_tokens):
+            kind = "pooled vectors" if self.single_vector else "token vectors"
+            raise InvalidInputError(None, f"the vllm backend gives this model's {kind} only")  # the routes refuse first
+        inputs = [item.item if isinstance(item, TokenVectors) else item for item in items]
+        prompts = self.prompts.render(inputs, list(instructions))
+        kwargs = {"tokenization_kwargs": self.prompts.tokenization_kwargs, "use_tqdm": False}
         with engine_refusals_as_input_errors():
-            outputs = self.llm.embed(
-                self.prompts.render(items, list(instructions)),
-                tokenization_kwargs=self.prompts.tokenization_kwargs,
-                use_tqdm=False,
-            )
-        vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)  # [n, D]
-        return BatchResult(values=vectors, tokens=[len(output.prompt_token_ids) for output in outputs])
+            if self.single_vector:
+                outputs = self.llm.embed(prompts, **kwargs)
+            else:
+                outputs = self.llm.encode(prompts, pooling_task="token_embed", **kwargs)
+        tokens = [len(output.prompt_token_ids) for output in outputs]
+        if self.single_vector:
+            vectors = np.asarray([output.outputs.embedding for output in outputs], dtype=np.float32)  # [n, D]
+            return BatchResult(values=vectors, tokens=tokens)
+        matrices: list[np.ndarray | None] = [
+            self.prompts.kept_token_vectors(output.outputs.data, output.prompt_token_ids).numpy()  # [n_kept, d]
+            for output in outputs
+        ]
+        return BatchResult(values=np.zeros((len(items), self.dimension), np.float32), tokens=tokens, matrices=matrices)
 
 
 class VllmReranker:

@@ -52,7 +52,7 @@ class HostedModel:
     """A model the server hosts: its public name, its backend and the batcher in front of it.
 
     `backend` is the backend itself, or in an HTTP worker a description of it (`workers.BackendInfo`): the
-    routes read only its `name`, `dimension`, `normalize`, `matryoshka_dims`, `multi_vector_dim` and
+    routes read only its `name`, `dimension`, `normalize`, `matryoshka_dims`, `multi_vector_dim`, `single_vector` and
     `instruction_for`.
     """
 

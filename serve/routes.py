@@ -88,19 +88,25 @@ def model_for(state: State, kind: str, asked: str | None) -> HostedModel:
 
 
 def check_token_vectors(model: HostedModel, param: str, otherwise: str) -> None:
-    """Token vectors are asked of `model`: 400 when it has no multi-vector head, 501 where its backend does not serve
-    them yet (`otherwise`: what the client can do instead)."""
+    """Token vectors are asked of `model`: 400 when it has no multi-vector head (`otherwise`: what the client can do
+    instead)."""
     if model.backend.multi_vector_dim is None:
         raise RequestError(
             f"model {model.name!r} is a single-vector embedder (no multi-vector head in its directory), so it gives "
             f"no token vectors; {otherwise}",
             param=param,
         )
-    if model.backend.name != "transformers":
+
+
+def check_pooled_vectors(model: HostedModel) -> None:
+    """Pooled vectors are asked of `model`: 501 where its backend gives its token vectors only (vLLM runs a
+    multi-vector model on its late-interaction class, which pools no vector)."""
+    if not getattr(model.backend, "single_vector", True):
         raise RequestError(
-            f"the {model.backend.name} backend does not serve token vectors (multi-vector output) yet; serve "
-            f"{model.name!r} with --backend transformers",
-            param=param,
+            f"the {model.backend.name} backend serves the token vectors of {model.name!r} only (its late-interaction "
+            f'engine gives no pooled vector): ask with "output": "multi_vector", or serve it with --backend '
+            "transformers for one vector per item",
+            param="output",
             status=501,
         )
 
@@ -111,6 +117,8 @@ def prepare_embeddings(state: State, raw: bytes) -> tuple[EmbeddingCall, HostedM
     model = model_for(state, "embedder", call.model)
     if call.output == "multi_vector":
         check_token_vectors(model, "output", 'leave "output" out (or "single_vector") for one vector per item')
+    else:
+        check_pooled_vectors(model)
     if call.dimensions is not None and call.dimensions > model.backend.dimension:
         raise RequestError(
             f"must be <= {model.backend.dimension} (the model's size), got {call.dimensions}", param="dimensions"

@@ -112,6 +112,8 @@ class BackendInfo:
     matryoshka_dims: list[int] = field(default_factory=list)
     multi_vector_dim: int | None = None
     """Size of the token vectors of an embedder's multi-vector head; None: it has none."""
+    single_vector: bool = True
+    """Whether an embedder gives pooled vectors (False: its token vectors only)."""
     instructions: dict[str, str | None] = field(default_factory=dict)
     """The instruction of each input type (`query`, `document`)."""
 
@@ -124,6 +126,7 @@ class BackendInfo:
             normalize=getattr(backend, "normalize", True),
             matryoshka_dims=list(getattr(backend, "matryoshka_dims", [])),
             multi_vector_dim=getattr(backend, "multi_vector_dim", None),
+            single_vector=getattr(backend, "single_vector", True),
             instructions={kind: instruction_for(kind) for kind in ("query", "document")} if instruction_for else {},
         )
 

@@ -22,16 +22,21 @@ without it, so the server can prepare arguments before it starts an engine.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from unime.backbones import get_backbone
 from unime.config import UnimeConfig
 from unime.errors import ConfigError
 from unime.inputs import Input, load_image, parse_inputs
+from unime.multi_vector import token_mask
 from unime.prompts import PromptRenderer, apply_embedding_template
 
 # unime pooling mode -> vLLM pooling type
@@ -78,8 +83,6 @@ def unime_dtype() -> str:
     vLLM's own `auto` differs (on CPU it runs a float32 checkpoint in half precision, about 6e-4 off per
     coordinate), so the arguments below default to this one.
     """
-    import torch
-
     return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 
 
@@ -104,6 +107,14 @@ def embedder_server_args(model_dir: str | os.PathLike, *, dtype: str | None = No
 
 def _embedder_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[str, Any]:
     config = _embedder_config(model_dir)
+    if config.multi_vector is not None:
+        # vLLM loads every top-level *.safetensors file of a local directory, and its plain engine refuses the head's
+        # `custom_text_proj.weight`, which only a late-interaction class holds.
+        raise ConfigError(
+            f"{model_dir}: has a multi-vector head, whose weight vLLM's pooled-vector engine refuses to load; vLLM "
+            "serves its token vectors (late_interaction_engine_kwargs / late_interaction_server_args), and the "
+            "transformers backend its pooled vectors"
+        )
     return _engine_settings(model_dir, config, _pooler_fields(config), _hf_overrides(), EMBEDDER_MM_LIMITS, dtype)
 
 
@@ -213,6 +224,98 @@ class EmbeddingPrompts(_DirectoryPrompts):
                 prompt["multi_modal_data"] = {"image": load_image(index, item.image)}
             prompts.append(prompt)
         return prompts
+
+    def kept_token_vectors(self, vectors: Any, token_ids: Sequence[int]) -> torch.Tensor:
+        """The `[n_kept, dim]` rows of one prompt's `[n_tokens, dim]` token vectors (vLLM's `token_embed` output) that
+        the directory's `multi_vector.tokens` keeps, chosen by `unime.multi_vector.token_mask` from the prompt's token
+        ids, as `Embedder.encode(..., output="multi_vector")` chooses them."""
+        multi_vector = self.config.multi_vector
+        if multi_vector is None:
+            raise ConfigError(f"{self.model_dir}: has no multi-vector head (unime_config.json's multi_vector is null)")
+        vectors = torch.as_tensor(vectors).float()  # [T, dim]
+        ids = torch.as_tensor(list(token_ids)).unsqueeze(0)  # [1, T]
+        if ids.shape[1] != vectors.shape[0]:
+            raise ValueError(f"{ids.shape[1]} prompt tokens but {vectors.shape[0]} token vectors")
+        image_token_id = self.processor.tokenizer.convert_tokens_to_ids(get_backbone(self.config.backbone).image_token)
+        features = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return vectors[token_mask(features, multi_vector, image_token_id)[0]]  # [n_kept, dim]
+
+    @staticmethod
+    def score_input(prompt: dict[str, Any]) -> str | dict[str, Any]:
+        """A rendered prompt as vLLM's `/score` and `/v1/rerank` take a query or document: the text, or content parts
+        with the image as a PNG data URL. The text already holds the image placeholder, so vLLM adds none."""
+        image = prompt.get("multi_modal_data", {}).get("image")
+        if image is None:
+            return prompt["prompt"]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return {
+            "content": [{"type": "text", "text": prompt["prompt"]}, {"type": "image_url", "image_url": {"url": url}}]
+        }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Multi-vector (late-interaction) embedders
+# --------------------------------------------------------------------------------------------------------
+LATE_INTERACTION_ARCHITECTURES = {"qwen3_vl": "ColQwen3"}
+"""Backbone -> vLLM's late-interaction class that reads a unime multi-vector directory as saved: the family's
+weights plus `custom_text_proj.weight` in `multi_vector_head.safetensors`, projected and L2-normalised per token.
+vLLM 0.32 has no such class for the other families, and its plain engine refuses a directory holding a weight it
+does not know (the head's), so a multi-vector directory of another family runs on transformers only."""
+
+
+def _multi_vector_config(model_dir: str | os.PathLike) -> UnimeConfig:
+    config = _embedder_config(model_dir)
+    if config.multi_vector is None:
+        raise ConfigError(f"{model_dir}: has no multi-vector head (unime_config.json's multi_vector is null)")
+    if config.backbone not in LATE_INTERACTION_ARCHITECTURES:
+        raise ConfigError(
+            f"{model_dir}: vLLM serves token vectors for the {sorted(LATE_INTERACTION_ARCHITECTURES)} backbones only "
+            f"(its late-interaction classes), not {config.backbone!r}: serve it with the transformers backend"
+        )
+    return config
+
+
+def late_interaction_hf_overrides(config: UnimeConfig) -> dict[str, Any]:
+    """The family's late-interaction class instead of the directory's generative architecture.
+
+    No dimension key is set: the class then sizes its projection from the saved weight (with a bias where the file
+    holds one), where a declared dimension would build a bias-free projection and drop a saved bias unread.
+    """
+    return {"architectures": [LATE_INTERACTION_ARCHITECTURES[config.backbone]]}
+
+
+def _late_interaction_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[str, Any]:
+    config = _multi_vector_config(model_dir)
+    # token_embed: one unit vector per prompt token (the class projects and normalises them itself).
+    pooler = {"task": "token_embed"}
+    overrides = late_interaction_hf_overrides(config)
+    return _engine_settings(model_dir, config, pooler, overrides, EMBEDDER_MM_LIMITS, dtype)
+
+
+def late_interaction_engine_kwargs(model_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(**kwargs)` giving the token vectors of `unime.load(model_dir)`'s multi-vector
+    head: `llm.encode(prompts, pooling_task="token_embed")` with prompts from `EmbeddingPrompts`, then
+    `EmbeddingPrompts.kept_token_vectors` on each output (the tokens that `multi_vector.tokens` keeps)."""
+    return _engine_kwargs(_late_interaction_settings(model_dir, dtype))
+
+
+def late_interaction_server_args(model_dir: str | os.PathLike, *, dtype: str | None = None) -> list[str]:
+    """Arguments for `python -m vllm.entrypoints.openai.api_server` serving the multi-vector head's token vectors
+    (`/pooling` with `"task": "token_embed"`) and MaxSim scores (`/score`, `/v1/rerank`).
+
+    vLLM encodes a query or document as given, without a chat template: send the prompts `EmbeddingPrompts`
+    renders (`EmbeddingPrompts.score_input`). Its scoring route keeps every token, so a head that keeps image tokens
+    only (`multi_vector.tokens="image"`) is refused here; `late_interaction_engine_kwargs` serves it.
+    """
+    config = _multi_vector_config(model_dir)
+    if config.multi_vector.tokens != "all":
+        raise ConfigError(
+            f"{model_dir}: unime_config.json's multi_vector.tokens is {config.multi_vector.tokens!r}, but vLLM's "
+            "scoring route keeps every token of a document; serve it with `unime serve` (either backend)"
+        )
+    return _server_args(_late_interaction_settings(model_dir, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,12 +34,13 @@ class VLLMServer:
     vLLM and torch, which took 45 s apiece on the loaded 2-core machine (start-up 200 s -> 80 s).
     """
 
-    def __init__(self, model_dir: Path, folder: Path):
+    def __init__(self, model_dir: Path, folder: Path, server_args: Callable[..., list[str]] = embedder_server_args):
+        """`server_args`: the `unime.vllm_compat` function giving the model's own arguments (an embedder's)."""
         self.model_dir = model_dir
         self.folder = folder
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = embedder_server_args(model_dir, dtype="float32") + [
+        args = server_args(model_dir, dtype="float32") + [
             "--enforce-eager", "--distributed-executor-backend", "uni", "--max-model-len", "2048",
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", API_KEY,
         ]  # fmt: skip

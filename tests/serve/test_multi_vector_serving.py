@@ -1,15 +1,21 @@
-"""Serving a multi-vector model (transformers backend): token matrices from `/v1/embeddings` and MaxSim ranking from
+"""Serving a multi-vector model (both backends): token matrices from `/v1/embeddings` and MaxSim ranking from
 `/v1/rerank`, the same as `unime.load(dir)` computes them; bad input answered with the field and item at fault.
 
 One real `unime serve` subprocess per module hosts a tiny Qwen2-VL embedder with a multi-vector head, beside the
-session's tiny reranker. The refusals of a single-vector model and of the vLLM backend are decided before a request
-reaches a model: they are checked on the app in process (as a server, or an HTTP worker, runs it).
+session's tiny reranker (transformers backend); a second one, with the vLLM backend, hosts a tiny Qwen3-VL one on
+vLLM's ColQwen3 class (the one vLLM engine of the module). The refusals of a single-vector model and of the vLLM
+backend are decided before a request reaches a model: they are checked on the app in process (as a server, or an
+HTTP worker, runs it).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -31,20 +37,26 @@ MAX_TOKENS_PER_ITEM = 120
 MODEL = "tiny-multi-vector"
 
 
-@pytest.fixture(scope="module")
-def multi_vector_dir(tmp_path_factory):
-    """A tiny Qwen2-VL embedder with a multi-vector head (128-d token vectors) and query/document instructions."""
+QUERY_INSTRUCTION = "Find the page that answers the question."
+DOCUMENT_INSTRUCTION = "Represent the page for retrieval."
+
+
+def save_multi_vector_model(directory: Path, backbone: str, seed: int = 3) -> Path:
+    """A tiny embedder of `backbone` with a multi-vector head (128-d token vectors) and query/document instructions."""
     import unime
 
-    directory = tmp_path_factory.mktemp("serve-multi-vector") / MODEL
-    embedder = unime.build_tiny("qwen2_vl", seed=3, multi_vector=unime.MultiVectorConfig())
+    embedder = unime.build_tiny(backbone, seed=seed, multi_vector=unime.MultiVectorConfig())
     embedder.config.prompts = dataclasses.replace(
-        embedder.config.prompts,
-        query_instruction="Find the page that answers the question.",
-        document_instruction="Represent the page for retrieval.",
+        embedder.config.prompts, query_instruction=QUERY_INSTRUCTION, document_instruction=DOCUMENT_INSTRUCTION
     )
     embedder.save(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def multi_vector_dir(tmp_path_factory):
+    """A tiny Qwen2-VL embedder with a multi-vector head."""
+    return save_multi_vector_model(tmp_path_factory.mktemp("serve-multi-vector") / MODEL, "qwen2_vl")
 
 
 @pytest.fixture(scope="module")
@@ -322,20 +334,104 @@ def test_in_one_process_the_token_matrices_are_the_same(multi_vector_dir, local,
         hosted.batcher.close(5)
 
 
-def test_the_vllm_backend_answers_501_for_token_vectors(multi_vector_dir):
-    info = BackendInfo(name="vllm", dimension=64, multi_vector_dim=128)
+def test_the_vllm_backend_refuses_what_its_engine_does_not_give_before_the_model(multi_vector_dir, serve_models):
+    """A multi-vector model runs on vLLM's late-interaction class (token vectors only): a plain request is a 501 naming
+    "output"; a single-vector model on vLLM refuses token vectors as on transformers (400 naming "output")."""
+    info = BackendInfo(name="vllm", dimension=64, multi_vector_dim=128, single_vector=False)
     http, hosted = app_with_embedder(multi_vector_dir, MODEL, info)
     try:
         with http:
-            for path, payload, param in (
-                ("/v1/embeddings", {"input": "a", "output": "multi_vector"}, "output"),
-                ("/v1/rerank", {"model": MODEL, "query": "a", "documents": ["b"]}, "model"),
-            ):
-                error = assert_refused(http.post(path, json=payload), 501, param)
-                assert "vllm backend does not serve token vectors" in error["message"], error
-                assert error["type"] == "not_implemented_error"
+            error = assert_refused(http.post("/v1/embeddings", json={"input": "a"}), 501, "output")
+            assert "token vectors of 'tiny-multi-vector' only" in error["message"], error
+            assert '"output": "multi_vector"' in error["message"] and error["type"] == "not_implemented_error"
             # With no reranker hosted, a rerank naming no model is told which model ranks by MaxSim.
             error = assert_refused(http.post("/v1/rerank", json={"query": "a", "documents": ["b"]}), 404, "model")
             assert repr(MODEL) in error["message"]
     finally:
         hosted.batcher.close(5)
+    http, hosted = app_with_embedder(serve_models["embedder"], "single", BackendInfo(name="vllm", dimension=64))
+    try:
+        with http:
+            error = assert_refused(
+                http.post("/v1/embeddings", json={"input": "a", "output": "multi_vector"}), 400, "output"
+            )
+            assert "'single'" in error["message"] and "single-vector" in error["message"]
+    finally:
+        hosted.batcher.close(5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The vLLM backend: a Qwen3-VL multi-vector model on vLLM's ColQwen3 class, the same numbers as unime.load
+# ------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """A tiny Qwen3-VL embedder with a multi-vector head (the family vLLM has a late-interaction class of)."""
+    return save_multi_vector_model(tmp_path_factory.mktemp("serve-multi-vector-qwen3") / MODEL, "qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def qwen3_local(qwen3_dir):
+    import unime
+
+    return unime.load(qwen3_dir)
+
+
+@pytest.fixture(scope="module")
+def vllm_client(qwen3_dir, tmp_path_factory):
+    """`unime serve --backend vllm` on the Qwen3-VL multi-vector model (no reranker: one engine)."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    tmp = tmp_path_factory.mktemp("serve-multi-vector-vllm")
+    args = [*model_args({"embedder": qwen3_dir}, reranker=False, backend="vllm"), "--enforce-eager"]
+    args += ["--max-tokens-per-item", str(MAX_TOKENS_PER_ITEM), "--max-items", "8"]
+    proc = start_server(args, tmp / "server.log", timeout=600, env={"VLLM_CACHE_ROOT": str(tmp / "cache")})
+    try:
+        with proc.client() as http:
+            yield http
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+@pytest.mark.vllm
+def test_vllm_backend_token_matrices_equal_local_encode(vllm_client, qwen3_local, mixed_inputs):
+    served_items, local_items = mixed_inputs
+    assert vllm_client.get("/health").json()["models"]["embedder"]["backend"] == "vllm"
+    served = token_matrices(vllm_client, {"input": served_items, "input_type": "document"})
+    assert_same_tokens(served, qwen3_local.encode_document(local_items, output="multi_vector"))
+    plain = token_matrices(vllm_client, {"input": served_items[:1], "encoding_format": "base64"})
+    assert_same_tokens(plain, qwen3_local.encode(local_items[:1], output="multi_vector"))
+
+
+@pytest.mark.vllm
+def test_vllm_backend_ranks_by_local_maxsim(vllm_client, qwen3_local, serve_inputs):
+    images, captions = serve_inputs
+    documents = [captions[1], {"image": data_url(images[0])}, {"text": captions[0]}]
+    body = vllm_client.post("/v1/rerank", json={"model": MODEL, "query": captions[0], "documents": documents}).json()
+    served = {row["index"]: row["relevance_score"] for row in body["results"]}
+    query = qwen3_local.encode_query([captions[0]], output="multi_vector")
+    pages = qwen3_local.encode_document([captions[1], images[0], captions[0]], output="multi_vector")
+    expected = qwen3_local.maxsim(query, pages)[0].numpy()
+    np.testing.assert_allclose([served[i] for i in range(3)], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.vllm
+def test_vllm_backend_bad_input_names_the_field_and_stays_healthy(vllm_client):
+    error = assert_refused(vllm_client.post("/v1/embeddings", json={"input": ["a page"]}), 501, "output")
+    assert "--backend transformers" in error["message"]
+    too_long = {"input": ["a short page", LONG_TEXT], "output": "multi_vector"}
+    error = assert_refused(vllm_client.post("/v1/embeddings", json=too_long), 413, "input[1]", 1)
+    assert "max_tokens_per_item" in error["message"]
+    assert vllm_client.get("/health").json()["status"] == "ok"
+    assert len(token_matrices(vllm_client, {"input": ["a short page"]})) == 1
+
+
+@pytest.mark.vllm
+def test_vllm_backend_refuses_a_family_without_a_late_interaction_class_before_any_engine(multi_vector_dir):
+    """A Qwen2-VL multi-vector model: exit 2 naming the backbone and the way out, in seconds, without a stack trace."""
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    command = [sys.executable, "-m", "unime.cli", "serve", str(multi_vector_dir), "--backend", "vllm"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "not 'qwen2_vl'" in done.stderr and "transformers backend" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
