@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sentence_transformers import MultiVectorEncoder
 
 import unime
 from tests.conftest import mixed_inputs
+from tests.train.test_late_interaction_training import CONFIG, write_marker_pages
 from unime.config import MultiVectorConfig
+from unime.data.dataset import load_examples
 from unime.inputs import parse_inputs
-from unime.multi_vector import HEAD_FILE, WEIGHT_NAME, pad_token_matrices
+from unime.multi_vector import BIAS_NAME, HEAD_FILE, WEIGHT_NAME, pad_token_matrices
+from unime.train.config import load_train_config
+from unime.train.loop import train
+from unime.train.model import load_for_training
 
 DIM = 24
 
@@ -94,7 +101,7 @@ def test_image_tokens_mode_keeps_the_patches_of_inputs_with_an_image(inputs) -> 
 def test_save_and_load_give_the_same_token_vectors(embedder, saved_dir, inputs) -> None:
     recorded = json.loads((saved_dir / "unime_config.json").read_text())
     assert recorded["kind"] == "embedder"
-    assert recorded["multi_vector"] == {"dim": DIM, "tokens": "all"}
+    assert recorded["multi_vector"] == {"dim": DIM, "tokens": "all", "bias": False}
     weights = load_file(str(saved_dir / HEAD_FILE))
     assert list(weights) == [WEIGHT_NAME]
     assert torch.equal(weights[WEIGHT_NAME], embedder.multi_vector_head.custom_text_proj.weight.detach())
@@ -137,6 +144,8 @@ def test_bad_multi_vector_settings_are_refused(embedder) -> None:
         MultiVectorConfig(dim=0)
     with pytest.raises(unime.ConfigError, match="multi_vector.tokens"):
         MultiVectorConfig(tokens="text")
+    with pytest.raises(unime.ConfigError, match="multi_vector.bias"):
+        MultiVectorConfig(bias="yes")
     with pytest.raises(ValueError, match="truncate_dim"):
         embedder.encode(["a"], output="multi_vector", truncate_dim=8)
     with pytest.raises(ValueError, match="output must be"):
@@ -162,3 +171,34 @@ def test_padded_token_matrices_carry_their_mask() -> None:
     assert float(padded[0, 2:].abs().sum()) == 0.0
     with pytest.raises(ValueError, match="token matrix 1: expected a non-empty"):
         pad_token_matrices([np.ones((2, 3)), np.ones((0, 3))])
+
+
+def test_a_head_with_a_bias_trains_through_the_loop_and_every_consumer_reads_it(tmp_path, inputs) -> None:
+    """The ColQwen2 layout's bias: trained by the late-interaction loss in the one loop, saved, and read back by
+    unime and by sentence-transformers' MultiVectorEncoder (its Dense gets the bias) with the same token vectors."""
+    pages = write_marker_pages(tmp_path / "pages", "train", 4, seed=1)
+    overrides = [f"data.train_files=[{pages}]", f"output_dir={tmp_path / 'run'}", "log_with=[]", "save_every=0"]
+    overrides += ["model.multi_vector={enabled: true, dim: 16, bias: true}", "optim.batch_size=4", "optim.max_steps=1"]
+    config = load_train_config(CONFIG, overrides)
+    module = load_for_training(config.model)
+    start = module.multi_vector_head.custom_text_proj.bias.detach().clone()
+    assert float(start.abs().sum()) > 0  # nn.Linear's initial bias: a random one, so that reading it is tested
+    final = train(config, module, load_examples([pages])[0])
+
+    assert sorted(load_file(str(final / HEAD_FILE))) == [BIAS_NAME, WEIGHT_NAME]
+    loaded = unime.load(final)
+    assert loaded.config.multi_vector == MultiVectorConfig(dim=16, bias=True)
+    assert not torch.equal(loaded.multi_vector_head.custom_text_proj.bias, start), "the bias did not train"
+    in_memory = [item for item in inputs if not isinstance(item, Path)]  # sentence-transformers takes no paths
+    ours = loaded.encode(in_memory, output="multi_vector")
+    theirs = MultiVectorEncoder(str(final)).encode(in_memory, batch_size=len(in_memory))
+    for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        b = np.asarray(b)
+        assert a.shape == b.shape, index
+        assert _cosines(a, b).min() >= 0.9999, index
+    # A config that says no bias beside a file that holds one is refused, naming both.
+    recorded = json.loads((final / "unime_config.json").read_text())
+    recorded["multi_vector"]["bias"] = False
+    (final / "unime_config.json").write_text(json.dumps(recorded))
+    with pytest.raises(unime.ModelLoadError, match=rf"{HEAD_FILE}.*multi_vector.bias is false.*{BIAS_NAME}"):
+        unime.load(final)

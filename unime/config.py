@@ -89,12 +89,18 @@ class MultiVectorConfig:
     """Tokens kept: `all` non-padding tokens, or `image`: only the image-patch tokens of an input that has an
     image (colpali-engine's `mask_non_image_embeddings`, about halving an image index); text-only inputs keep all
     their tokens either way."""
+    bias: bool = False
+    """Give the projection a bias. True is the ColQwen2 / ColQwen2.5 layout (colpali-engine builds its projection
+    with one); False by default because vLLM's ColQwen3 builds its projection without one and would drop a saved
+    bias without a word. A bias-free head still loads in colpali-engine: its directory holds a zero bias there."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim <= 0:
             raise ConfigError(f"multi_vector.dim: expected a positive integer, got {self.dim!r}")
         if self.tokens not in MULTI_VECTOR_TOKENS:
             raise ConfigError(f"multi_vector.tokens: expected one of {MULTI_VECTOR_TOKENS}, got {self.tokens!r}")
+        if not isinstance(self.bias, bool):
+            raise ConfigError(f"multi_vector.bias: expected true or false, got {self.bias!r}")
 
 
 @dataclass

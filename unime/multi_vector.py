@@ -4,9 +4,11 @@ ColPali / ColQwen style: a linear projection of the backbone's last hidden state
 L2-normalised per token. Which tokens count is `MultiVectorConfig.tokens`; padding never counts. Every matrix
 travels with its mask: `[batch, seq, dim]` vectors and a `[batch, seq]` boolean mask of the tokens that count.
 
-On disk the head is `multi_vector_head.safetensors` in the model directory, holding one tensor named
-`custom_text_proj.weight` `[dim, hidden]` (no bias): the name colpali-engine's ColQwen classes and vLLM's
-ColQwen3 loader give the projection, so that the file can be read as they read theirs.
+On disk the head is `multi_vector_head.safetensors` in the model directory, holding `custom_text_proj.weight`
+`[dim, hidden]` and, with `MultiVectorConfig.bias`, `custom_text_proj.bias` `[dim]`: the names colpali-engine's
+ColQwen classes and vLLM's ColQwen3 loader give the projection, so that the file can be read as they read theirs.
+`projection_tensors` gives those tensors to every writer (this file, sentence-transformers' Dense, the ColQwen2
+copy in the backbone's weights that `unime.saving` writes).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # the embedder imports this module: the type only, no circle 
 
 HEAD_FILE = "multi_vector_head.safetensors"
 WEIGHT_NAME = "custom_text_proj.weight"
+BIAS_NAME = "custom_text_proj.bias"
 
 
 class MultiVectorHead(nn.Module):
@@ -40,9 +43,9 @@ class MultiVectorHead(nn.Module):
     def __init__(self, hidden_size: int, config: MultiVectorConfig):
         super().__init__()
         self.config = config
-        # No bias: vLLM's ColQwen3 builds its projection without one when the dimension is known, and a bias it
-        # does not build is dropped without a word; a bias-free head reads the same there and here.
-        self.custom_text_proj = nn.Linear(hidden_size, config.dim, bias=False)
+        # No bias by default: vLLM's ColQwen3 builds its projection without one when the dimension is known, and a
+        # bias it does not build is dropped without a word; colpali-engine's ColQwen2 has one (`config.bias`).
+        self.custom_text_proj = nn.Linear(hidden_size, config.dim, bias=config.bias)
 
     @property
     def dim(self) -> int:
@@ -82,10 +85,22 @@ def token_mask(
     return mask & torch.where(has_image, is_image, torch.ones_like(is_image))  # [B, T]
 
 
+def projection_tensors(head: MultiVectorHead, *, zero_bias: bool = False) -> dict[str, torch.Tensor]:
+    """The projection as saved, float32 on the CPU: `custom_text_proj.weight` `[dim, hidden]`, and
+    `custom_text_proj.bias` `[dim]` when the head has one - or zeros with `zero_bias`, for a reader that always
+    builds a bias (a zero bias gives exactly the bias-free projection)."""
+    projection = head.custom_text_proj
+    tensors = {WEIGHT_NAME: projection.weight.detach().to("cpu", torch.float32).contiguous()}  # [dim, hidden]
+    if projection.bias is not None:
+        tensors[BIAS_NAME] = projection.bias.detach().to("cpu", torch.float32).contiguous()  # [dim]
+    elif zero_bias:
+        tensors[BIAS_NAME] = torch.zeros(projection.out_features)  # [dim]
+    return tensors
+
+
 def save_head(head: MultiVectorHead, directory: str | os.PathLike) -> Path:
     path = Path(directory) / HEAD_FILE
-    weight = head.custom_text_proj.weight.detach().to("cpu", torch.float32).contiguous()  # [dim, hidden]
-    save_file({WEIGHT_NAME: weight}, str(path), metadata={"format": "pt"})
+    save_file(projection_tensors(head), str(path), metadata={"format": "pt"})
     return path
 
 
@@ -100,17 +115,24 @@ def load_head(path: str | os.PathLike, config: MultiVectorConfig, hidden_size: i
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ModelLoadError(f"{path}: cannot read the multi-vector head ({err})") from err
-    if WEIGHT_NAME not in tensors:
-        raise ModelLoadError(f"{path}: expected a tensor named {WEIGHT_NAME!r}, found {sorted(tensors)}")
-    weight = tensors[WEIGHT_NAME]
-    if tuple(weight.shape) != (config.dim, hidden_size):
+    expected = {WEIGHT_NAME: (config.dim, hidden_size)}
+    if config.bias:
+        expected[BIAS_NAME] = (config.dim,)
+    if set(tensors) != set(expected):
         raise ModelLoadError(
-            f"{path}: {WEIGHT_NAME} has shape {tuple(weight.shape)}, but unime_config.json's multi_vector.dim is "
-            f"{config.dim} and the backbone's hidden size is {hidden_size} (expected ({config.dim}, {hidden_size}))"
+            f"{path}: expected the tensors {sorted(expected)} (unime_config.json's multi_vector.bias is "
+            f"{str(config.bias).lower()}), found {sorted(tensors)}"
         )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ModelLoadError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, but unime_config.json's multi_vector.dim is "
+                f"{config.dim} and the backbone's hidden size is {hidden_size} (expected {shape})"
+            )
     head = MultiVectorHead(hidden_size, config)
     with torch.no_grad():
-        head.custom_text_proj.weight.copy_(weight)
+        for name, parameter in head.named_parameters():
+            parameter.copy_(tensors[name])
     return head
 
 

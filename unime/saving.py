@@ -5,7 +5,8 @@ Layout:
     processor / tokenizer files         with the embedding prompt template as the chat template
     unime_config.json                   kind, backbone, pooling, normalisation, prompts, matryoshka dims,
                                         the multi-vector head's settings when there is one
-    multi_vector_head.safetensors       an embedder's multi-vector head, when it has one (`custom_text_proj.weight`)
+    multi_vector_head.safetensors       an embedder's multi-vector head, when it has one (`custom_text_proj.weight`,
+                                        and `.bias` with `multi_vector.bias`)
     modules.json, sentence_bert_config.json, config_sentence_transformers.json, 1_Pooling/, 2_Normalize/
                                         an embedder: sentence-transformers' own Transformer -> Pooling ->
                                         Normalize, so that `SentenceTransformer(dir)` works without
@@ -15,6 +16,19 @@ Layout:
     modules.json, ..., 1_LogitScore/    a reranker: Transformer (any-to-any) -> LogitScore(yes, no), so that
                                         `CrossEncoder(dir)` gives sigmoid(z_yes - z_no) = p(yes)
 The directory is written beside its target and renamed into place, so a reader never sees half of it.
+
+colpali-engine: for Qwen2-VL and Qwen2.5-VL, whose multi-vector models colpali-engine's ColQwen2 / ColQwen2_5 classes
+load, the head's projection is also written into the backbone's weights file, as `custom_text_proj.weight` and
+`custom_text_proj.bias` (zeros for a bias-free head). Those classes read only that file: they are the backbone's base
+model plus the projection, map the saved `model.*` / `visual.*` keys onto themselves, and build `custom_text_proj`
+with a bias. So `ColQwen2.from_pretrained(dir)` gets unime's token vectors without any other file or conversion.
+This is the least invasive way found: one extra small tensor pair in one existing file, no renamed file, no second
+copy of the backbone. The cost: transformers' load report, when the directory is read as a Qwen2-VL generator
+(`unime.load`) or base model (sentence-transformers), names the two keys as unexpected and leaves them unused,
+which is harmless; unime reads its head from `multi_vector_head.safetensors` as before. ColQwen2 fixes the
+dimension at 128: a head of another `dim` fails to load there (transformers' size-mismatch error), not silently.
+A head with `tokens="image"` is read by `ColQwen2.from_pretrained(dir, mask_non_image_embeddings=True)`.
+An adapter-only directory (`merge_lora=False`) gets no such copy: colpali-engine expects its own adapter layout.
 """
 
 from __future__ import annotations
@@ -30,7 +44,7 @@ import torch
 from safetensors.torch import save_file
 
 from unime.atomic import write_json_atomic
-from unime.multi_vector import MultiVectorHead, save_head
+from unime.multi_vector import MultiVectorHead, projection_tensors, save_head
 
 if TYPE_CHECKING:  # backbone_module imports this module to save itself: the type only, no circle at run time
     from unime.backbone_module import BackboneModule
@@ -40,6 +54,9 @@ _ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 # The features key the multi-vector Dense writes: apart from `token_embeddings` until the Pooling has read those
 _MULTI_VECTOR_KEY = "multi_vector_embeddings"
 _ST_MULTI_VECTOR_MASK = "sentence_transformers.multi_vector_encoder.modules.multi_vector_mask.MultiVectorMask"
+# Hugging Face model types whose multi-vector directories colpali-engine loads (its class for each): they get the
+# projection in the backbone's weights file too (module docstring).
+COLPALI_CLASSES = {"qwen2_vl": "ColQwen2", "qwen2_5_vl": "ColQwen2_5"}
 
 
 def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
@@ -56,9 +73,10 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
         elif is_peft:
             config.base_model = model.peft_config["default"].base_model_name_or_path
         _declare_tied_embeddings(model.config)
-        model.save_pretrained(staging, safe_serialization=True)
-        module.processor.save_pretrained(staging)
         head = getattr(module, "multi_vector_head", None)  # an embedder's; a reranker has none
+        state_dict = _colpali_state_dict(model, head, adapter_only=is_peft and not merge_lora)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        module.processor.save_pretrained(staging)
         config.multi_vector = head.config if head is not None else None
         if head is not None:
             save_head(head, staging)
@@ -75,6 +93,14 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _colpali_state_dict(model, head: MultiVectorHead | None, *, adapter_only: bool) -> dict[str, torch.Tensor] | None:
+    """The backbone's weights plus the ColQwen2 projection, for a family colpali-engine loads; None (the model's
+    own state dict) otherwise. The model's tensors are not copied."""
+    if head is None or adapter_only or model.config.model_type not in COLPALI_CLASSES:
+        return None
+    return {**model.state_dict(), **projection_tensors(head, zero_bias=True)}
 
 
 def _declare_tied_embeddings(config) -> None:
@@ -97,19 +123,19 @@ def write_sentence_transformers_files(
 
     A single-vector embedder is Transformer -> Pooling -> Normalize. A model with a multi-vector head stays a
     `SentenceTransformer` directory, so that `SentenceTransformer(dir)` keeps giving the pooled vector, and gains
-    two modules: before the Pooling a token-level Dense (the head's weight, no bias) that writes
+    two modules: before the Pooling a token-level Dense (the head's projection) that writes
     `multi_vector_embeddings`, and after it a Normalize that writes their unit vectors into `token_embeddings`.
     `MultiVectorEncoder(dir)` converts such a directory by dropping the Pooling and the sentence-level Normalize
     and keeping the rest; as a Dense is there, it adds no random projection of its own, and its encode returns the
     head's unit vector of every kept token. The Dense goes before the Pooling because `SentenceTransformer` takes
-    its embedding dimension from the last module that knows one.
+    its embedding dimension from the last module that knows one. The Dense has a bias when the head has one.
     """
     modules: list[tuple[str, str, dict]] = []  # (folder name, class reference, module config), after the Transformer
     if multi_vector_head is not None:
         dense = {
             "in_features": embedding_dim,
             "out_features": multi_vector_head.dim,
-            "bias": False,
+            "bias": multi_vector_head.config.bias,
             "activation_function": "torch.nn.modules.linear.Identity",
             "module_input_name": "token_embeddings",
             "module_output_name": _MULTI_VECTOR_KEY,
@@ -138,9 +164,12 @@ def write_sentence_transformers_files(
         folder = directory / f"{idx}_{name}"
         entries.append({"idx": idx, "name": str(idx), "path": folder.name, "type": class_ref})
         write_json_atomic(folder / "config.json", module_config)
-        if name == "MultiVectorDense":  # the Dense module's weight file, the head's weight under its own name
-            weight = multi_vector_head.custom_text_proj.weight.detach().to("cpu", torch.float32).contiguous()
-            save_file({"linear.weight": weight}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        if name == "MultiVectorDense":  # the Dense module's weight file: the head's tensors under its own names
+            tensors = {
+                key.replace("custom_text_proj.", "linear."): tensor
+                for key, tensor in projection_tensors(multi_vector_head).items()
+            }
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     write_json_atomic(directory / "modules.json", entries)
     # Every modality goes through the chat template ("message"), the same prompt path unime's encode takes.
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}

@@ -37,16 +37,20 @@ class LoraSettings:
 class MultiVectorSettings:
     enabled: bool = False
     """Give the model a multi-vector head: a start model without one gets a new one (seeded by `model.seed`); one
-    with a head keeps it, and `dim` and `tokens` must then match it. Off: no new head (a start model's own head is
-    still trained by `late_interaction`). The head always trains in full, beside the LoRA adapter or the weights."""
+    with a head keeps it, and `dim`, `tokens` and `bias` must then match it. Off: no new head (a start model's own
+    head is still trained by `late_interaction`). The head always trains in full, beside the LoRA adapter or the
+    weights."""
     dim: int = 128
     """Size of each token vector (ColPali and ColQwen use 128)."""
     tokens: Literal["all", "image"] = "all"
     """Tokens kept: `all` non-padding tokens, or `image`: only the image-patch tokens of an input with an image."""
+    bias: bool = False
+    """Give the projection a bias: true is the ColQwen2 / ColQwen2.5 layout of colpali-engine; false (the default)
+    suits vLLM's ColQwen3, which builds its projection without one."""
 
     def head(self) -> MultiVectorConfig | None:
         """The head these settings ask for (None when off)."""
-        return MultiVectorConfig(dim=self.dim, tokens=self.tokens) if self.enabled else None
+        return MultiVectorConfig(dim=self.dim, tokens=self.tokens, bias=self.bias) if self.enabled else None
 
 
 @dataclass
