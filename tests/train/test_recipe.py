@@ -237,7 +237,7 @@ def test_full_fine_tuning_freezes_the_vision_tower_accumulates_and_logs(shapes, 
     assert any(".language_model." in name for name in changed)
     # Two micro-batches per optimizer step: after step 1 the data position is 2 batches into the epoch.
     state = json.loads((Path(config.output_dir) / "checkpoints" / "step-00000001" / "trainer_state.json").read_text())
-    assert state == {"step": 1, "epoch": 0, "batches_in_epoch": 2}
+    assert state == {"step": 1, "epoch": 0, "batches_in_epoch": 2, "world_size": 1}
     assert list((Path(config.output_dir) / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
 
 

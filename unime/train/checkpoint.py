@@ -2,8 +2,9 @@
 
 A checkpoint is `<output_dir>/checkpoints/step-00000100/`: model, optimizer and every RNG (through
 `accelerator.save_state`), `scheduler.json` (the learning-rate scheduler's state dict) and `trainer_state.json`
-(step, epoch, batches consumed in the epoch). It is written to a `.tmp` folder and renamed once complete, so an
-interrupted save leaves the previous checkpoint as the latest one.
+(step, epoch, batches consumed in the epoch, and the number of processes that wrote it: the data position and a
+ZeRO checkpoint's shards are per process, so a resume with another number is refused). It is written to a `.tmp`
+folder and renamed once complete, so an interrupted save leaves the previous checkpoint as the latest one.
 
 A checkpoint folder is data, not code. The scheduler state is JSON rather than accelerate's custom-object pickle
 (`custom_checkpoint_0.pkl`, which accelerate unpickles with `weights_only=False`, so a planted file would run
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from unime.errors import ConfigError
@@ -38,6 +39,8 @@ class TrainerState:
     """Current pass over the data."""
     batches_in_epoch: int = 0
     """Micro-batches of the current epoch already consumed."""
+    world_size: int | None = None
+    """Processes (ranks) of the run that wrote the checkpoint; None in checkpoints of older versions."""
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -68,7 +71,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, sc
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (staging / SCHEDULER_FILE).write_text(json.dumps(_json_state(scheduler.state_dict()), indent=2))
-        (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        written = replace(state, world_size=accelerator.num_processes)
+        (staging / STATE_FILE).write_text(json.dumps(asdict(written), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and p.suffix != ".tmp")[:-keep]:
@@ -85,9 +89,26 @@ def load_checkpoint(accelerator, path: Path, scheduler) -> TrainerState:
             f"this version does not unpickle; resume with the version that wrote it, or delete {path.parent} to "
             "train from the start"
         )
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    check_world_size(path, state, accelerator.num_processes)
     accelerator.load_state(str(path))
     scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return state
+
+
+def check_world_size(path: Path, state: TrainerState, processes: int) -> None:
+    """Refuse to resume with another number of processes than the run that wrote the checkpoint.
+
+    Each process draws its rows of every global batch (per-process batch x processes) by its rank, and under ZeRO
+    each holds its own shard of the optimizer state (and parameters): with another number of processes the data
+    position, the global batch and the shards no longer match the checkpoint.
+    """
+    if state.world_size is not None and state.world_size != processes:
+        raise ConfigError(
+            f"{path}: written by a run of {state.world_size} process(es), and this run has {processes}: the data "
+            f"position and ZeRO's optimizer shards are per process. Resume with {state.world_size} process(es) "
+            "(e.g. torchrun --nproc_per_node), or train from the start in another output_dir"
+        )
 
 
 def _json_state(state: dict) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,7 @@ EvalHook = Callable[[Any, int], dict[str, float]]
 
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     precision = config.optim.mixed_precision
     if precision == "auto":
@@ -45,8 +46,32 @@ def make_accelerator(config: TrainConfig):
         mixed_precision=precision,
         log_with=config.log_with or None,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=f"{config.output_dir}/logs"),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=unused),
+            *([InitProcessGroupKwargs(backend="gloo")] if deepspeed_ranks_on_cpu() else []),
+        ],
     )
+
+
+def deepspeed_ranks_on_cpu() -> bool:
+    """Whether a launcher (torchrun) started this process as one DeepSpeed rank on a machine without GPUs.
+
+    accelerate joins DeepSpeed ranks into one process group only on an accelerator's backend (nccl, ...): on CPUs
+    it names none, and every rank then trains alone, as "1 process", on its own data. Naming gloo gives the ranks
+    one group: ZeRO then shards across them. `ACCELERATE_USE_CPU` beside DeepSpeed is refused, because
+    accelerate then drops DeepSpeed without a word and trains plain data parallel.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return False
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise ConfigError(
+            "ACCELERATE_USE_CPU (accelerate's --cpu) and DeepSpeed (ACCELERATE_USE_DEEPSPEED) are both set: accelerate "
+            "would train without DeepSpeed. Unset ACCELERATE_USE_CPU; on a machine without GPUs DeepSpeed runs on "
+            "the CPU (DS_ACCELERATOR=cpu) over gloo"
+        )
+    return os.environ.get("LOCAL_RANK") is not None and not torch.cuda.is_available()
 
 
 def check_backend(accelerator, config: TrainConfig) -> None:
