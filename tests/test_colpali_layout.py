@@ -167,3 +167,19 @@ def test_a_head_of_another_dimension_fails_in_colqwen_not_silently(tmp_path) -> 
         rtol=0,
         atol=1e-6,
     )
+
+
+def test_an_image_tokens_head_matches_colqwen_masking_non_image_embeddings(tmp_path, scenes) -> None:
+    embedder = unime.build_tiny("qwen2_vl", seed=0, multi_vector=MultiVectorConfig(tokens="image", bias=True))
+    embedder.save(tmp_path / "image-tokens")
+    model = ColQwen2.from_pretrained(str(tmp_path / "image-tokens"), mask_non_image_embeddings=True).eval()
+    images, captions = scenes
+    pages = [images[0], {"text": captions[1], "image": images[1].resize((80, 60))}]
+    expected = embedder.encode_document(pages, output="multi_vector", batch_size=len(pages))
+    features = embedder.tokenize(parse_inputs(pages), embedder.prompts["document"])
+    with torch.inference_mode():
+        vectors = model(**_colpali_pixels(features))  # [B, T, 128], zero outside the image patches
+    image_token = embedder.processor.tokenizer.convert_tokens_to_ids(embedder.spec.image_token)
+    kept = features["input_ids"] == image_token  # [B, T]
+    assert vectors[~kept].abs().max() == 0  # every other token is masked out
+    _assert_same_tokens([row[keep] for row, keep in zip(vectors, kept, strict=True)], expected)

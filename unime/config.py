@@ -91,8 +91,10 @@ class MultiVectorConfig:
     their tokens either way."""
     bias: bool = False
     """Give the projection a bias. True is the ColQwen2 / ColQwen2.5 layout (colpali-engine builds its projection
-    with one); False by default because vLLM's ColQwen3 builds its projection without one and would drop a saved
-    bias without a word. A bias-free head still loads in colpali-engine: its directory holds a zero bias there."""
+    with one); False by default, the layout every reader builds: vLLM's ColQwen3 makes a bias-free projection
+    whenever a config declares its dimension, and then drops a saved bias without a word (unime's directories
+    declare none, so it sizes the projection from the saved tensors). A bias-free head still loads in
+    colpali-engine: its directory holds a zero bias there."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.dim, int) or isinstance(self.dim, bool) or self.dim <= 0:

@@ -43,8 +43,8 @@ class MultiVectorHead(nn.Module):
     def __init__(self, hidden_size: int, config: MultiVectorConfig):
         super().__init__()
         self.config = config
-        # No bias by default: vLLM's ColQwen3 builds its projection without one when the dimension is known, and a
-        # bias it does not build is dropped without a word; colpali-engine's ColQwen2 has one (`config.bias`).
+        # No bias by default: vLLM's ColQwen3 builds its projection without one when a config declares the dimension,
+        # and a bias it does not build is dropped without a word; colpali-engine's ColQwen2 has one (`config.bias`).
         self.custom_text_proj = nn.Linear(hidden_size, config.dim, bias=config.bias)
 
     @property

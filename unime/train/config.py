@@ -46,7 +46,7 @@ class MultiVectorSettings:
     """Tokens kept: `all` non-padding tokens, or `image`: only the image-patch tokens of an input with an image."""
     bias: bool = False
     """Give the projection a bias: true is the ColQwen2 / ColQwen2.5 layout of colpali-engine; false (the default)
-    suits vLLM's ColQwen3, which builds its projection without one."""
+    is the layout every reader builds (vLLM's ColQwen3 drops a bias when a config declares its dimension)."""
 
     def head(self) -> MultiVectorConfig | None:
         """The head these settings ask for (None when off)."""
