@@ -51,8 +51,22 @@ class EncodeSettings(EngineSettings):
     """torch device for the model (default: cuda if available)."""
 
 
-def encode_corpus(settings: EncodeSettings) -> tuple[EmbeddingStore, int, MiningReport]:
-    """Embed the corpus into the store; returns the store, how many vectors were computed, and what was read."""
+@dataclass
+class EncodedCorpus:
+    """What `encode_corpus` did."""
+
+    store: EmbeddingStore
+    """The store the vectors are in."""
+    keys: list[str]
+    """The key of each input embedded, in corpus order (skipped lines left out)."""
+    computed: int
+    """Vectors computed by this run (the others were stored already)."""
+    report: MiningReport
+    """Lines read and skipped."""
+
+
+def encode_corpus(settings: EncodeSettings) -> EncodedCorpus:
+    """Embed the corpus into the store, computing only what it lacks."""
     if not settings.model:
         raise ConfigError("give the embedder to encode with: --model DIR")
     report = MiningReport()
@@ -77,17 +91,16 @@ def encode_corpus(settings: EncodeSettings) -> tuple[EmbeddingStore, int, Mining
     store = EmbeddingStore(settings.store_dir, model_fingerprint(settings.model), shard_size=settings.shard_size)
     embedding = SideEmbedder(embedder, store, settings.batch_size, ray)
     with ray_cluster(settings.ray) if ray else nullcontext():
-        embedding.fill(sides, settings.role)
-    return store, embedding.computed, report
+        keys = embedding.fill(sides, settings.role)
+    return EncodedCorpus(store, keys, embedding.computed, report)
 
 
 def run_encode(settings: EncodeSettings) -> int:
-    store, computed, report = encode_corpus(settings)
-    where = store.root if store.root is not None else settings.store_dir
+    done = encode_corpus(settings)
     print(
-        f"embedded {report.corpus_lines_read - len(report.dropped_rows)} inputs of {settings.corpus}: {computed} "
-        f"computed ({settings.engine}), the rest already stored; {len(store)} vectors in {where}"
+        f"embedded {len(done.keys)} inputs of {settings.corpus}: {done.computed} computed ({settings.engine}), the "
+        f"rest already stored; {len(done.store)} vectors in {done.store.root}"
     )
-    for row in report.dropped_rows:
+    for row in done.report.dropped_rows:
         print(f"  skipped {row['file']}:{row['line']}: {row['reason']}")
     return 0

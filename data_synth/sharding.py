@@ -3,6 +3,11 @@
 Ownership is decided by a stable hash (sha256) of a record's idempotent key, never by Python's `hash()` (salted
 per process) nor by position in an input list (which shifts when inputs change), so the N shards of a job
 partition its records exactly, on any machine, in any order, across reruns.
+
+A thin fallback, kept on purpose: where a Ray cluster exists, the data jobs spread their model work over it
+(`engine: ray`, `unime.ray_engine`), with retries and one embedding store. `--shard` serves machines that share no
+Ray cluster (separate jobs on a scheduler without Ray, machines that only share a folder), and the synthetic
+data generators, whose work is cheap per record and needs no model on every worker.
 """
 
 from __future__ import annotations
