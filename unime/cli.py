@@ -129,6 +129,18 @@ def _encode() -> tuple[type, Runner]:
     return EncodeSettings, run_encode
 
 
+def _index_build() -> tuple[type, Runner]:
+    from unime.index_command import IndexBuildSettings, run_index_build
+
+    return IndexBuildSettings, run_index_build
+
+
+def _index_search() -> tuple[type, Runner]:
+    from unime.index_command import IndexSearchSettings, run_index_search
+
+    return IndexSearchSettings, run_index_search
+
+
 def _generate() -> tuple[type, Runner]:
     from unime.data_synth.mllm.command import GenerateSettings, run_generate
 
@@ -186,6 +198,8 @@ COMMANDS: list[Command] = [
     Command("synth", "generate synthetic training data", _synth),
     Command("mine", "mine hard negatives for training rows (faiss, false-negative filters)", _mine),
     Command("encode", "embed a corpus into the embedding store (locally or on a Ray cluster)", _encode),
+    Command("index build", "build, resume or extend a multi-vector index of a corpus of pages", _index_build),
+    Command("index search", "search a multi-vector index (token candidates, then exact MaxSim)", _index_search),
     Command("eval run", "evaluate a model on MMEB, retrieval, SugarCrepe and reranking benchmarks", _eval_run),
     Command("eval synthetic", "write the synthetic benchmark (MMEB, SugarCrepe, retrieval, visdoc)", _eval_synthetic),
     Command("eval compare", "plot several evaluation runs' results side by side", _eval_compare),

@@ -21,6 +21,13 @@ keeps every shard it finished and a rerun computes only what is missing. Shards 
 a large store costs page cache, shared by every process on the machine, not private memory. A folder of
 another layout (format 1 of the older teacher and eval caches) is refused with an error that says to delete
 it; the older mining cache (`chunk-*.npz` files under a 24-character folder) is never read.
+
+Token matrices (`token_matrices=True`, for multi-vector models): a key holds a variable-length `[n_tokens, D]`
+matrix instead of one vector. Such a namespace records `"layout": "token_matrices"` in `meta.json` (a folder of
+the other layout is refused), and each shard is `{"keys": [n keys], "tokens": [total tokens, D] (float16 by
+default), "offsets": int64 [n + 1]}`: key i owns rows `offsets[i]:offsets[i + 1]`, all of a shard's tokens in one
+memory-mapped tensor. `fill_matrices` / `get_matrices` are `fill` / `get` for them, with the same atomic shards,
+resume and sharing; `matrix_shards` hands an index each shard's tokens whole.
 """
 
 from __future__ import annotations
@@ -43,9 +50,14 @@ from unime.errors import UnimeError
 META_NAME = "meta.json"
 FORMAT_VERSION = 2
 SHARD_NAME = re.compile(r"^shard-(\d+)\.pt$")
+VECTORS, TOKEN_MATRICES = "vectors", "token_matrices"
+"""The two layouts of a namespace: one `[D]` vector per key, or one `[n_tokens, D]` matrix per key."""
 
 Compute = Callable[[list[int]], "np.ndarray | torch.Tensor"]
 """Positions into the keys given to `fill` -> `[len(positions), D]` vectors, row i for position i."""
+
+ComputeMatrices = Callable[[list[int]], "Sequence[np.ndarray | torch.Tensor]"]
+"""Positions into the keys given to `fill_matrices` -> one `[n_tokens_i, D]` matrix per position, in order."""
 
 
 class EmbeddingStoreError(UnimeError, ValueError):
@@ -137,6 +149,32 @@ def namespace_slug(namespace: str) -> str:
     return slug
 
 
+def checked_matrices(
+    output: Any, count: int, *, source: str, label: Callable[[int], str] = lambda i: f"input {i}"
+) -> list[np.ndarray]:
+    """An encoder's token matrices as `count` float32 `[n_tokens_i, D]` arrays of one D, or an
+    `EmbeddingStoreError` naming `source` and the input (a matrix without a token, of another dimension, or with
+    non-finite values)."""
+    matrices = list(output) if isinstance(output, (list, tuple)) else None
+    if matrices is None or len(matrices) != count:
+        got = f"{len(matrices)} matrices" if matrices is not None else f"a {type(output).__name__}"
+        raise EmbeddingStoreError(f"{source} returned {got} for {count} inputs; expected a list of {count} matrices")
+    checked = []
+    for i, matrix in enumerate(matrices):
+        if isinstance(matrix, torch.Tensor):
+            matrix = matrix.detach().to("cpu", torch.float32).numpy()
+        array = np.asarray(matrix, dtype=np.float32)
+        if array.ndim != 2 or array.shape[0] == 0 or (checked and array.shape[1] != checked[0].shape[1]):
+            raise EmbeddingStoreError(
+                f"{source} returned shape {tuple(array.shape)} for {label(i)}; expected a non-empty [n_tokens, dim] "
+                "matrix of the batch's dim"
+            )
+        if not np.isfinite(array).all():
+            raise EmbeddingStoreError(f"{source} returned non-finite values for {label(i)}")
+        checked.append(array)
+    return checked
+
+
 def checked_vectors(
     output: Any,
     count: int,
@@ -187,6 +225,9 @@ class EmbeddingStore:
         shard_size: how many new vectors make a shard (the most work a kill can lose).
         settings: settings the vectors depend on beyond the namespace (e.g. `{"normalize": True}`), recorded in
             `meta.json`; a folder written with other settings is refused.
+        token_matrices: hold one `[n_tokens, D]` matrix per key (`fill_matrices`, `get_matrices`) instead of one
+            vector; a folder of the other layout is refused.
+        token_dtype: how token matrices are stored (float16 halves the disk and page cache; reads give float32).
     """
 
     def __init__(
@@ -196,6 +237,8 @@ class EmbeddingStore:
         *,
         shard_size: int = 4096,
         settings: Mapping[str, Any] | None = None,
+        token_matrices: bool = False,
+        token_dtype: torch.dtype = torch.float16,
     ) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ValueError(f"namespace must be a non-empty name, got {namespace!r}")
@@ -205,8 +248,15 @@ class EmbeddingStore:
         self.root = Path(directory) / namespace_slug(namespace) if directory is not None else None
         self.shard_size = shard_size
         self.settings = dict(settings or {})
+        self.layout = TOKEN_MATRICES if token_matrices else VECTORS
+        self.token_dtype = token_dtype
         self._dim: int | None = None
-        self._chunks: list[torch.Tensor] = []  # one [n, D] tensor per shard read (memory-mapped) or kept in memory
+        # One [n, D] tensor per shard read (memory-mapped) or kept in memory; for token matrices [tokens, D], with
+        # the shard's [n + 1] offsets and name (None in memory) beside it.
+        self._chunks: list[torch.Tensor] = []
+        self._offsets: list[np.ndarray] = []
+        self._chunk_names: list[str | None] = []
+        self._chunk_keys: list[list[str]] = []
         self._index: dict[str, tuple[int, int]] = {}  # key -> (chunk, row)
         self._loaded: set[str] = set()  # names of the shard files already read
         self._read_meta()
@@ -263,12 +313,8 @@ class EmbeddingStore:
             EmbeddingStoreError: when `compute` returns another dimension than the store holds, a wrong number of
                 rows, or non-finite values.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        first: dict[str, int] = {}  # missing key -> its first position, in first-seen order
-        for position in self.missing(keys):
-            first.setdefault(keys[position], position)
-        todo = list(first.values())
+        self._require_layout(VECTORS, "fill")
+        todo = self._todo(keys, batch_size)
         name = label or (lambda position: f"input {position}")
         pending_keys: list[str] = []
         pending: list[np.ndarray] = []  # computed batches not yet in a shard
@@ -292,15 +338,95 @@ class EmbeddingStore:
             self._write_head(pending_keys, pending, len(pending_keys))
         return len(todo)
 
+    def fill_matrices(
+        self,
+        keys: Sequence[str],
+        compute: ComputeMatrices,
+        *,
+        batch_size: int = 64,
+        source: str = "the encoder",
+        label: Callable[[int], str] | None = None,
+    ) -> int:
+        """`fill` for a store of token matrices: compute and store the `[n_tokens, D]` matrix of every key not
+        stored yet, a shard every `shard_size` new keys; an interrupted fill keeps what it computed.
+
+        Args:
+            keys: content keys; repeats and stored keys are skipped.
+            compute: positions into `keys` -> one matrix per position (see `ComputeMatrices`).
+            batch_size: positions per `compute` call.
+            source: who computes, for error messages.
+            label: names the input at a position in error messages; default "input <position>".
+
+        Returns:
+            How many matrices were computed.
+
+        Raises:
+            EmbeddingStoreError: a matrix without a token, of another dimension than the store holds, or with
+                non-finite values (naming the input), or a wrong number of matrices.
+        """
+        self._require_layout(TOKEN_MATRICES, "fill_matrices")
+        todo = self._todo(keys, batch_size)
+        name = label or (lambda position: f"input {position}")
+        pending_keys: list[str] = []
+        pending: list[np.ndarray] = []  # computed matrices not yet in a shard, one per pending key
+        try:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                matrices = checked_matrices(
+                    compute(batch), len(batch), source=source, label=lambda i, batch=batch: name(batch[i])
+                )
+                self._set_dim(matrices[0].shape[1], source)
+                pending += matrices
+                pending_keys += [keys[position] for position in batch]
+                while len(pending_keys) >= self.shard_size:
+                    self._store_matrices(pending_keys[: self.shard_size], pending[: self.shard_size])
+                    pending_keys, pending = pending_keys[self.shard_size :], pending[self.shard_size :]
+        except BaseException:
+            # Keep what was computed before the failure (or Ctrl-C): a rerun then computes only the rest.
+            if pending_keys:
+                self._store_matrices(pending_keys, pending)
+            raise
+        if pending_keys:
+            self._store_matrices(pending_keys, pending)
+        return len(todo)
+
+    def get_matrices(self, keys: Sequence[str]) -> list[np.ndarray]:
+        """The stored token matrices of `keys` (repeats allowed): one float32 `[n_tokens_i, D]` copy per key.
+
+        Raises:
+            KeyError: naming the first key that is not stored.
+        """
+        self._require_layout(TOKEN_MATRICES, "get_matrices")
+        self._check_stored(keys)
+        return [self.matrix_at(*self._index[key]) for key in keys]
+
+    def matrix_at(self, chunk: int, row: int) -> np.ndarray:
+        """The float32 `[n_tokens, D]` matrix of row `row` of chunk `chunk` (see `matrix_shards`)."""
+        start, stop = self._offsets[chunk][row], self._offsets[chunk][row + 1]
+        return self._chunks[chunk][start:stop].numpy().astype(np.float32)
+
+    def matrix_shards(self) -> list[tuple[int, str | None, list[str], torch.Tensor, np.ndarray]]:
+        """Every chunk of token matrices read so far, in reading order: (chunk number, shard file name or None in
+        memory, its keys, its `[tokens, D]` memory-mapped tokens, its int64 `[n + 1]` offsets). A key stored twice
+        (by two concurrent writers) appears in both chunks."""
+        self._require_layout(TOKEN_MATRICES, "matrix_shards")
+        return [
+            (chunk, self._chunk_names[chunk], self._chunk_keys[chunk], self._chunks[chunk], self._offsets[chunk])
+            for chunk in range(len(self._chunks))
+        ]
+
+    def location(self, key: str) -> tuple[int, int]:
+        """(chunk, row) of a stored key."""
+        return self._index[key]
+
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """The stored vectors of `keys` (repeats allowed), row i for key i: `[N, D]` float32, a copy.
 
         Raises:
             KeyError: naming the first key that is not stored (after reading shards other processes wrote).
         """
-        for position in self.missing(keys)[:1]:
-            where = self.root if self.root is not None else "memory"
-            raise KeyError(f"key {position} ({keys[position]}) is not in the embedding store {where}")
+        self._require_layout(VECTORS, "get")
+        self._check_stored(keys)
         out = np.empty((len(keys), self._dim or 0), dtype=np.float32)  # [N, D]
         if not len(keys):
             return out
@@ -316,6 +442,24 @@ class EmbeddingStore:
         self.fill(keys, compute, **fill_kwargs)
         return self.get(keys)
 
+    def _todo(self, keys: Sequence[str], batch_size: int) -> list[int]:
+        """The first position of each distinct missing key, in first-seen order."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        first: dict[str, int] = {}  # missing key -> its first position
+        for position in self.missing(keys):
+            first.setdefault(keys[position], position)
+        return list(first.values())
+
+    def _check_stored(self, keys: Sequence[str]) -> None:
+        for position in self.missing(keys)[:1]:
+            where = self.root if self.root is not None else "memory"
+            raise KeyError(f"key {position} ({keys[position]}) is not in the embedding store {where}")
+
+    def _require_layout(self, layout: str, method: str) -> None:
+        if self.layout != layout:
+            raise EmbeddingStoreError(f"{self!r} holds {self.layout}; {method} is for a store of {layout}")
+
     # Reading ------------------------------------------------------------------------------------------------------
 
     def _read_meta(self) -> None:
@@ -328,6 +472,11 @@ class EmbeddingStore:
             raise EmbeddingStoreError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(meta, dict) or not isinstance(meta.get("dim"), int):
             raise EmbeddingStoreError(f"{path}: expected an object with an integer 'dim', got {meta!r:.200}")
+        if meta.get("layout", VECTORS) != self.layout:
+            raise EmbeddingStoreError(
+                f"{path}: this folder holds {meta.get('layout', VECTORS)}, but {self.layout} were asked; use another "
+                "directory"
+            )
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
             raise EmbeddingStoreError(
@@ -364,6 +513,9 @@ class EmbeddingStore:
             raise EmbeddingStoreError(
                 f"{path}: cannot read this embedding shard ({err}); delete it to recompute"
             ) from err
+        if self.layout == TOKEN_MATRICES:
+            self._load_matrix_shard(path, shard)
+            return
         keys = shard.get("keys") if isinstance(shard, dict) else None
         embeddings = shard.get("embeddings") if isinstance(shard, dict) else None
         if (
@@ -379,9 +531,38 @@ class EmbeddingStore:
         self._add_chunk(keys, embeddings.to(torch.float32))
         self._loaded.add(path.name)
 
-    def _add_chunk(self, keys: list[str], embeddings: torch.Tensor) -> None:
+    def _load_matrix_shard(self, path: Path, shard: Any) -> None:
+        keys = shard.get("keys") if isinstance(shard, dict) else None
+        tokens = shard.get("tokens") if isinstance(shard, dict) else None
+        offsets = shard.get("offsets") if isinstance(shard, dict) else None
+        well_formed = (
+            isinstance(keys, list)
+            and isinstance(tokens, torch.Tensor)
+            and tokens.dim() == 2
+            and isinstance(offsets, torch.Tensor)
+            and offsets.shape == (len(keys) + 1,)
+        )
+        if well_formed:
+            bounds = offsets.numpy().astype(np.int64)  # [n + 1]
+            well_formed = bounds[0] == 0 and bounds[-1] == tokens.shape[0] and bool((np.diff(bounds) > 0).all())
+        if not well_formed:
+            raise EmbeddingStoreError(
+                f"{path}: expected {{'keys': [n str], 'tokens': [total, dim] tensor, 'offsets': [n + 1] increasing "
+                "from 0 to total}; delete it to recompute"
+            )
+        self._set_dim(tokens.shape[1], f"shard {path}")
+        self._add_chunk(keys, tokens, bounds, path.name)
+        self._loaded.add(path.name)
+
+    def _add_chunk(
+        self, keys: list[str], embeddings: torch.Tensor, offsets: np.ndarray | None = None, name: str | None = None
+    ) -> None:
         chunk = len(self._chunks)
         self._chunks.append(embeddings)
+        self._chunk_keys.append(keys)
+        self._chunk_names.append(name)
+        if offsets is not None:
+            self._offsets.append(offsets)
         for row, key in enumerate(keys):
             # A key computed by two concurrent writers sits in two shards; the first one read wins.
             self._index.setdefault(key, (chunk, row))
@@ -396,6 +577,7 @@ class EmbeddingStore:
                     "dim": dim,
                     "settings": self.settings,
                     "format_version": FORMAT_VERSION,
+                    **({"layout": self.layout} if self.layout != VECTORS else {}),
                 }
                 write_json_atomic(self.root / META_NAME, meta)
         elif dim != self._dim:
@@ -414,16 +596,25 @@ class EmbeddingStore:
         if self.root is None:
             self._add_chunk(keys[:n], head)
         else:
-            self._write_shard(keys[:n], head)
+            self._write_shard({"keys": list(keys[:n]), "embeddings": head.contiguous()})
         return keys[n:], ([tail] if len(tail) else [])
 
-    def _write_shard(self, keys: list[str], embeddings: torch.Tensor) -> None:
+    def _store_matrices(self, keys: list[str], matrices: list[np.ndarray]) -> None:
+        """Store token matrices as one chunk: a shard on disk, or kept in memory."""
+        tokens = torch.from_numpy(np.concatenate(matrices)).to(self.token_dtype)  # [total, D]
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in matrices])]).astype(np.int64)  # [n + 1]
+        if self.root is None:
+            self._add_chunk(list(keys), tokens, offsets)
+        else:
+            self._write_shard({"keys": list(keys), "tokens": tokens.contiguous(), "offsets": torch.from_numpy(offsets)})
+
+    def _write_shard(self, payload: dict[str, Any]) -> None:
         assert self.root is not None
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = create_temporary(self.root / "shard.pt")
         try:
             with os.fdopen(fd, "wb") as handle:
-                torch.save({"keys": list(keys), "embeddings": embeddings.contiguous()}, handle)
+                torch.save(payload, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             path = self._publish(tmp)
