@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -315,3 +316,95 @@ def test_content_keys(tmp_path: Path):
         content_key()
     with pytest.raises(TypeError, match="file path or bytes, got a list"):
         content_key(image=[1, 2])  # type: ignore[arg-type]
+
+
+# Token matrices -----------------------------------------------------------------------------------------------------
+
+
+def matrix(key: str) -> np.ndarray:
+    """A key's token matrix: 1 to 9 rows, a function of the key alone."""
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((int(rng.integers(1, 10)), DIM)).astype(np.float32)
+
+
+class CountingMatrices:
+    def __init__(self, all_keys: list[str], fail_after: int | None = None):
+        self.all_keys, self.fail_after, self.asked = all_keys, fail_after, []
+
+    def __call__(self, positions: list[int]) -> list[np.ndarray]:
+        if self.fail_after is not None and len(self.asked) >= self.fail_after:
+            raise RuntimeError("injected failure")
+        self.asked += [self.all_keys[i] for i in positions]
+        return [matrix(self.all_keys[i]) for i in positions]
+
+
+def test_token_matrices_read_back_equal_on_disk_and_in_memory(tmp_path: Path):
+    wanted = keys(23)
+    for directory in (tmp_path, None):
+        store = EmbeddingStore(directory, NAMESPACE, shard_size=5, token_matrices=True)
+        assert store.fill_matrices(wanted + wanted[:4], CountingMatrices(wanted), batch_size=3) == 23
+        reopened = EmbeddingStore(directory, NAMESPACE, token_matrices=True) if directory else store
+        got = reopened.get_matrices(wanted[::-1])
+        for key, read in zip(wanted[::-1], got, strict=True):
+            assert read.dtype == np.float32
+            np.testing.assert_allclose(read, matrix(key), rtol=1e-3, atol=1e-3)  # stored in float16
+            np.testing.assert_array_equal(read, matrix(key).astype(np.float16).astype(np.float32))
+        shards = reopened.matrix_shards()
+        assert sum(len(k) for _, _, k, _, _ in shards) == 23
+        assert all(offsets[-1] == len(tokens) for _, _, _, tokens, offsets in shards)
+    assert len(list((tmp_path / namespace_slug(NAMESPACE)).glob("shard-*.pt"))) == 5
+    float32_store = EmbeddingStore(tmp_path / "f32", NAMESPACE, token_matrices=True, token_dtype=torch.float32)
+    float32_store.fill_matrices(wanted[:3], CountingMatrices(wanted))
+    np.testing.assert_array_equal(float32_store.get_matrices(wanted[:1])[0], matrix(wanted[0]))
+
+
+def test_an_interrupted_matrix_fill_keeps_what_was_computed(tmp_path: Path):
+    wanted = keys(30)
+    store = EmbeddingStore(tmp_path, NAMESPACE, shard_size=8, token_matrices=True)
+    with pytest.raises(RuntimeError, match="injected"):
+        store.fill_matrices(wanted, CountingMatrices(wanted, fail_after=20), batch_size=4)
+    assert len(shard_files(store)) == 3  # two full shards and the 4 computed after them
+    rerun = CountingMatrices(wanted)
+    assert EmbeddingStore(tmp_path, NAMESPACE, token_matrices=True).fill_matrices(wanted, rerun) == 10
+    assert rerun.asked == wanted[20:]
+
+
+def test_the_layouts_do_not_mix_and_bad_matrices_are_named(tmp_path: Path):
+    wanted = keys(4)
+    EmbeddingStore(tmp_path, NAMESPACE, token_matrices=True).fill_matrices(wanted, CountingMatrices(wanted))
+    with pytest.raises(EmbeddingStoreError, match="holds token_matrices, but vectors were asked"):
+        EmbeddingStore(tmp_path, NAMESPACE)
+    vectors = EmbeddingStore(tmp_path / "v", NAMESPACE)
+    with pytest.raises(EmbeddingStoreError, match="fill_matrices is for a store of token_matrices"):
+        vectors.fill_matrices(wanted, CountingMatrices(wanted))
+    store = EmbeddingStore(tmp_path / "m", NAMESPACE, token_matrices=True)
+    with pytest.raises(EmbeddingStoreError, match="get is for a store of vectors"):
+        store.get(wanted)
+    bad_outputs = {
+        "shape (0, 6) for page 'b'": lambda p: [np.ones((2, DIM)), np.ones((0, DIM))],
+        "non-finite values for page 'a'": lambda p: [np.full((2, DIM), np.nan), np.ones((1, DIM))],
+        "returned 1 matrices for 2 inputs": lambda p: [np.ones((2, DIM))],
+        "shape (2, 5) for page 'b'": lambda p: [np.ones((2, DIM)), np.ones((2, 5))],
+    }
+    for message, compute in bad_outputs.items():
+        with pytest.raises(EmbeddingStoreError, match=re.escape(message)):
+            store.fill_matrices(["k1", "k2"], compute, label=lambda i: f"page {'ab'[i]!r}")
+    store.fill_matrices(["k1"], lambda p: [np.ones((2, DIM))])
+    with pytest.raises(EmbeddingStoreError, match="holds 6-d vectors.*gives 5-d"):
+        store.fill_matrices(["k2"], lambda p: [np.ones((2, 5))])
+
+
+def test_a_damaged_matrix_shard_is_named(tmp_path: Path):
+    wanted = keys(4)
+    store = EmbeddingStore(tmp_path, NAMESPACE, token_matrices=True)
+    store.fill_matrices(wanted, CountingMatrices(wanted))
+    shard = store.root / "shard-00000.pt"
+    payload = torch.load(shard, weights_only=True)
+    payload["offsets"][-1] += 1
+    torch.save(payload, shard)
+    with pytest.raises(EmbeddingStoreError, match=r"shard-00000\.pt: expected .*offsets.*delete it to recompute"):
+        EmbeddingStore(tmp_path, NAMESPACE, token_matrices=True)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(EmbeddingStoreError, match=r"shard-00000\.pt: cannot read this embedding shard"):
+        EmbeddingStore(tmp_path, NAMESPACE, token_matrices=True)
