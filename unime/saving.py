@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # backbone_module imports this module to save itself: the typ
 _ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 # The features key the multi-vector Dense writes: apart from `token_embeddings` until the Pooling has read those
 _MULTI_VECTOR_KEY = "multi_vector_embeddings"
+_ST_TOKEN_DENSE = "sentence_transformers.base.modules.Dense"
 _ST_MULTI_VECTOR_MASK = "sentence_transformers.multi_vector_encoder.modules.multi_vector_mask.MultiVectorMask"
 # Hugging Face model types whose multi-vector directories colpali-engine loads (its class for each): they get the
 # projection in the backbone's weights file too (module docstring).
@@ -140,7 +141,10 @@ def write_sentence_transformers_files(
             "module_input_name": "token_embeddings",
             "module_output_name": _MULTI_VECTOR_KEY,
         }
-        modules.append(("MultiVectorDense", "sentence_transformers.base.modules.dense.Dense", dense))
+        # The Dense is named by its package's export, which sentence-transformers imports as the same class: vLLM takes
+        # every Dense it knows by its module path for a sentence-level projection of its pooled (and token) outputs,
+        # and would apply this token-level one a second time after its late-interaction head.
+        modules.append(("MultiVectorDense", _ST_TOKEN_DENSE, dense))
     pooling = {
         "embedding_dimension": embedding_dim,
         "pooling_mode": _ST_POOLING[config.pooling],
