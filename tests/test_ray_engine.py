@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,12 +100,13 @@ def test_a_failed_job_resumes_without_recomputing_finished_blocks(cluster, corpu
     embedder = unime.load(tiny_dir, device="cpu")
     settings = RaySettings(num_workers=2, batch_size=4)
     store = EmbeddingStore(tmp_path, model_fingerprint(tiny_dir), shard_size=4)
-    # The first job dies on line 21 (block 6 of 8, every block after it too): what came back before is kept.
+    SideEmbedder(embedder, store).fill(sides[:8], "document")  # a store with two shards already written
+    # The Ray job fails on line 21 (its block, the 4th of the 22 missing lines, raises): what came back before stays.
     failing = SideEmbedder(embedder, store, ray=_ray(FailsOn(MiningEncoder(str(tiny_dir)), sides[21].text), settings))
     with pytest.raises(Exception, match="planted failure"):
         failing.fill(sides, "document")
     kept = len(_store(tmp_path, tiny_dir))
-    assert 4 <= kept <= 20, kept  # at least the first block, at most the blocks before the failing one
+    assert 8 <= kept <= 20, kept  # the stored lines, and at most the blocks before the failing one
     first_shards = {p.name: p.read_bytes() for p in store.root.iterdir() if SHARD_NAME.match(p.name)}
 
     resumed = SideEmbedder(embedder, _store(tmp_path, tiny_dir), ray=_ray(MiningEncoder(str(tiny_dir)), settings))
@@ -177,3 +179,19 @@ class DiesOnce:
             return encode(inputs)
 
         return run
+
+
+def test_mining_finds_an_encoded_corpus_in_the_store(corpus, tiny_dir, local_store, tmp_path):
+    """`unime encode` keys vectors as mining does: mining that corpus from that store computes only its queries."""
+    lines = [json.loads(line) for line in corpus.read_text().splitlines()]
+    images = [line["image"] for line in lines if "image" in line and "text" not in line][:3]
+    train = corpus.parent / "train-for-mining.jsonl"
+    rows = [{"query": {"text": f"query {i}"}, "positive": {"image": image}} for i, image in enumerate(images)]
+    train.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "mined.jsonl"
+    cache = tmp_path / "cache"
+    shutil.copytree(local_store.root.parent, cache)  # a copy: the module's store stays as encoded
+    argv = ["mine", str(tiny_dir), str(train), str(out), "--corpus", str(corpus), "--cache-dir", str(cache)]
+    assert main([*argv, "--top-k", "4", "--negatives", "2"]) == 0
+    details = json.loads((tmp_path / "mined.manifest.json").read_text())["details"]
+    assert details["embeddings_computed"] == len(rows)  # the queries; the positives and the corpus were stored

@@ -151,7 +151,10 @@ def check_address_answers(address: str, timeout_s: float) -> None:
 def ray_cluster(settings: RaySettings) -> Iterator[None]:
     """Connected to the cluster for the block: an existing connection is reused; a cluster started here (address
     None) is shut down after, one connected to is left running."""
-    import ray  # heavy optional dependency (the `ray` extra)
+    try:
+        import ray  # heavy optional dependency (the `ray` extra)
+    except ImportError as err:
+        raise ConfigError(f"engine ray needs Ray: pip install 'unime[ray]' ({err})") from err
 
     if ray.is_initialized():
         yield
