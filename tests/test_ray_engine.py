@@ -98,7 +98,7 @@ def test_a_failed_job_resumes_without_recomputing_finished_blocks(cluster, corpu
 
     sides = read_corpus(corpus, MiningReport())
     embedder = unime.load(tiny_dir, device="cpu")
-    settings = RaySettings(num_workers=2, batch_size=4)
+    settings = RaySettings(num_workers=1, batch_size=4)
     store = EmbeddingStore(tmp_path, model_fingerprint(tiny_dir), shard_size=4)
     SideEmbedder(embedder, store).fill(sides[:8], "document")  # a store with two shards already written
     # The Ray job fails on line 21 (its block, the 4th of the 22 missing lines, raises): what came back before stays.
