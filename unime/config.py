@@ -20,6 +20,7 @@ from unime.errors import ConfigError
 from unime.pooling import POOLING_MODES, PoolingMode
 
 CONFIG_NAME = "unime_config.json"
+KINDS = ("embedder", "reranker", "multi_task")
 FORMAT_VERSION = 1
 
 
@@ -111,8 +112,10 @@ class UnimeConfig:
 
     backbone: str
     """Registry name of the backbone family (see `unime.backbones.list_backbones()`)."""
-    kind: Literal["embedder", "reranker"] = "embedder"
-    """What the directory holds: an embedder (vectors) or a reranker (yes/no scores)."""
+    kind: Literal["embedder", "reranker", "multi_task"] = "embedder"
+    """What the directory holds: an embedder (vectors), a reranker (yes/no scores), or `multi_task`: one base
+    with all three heads (pooled vector, the multi-vector head when `multi_vector` is set, the yes/no reranker;
+    see `unime.multi_task`)."""
     pooling: PoolingMode = "last"
     """How token states become one vector: `last` (UniME, VLM2Vec), `mean` or `cls`."""
     normalize: bool = True
@@ -139,8 +142,8 @@ class UnimeConfig:
             self.rerank = _from_dict(RerankConfig, self.rerank, "rerank")
         if isinstance(self.multi_vector, dict):
             self.multi_vector = _from_dict(MultiVectorConfig, self.multi_vector, "multi_vector")
-        if self.kind not in ("embedder", "reranker"):
-            raise ConfigError(f"kind: expected 'embedder' or 'reranker', got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind: expected one of {KINDS}, got {self.kind!r}")
         if self.pooling not in POOLING_MODES:
             raise ConfigError(f"pooling: expected one of {POOLING_MODES}, got {self.pooling!r}")
         if self.similarity_fn_name not in ("cosine", "dot"):

@@ -48,9 +48,10 @@ def load(
         backbone: only for a plain Hugging Face checkpoint (no `unime_config.json`): its registry name, or
             `"auto"` to detect it from `config.json`'s `model_type`. The model is then an embedder with the
             default prompts and last-token pooling.
-        kind: `"embedder"` or `"reranker"`: what to build from the weights; default: the directory's kind
-            (an embedder for a plain checkpoint). Asking for a reranker from an embedder directory starts a
-            reranker from that embedder's weights (to train it).
+        kind: `"embedder"`, `"reranker"` or `"multi_task"`: what to build from the weights; default: the
+            directory's kind (an embedder for a plain checkpoint). Asking for a reranker (or a multi-task model)
+            from an embedder directory starts one from that embedder's weights (to train it); asking a multi-task
+            directory for an embedder or a reranker gives that head alone.
         dtype: `"auto"` (bfloat16 on a GPU that supports it, float32 otherwise), a name such as
             `"bfloat16"`, or a `torch.dtype`.
         device: where to put the model; default CUDA when available, else CPU.
@@ -62,7 +63,7 @@ def load(
         revision, local_files_only: passed to the hub download.
 
     Returns:
-        An `Embedder` (or the class registered for the directory's `kind`).
+        An `Embedder`, a `Reranker` or a `MultiTaskModel` (`unime.multi_task`), by the directory's `kind`.
     """
     source = str(name_or_path)
     hub = {"revision": revision, "local_files_only": local_files_only}
@@ -73,11 +74,12 @@ def load(
         raise ModelLoadError(
             f"{source}: its {CONFIG_NAME} says backbone {config.backbone!r}, but backbone={backbone!r} was asked"
         )
-    converting_to_reranker = kind == "reranker" and config.kind != "reranker"
+    # A reranker (or a multi-task model's reranker) built from an embedder's weights needs its answer tokens.
+    converting_to_reranker = kind in ("reranker", "multi_task") and config.kind == "embedder"
     if kind is not None and kind != config.kind:
         config = dataclasses.replace(config, kind=kind)
-    if config.kind != "embedder":
-        config = dataclasses.replace(config, multi_vector=None)  # a reranker built from an embedder has no such head
+    if config.kind == "reranker":
+        config = dataclasses.replace(config, multi_vector=None)  # a reranker has no multi-vector head
     spec = get_backbone(config.backbone)
 
     device = torch.device(device) if device is not None else _default_device()
@@ -111,9 +113,10 @@ def load(
 
 def _model_class(kind: str):
     from unime.embedder import Embedder
+    from unime.multi_task import MultiTaskModel
     from unime.reranker import Reranker
 
-    classes = {"embedder": Embedder, "reranker": Reranker}
+    classes = {"embedder": Embedder, "reranker": Reranker, "multi_task": MultiTaskModel}
     if kind not in classes:
         raise ModelLoadError(f"models of kind {kind!r} cannot be loaded by this version of unime")
     return classes[kind]

@@ -72,9 +72,10 @@ class ModelSettings:
     """Recompute activations in the backward pass to save memory."""
     seed: int = 0
     """Initialisation seed of a `tiny:` model."""
-    kind: Literal["embedder", "reranker"] = "embedder"
-    """What to train: an embedder, or a yes/no reranker (started from any checkpoint of the backbone, an
-    embedder directory included)."""
+    kind: Literal["embedder", "reranker", "multi_task"] = "embedder"
+    """What to train: an embedder, a yes/no reranker (started from any checkpoint of the backbone, an
+    embedder directory included), or `multi_task`: one model with all three heads, trained on the `objectives`
+    together (the top-level `data` and `loss` are then unused)."""
     rerank_system_prompt: str | None = None
     """Reranker only: the judge's task statement at the head of every pair's prompt; None keeps the model's
     (the GMR prompt for a new reranker). Saved with the model, so every consumer prompts the same way."""
@@ -177,6 +178,38 @@ class OptimSettings:
 
 
 @dataclass
+class ObjectiveSettings:
+    """One head's objective in a `model.kind: multi_task` run: its weight, its own data and its loss."""
+
+    weight: float = 0.0
+    """Weight of this objective's loss in the step's sum; 0 leaves the objective (and its data) out."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """Its own training and held-out files and negatives (`data` of a single-purpose run)."""
+    loss: LossSettings = field(default_factory=LossSettings)
+    """Its loss: an embedding loss (not `text_distill_kl`) for `dense`, `late_interaction` for `multi_vector`, a
+    `rerank_*` loss for `rerank`."""
+
+
+@dataclass
+class ObjectivesSettings:
+    """The objectives of a `model.kind: multi_task` run. Every optimizer step draws one micro-batch from each
+    objective whose weight is above 0, from that objective's own data, and backpropagates the weighted sum of their
+    losses: every head is trained at every step, and the weights set how much each one pulls on the shared base."""
+
+    dense: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    """The pooled single vector (recall): e.g. `unime_hard_negative` or `info_nce`."""
+    multi_vector: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    """The multi-vector head (late interaction, `model.multi_vector`): loss `late_interaction`."""
+    rerank: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    """The yes/no reranker: `rerank_sft`, `rerank_contrastive` or `rerank_unified`."""
+
+    def active(self) -> dict[str, ObjectiveSettings]:
+        """The objectives with a weight above 0, by task name (`dense`, `multi_vector`, `rerank`)."""
+        named = {"dense": self.dense, "multi_vector": self.multi_vector, "rerank": self.rerank}
+        return {name: objective for name, objective in named.items() if objective.weight > 0}
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/embedder"
     """Checkpoints, logs and the final model directory (`<output_dir>/final`)."""
@@ -187,6 +220,8 @@ class TrainConfig:
     loss: LossSettings = field(default_factory=LossSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    objectives: ObjectivesSettings = field(default_factory=ObjectivesSettings)
+    """`model.kind: multi_task` only: the weighted objectives trained together, each on its own data."""
     log_every: int = 10
     """Log loss, learning rate and gradient norm every this many steps."""
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])

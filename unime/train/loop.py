@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from unime.data.schema import TrainExample
 from unime.errors import ConfigError
 from unime.pooling import finish_embeddings
 from unime.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from unime.train.config import TrainConfig
+from unime.train.config import DataSettings, LossSettings, TrainConfig
 from unime.train.gradcache import encode_with_grad_cache, encode_without_cache
 from unime.train.objective import EmbeddingObjective, RerankObjective
 from unime.train.trainable import count_parameters, make_trainable
@@ -39,8 +39,9 @@ def make_accelerator(config: TrainConfig):
     precision = config.optim.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # Full fine-tuning with a trainable vision tower leaves it unused on text-only batches, which DDP must allow.
-    unused = not config.model.lora.enabled and not config.model.freeze_vision
+    # Full fine-tuning with a trainable vision tower leaves it unused on text-only batches, and each head of a
+    # multi-task model leaves the others' parameters unused in its backward pass: DDP must allow both.
+    unused = (not config.model.lora.enabled and not config.model.freeze_vision) or config.model.kind == "multi_task"
     return Accelerator(
         gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
         mixed_precision=precision,
@@ -101,13 +102,17 @@ def check_backend(accelerator, config: TrainConfig) -> None:
 def train(
     config: TrainConfig,
     module,
-    examples: Sequence[TrainExample],
+    examples: Sequence[TrainExample] | Mapping[str, Sequence[TrainExample]],
     *,
     accelerator=None,
     eval_hook: EvalHook | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> Path:
     """Train `module` (an `Embedder` or a `Reranker`) on `examples` as `config` says; returns the final directory.
+
+    A `MultiTaskModel` (`model.kind: multi_task`) trains on `config.objectives`: `examples` then maps each active
+    objective's name (`dense`, `multi_vector`, `rerank`) to its own examples, and every step sums the objectives'
+    weighted losses, one micro-batch of each (`ObjectivesSettings`).
 
     `eval_hook(module, step) -> metrics` runs every `config.eval_every` steps and at the end; `on_step(step,
     logs)` after every optimizer step (progress reporting; an exception there interrupts training like a crash,
@@ -136,8 +141,12 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, optim.max_steps))
     # The scheduler is stepped by hand once per optimizer step: accelerate's wrapper would step it once per
     # process, a schedule for a per-process batch. Checkpoints carry its state as JSON (see unime.train.checkpoint).
-    # Token vectors come from `TokenVectors.forward`: DDP sees a forward pass, as it must to reduce gradients.
-    model, optimizer = accelerator.prepare(TokenVectors(module) if multi_vector else module, optimizer)
+    # Token vectors come from `TokenVectors.forward` (a multi-task model's own forward gives every head's output):
+    # DDP sees a forward pass, as it must to reduce gradients.
+    multi_task = module.config.kind == "multi_task"
+    model, optimizer = accelerator.prepare(
+        TokenVectors(module) if multi_vector and not multi_task else module, optimizer
+    )
 
     state = TrainerState()
     checkpoint = latest_checkpoint(output_dir) if config.resume else None
@@ -147,8 +156,7 @@ def train(
     if config.log_with:
         accelerator.init_trackers("unime", config=flat_config(config))
 
-    collator, objective, encode = training_task(config, module, model, examples, accelerator)
-    batches = micro_batches(examples, collator, config, accelerator, state)
+    tasks = training_streams(config, module, model, examples, accelerator, state)
 
     progress = tqdm(
         total=optim.max_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
@@ -156,15 +164,28 @@ def train(
     while state.step < optim.max_steps:
         losses = []
         for _ in range(optim.gradient_accumulation_steps):
-            batch = next(batches)
             with accelerator.accumulate(model):
-                losses.append(training_step(model, encode, batch, objective, accelerator, optim.gradcache_chunk_size))
+                task_losses = {
+                    task.name: training_step(
+                        model,
+                        task.encode,
+                        next(task.batches),
+                        task.objective,
+                        accelerator,
+                        optim.gradcache_chunk_size,
+                        weight=task.weight,
+                    )
+                    for task in tasks
+                }
+                losses.append(torch.stack(list(task_losses.values())).sum())
                 grad_norm = None
                 if accelerator.sync_gradients and optim.max_grad_norm is not None:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
         logs = {"loss": float(torch.stack(losses).mean()), "lr": scheduler.get_last_lr()[0]}
+        if multi_task:  # each objective's own (unweighted) loss of the last micro-step
+            logs.update({f"loss/{task.name}": float(task_losses[task.name]) / task.weight for task in tasks})
         scheduler.step()
         state.step += 1
         if grad_norm is not None:
@@ -201,14 +222,95 @@ def train(
     return final_dir
 
 
-def training_task(config: TrainConfig, module, model, examples: Sequence[TrainExample], accelerator):
+@dataclass
+class TrainingStream:
+    """One objective of a run: its micro-batches, its objective, what it reads from the model, and its weight."""
+
+    name: str
+    weight: float
+    objective: Any
+    encode: Callable[[dict[str, torch.Tensor]], Any]
+    batches: Iterator[TrainBatch]
+
+
+def training_streams(
+    config: TrainConfig,
+    module,
+    model,
+    examples: Sequence[TrainExample] | Mapping[str, Sequence[TrainExample]],
+    accelerator,
+    state: TrainerState,
+) -> list[TrainingStream]:
+    """The run's objectives: the one of an embedder or reranker (weight 1, its position kept in `state`), or each
+    active objective of a multi-task model, on its own examples through its own head of the shared `model`."""
+    if module.config.kind != "multi_task":
+        if isinstance(examples, Mapping):
+            raise ConfigError("named example sets are for model.kind: multi_task; pass one list of examples")
+        collator, objective, encode = training_task(config, module, model, examples, accelerator)
+        return [
+            TrainingStream(
+                "loss", 1.0, objective, encode, micro_batches(examples, collator, config, accelerator, state)
+            )
+        ]
+    active = config.objectives.active()
+    if not active:
+        raise ConfigError("model.kind multi_task: no objective has a weight above 0 (objectives.<name>.weight)")
+    if not isinstance(examples, Mapping) or set(examples) != set(active):
+        given = sorted(examples) if isinstance(examples, Mapping) else "one list"
+        raise ConfigError(
+            f"model.kind multi_task trains the objectives {sorted(active)}: pass their examples by name (got {given})"
+        )
+    # Every objective draws one micro-batch per micro-step: where each stands follows from the steps done.
+    drawn = state.step * config.optim.gradient_accumulation_steps
+    streams = []
+    for name, settings in active.items():
+        check_objective(name, settings.loss)
+        view = module.reranker if name == "rerank" else module.embedder
+
+        def forward(features, task=name):
+            return model(features, task)
+
+        collator, objective, encode = training_task(
+            config, view, forward, examples[name], accelerator, loss=settings.loss, data=settings.data
+        )
+        batches = micro_batches(
+            examples[name], collator, config, accelerator, TrainerState(), data=settings.data, skip=drawn
+        )
+        streams.append(TrainingStream(name, settings.weight, objective, encode, batches))
+    return streams
+
+
+def check_objective(name: str, loss: LossSettings) -> None:
+    """A multi-task objective's loss must train its head."""
+    if name == "multi_vector" and loss.name != "late_interaction":
+        raise ConfigError(
+            f"objectives.multi_vector.loss.name: the multi-vector head trains with late_interaction, not {loss.name}"
+        )
+    if name == "dense" and loss.name in ("late_interaction", "text_distill_kl"):
+        raise ConfigError(
+            f"objectives.dense.loss.name {loss.name!r}: the pooled vector trains with an embedding loss (stage-1 "
+            "distillation runs alone, as kind embedder; start the multi-task run from its model)"
+        )
+
+
+def training_task(
+    config: TrainConfig,
+    module,
+    model,
+    examples: Sequence[TrainExample],
+    accelerator,
+    *,
+    loss: LossSettings | None = None,
+    data: DataSettings | None = None,
+):
     """What differs between an embedder and a reranker: the batches, the objective, and the model's output.
 
     Returns `(collator, objective, encode)`, where `encode(features)` is what the objective reads: normalised
     embeddings `[n, D]` of an embedder, token matrices and masks `([n, T, d], [n, T])` of a multi-vector
-    embedder (`model` is then `TokenVectors`), answer logits `[n, 2]` of a reranker's pairs.
+    embedder (`model` is then `TokenVectors`), answer logits `[n, 2]` of a reranker's pairs. `model` is what
+    computes the head's output from features (a multi-task model's head); `loss` and `data` default to the config's.
     """
-    data, optim = config.data, config.optim
+    loss, data, optim = loss or config.loss, data or config.data, config.optim
     if module.config.kind == "reranker":
         collator = RerankCollator(
             module,
@@ -219,28 +321,28 @@ def training_task(config: TrainConfig, module, model, examples: Sequence[TrainEx
             sample_negatives=data.sample_negatives,
             seed=config.seed,
         )
-        return collator, RerankObjective(config.loss), lambda features: model(features).float()  # [n, 2]
+        return collator, RerankObjective(loss), lambda features: model(features).float()  # [n, 2]
 
     if data.random_negatives:
         raise ConfigError("data.random_negatives applies to rerankers (model.kind: reranker)")
     # The saved directory lists the truncations this run trained, for every consumer (`unime_config.json`).
-    module.config.matryoshka_dims = list(config.loss.matryoshka_dims)
+    module.config.matryoshka_dims = list(loss.matryoshka_dims)
     collator = EmbeddingCollator(
         module,
-        teacher_cache=fill_teacher_cache(config, examples, accelerator),
+        teacher_cache=fill_teacher_cache(config, examples, accelerator) if loss is config.loss else None,
         num_negatives=data.num_negatives,
         chunk_size=optim.gradcache_chunk_size,
         sample_negatives=data.sample_negatives,
         seed=config.seed,
     )
-    if config.loss.name == "late_interaction":
-        return collator, EmbeddingObjective(config.loss), model  # ([n, T, d], [n, T])
+    if loss.name == "late_interaction":
+        return collator, EmbeddingObjective(loss), model  # ([n, T, d], [n, T])
     normalize = module.config.normalize
 
     def encode(features):
         return finish_embeddings(model(features), normalize=normalize)  # [n, D]
 
-    return collator, EmbeddingObjective(config.loss), encode
+    return collator, EmbeddingObjective(loss), encode
 
 
 class TokenVectors(nn.Module):
@@ -261,8 +363,22 @@ def unwrap(accelerator, model):
 
 
 def check_multi_vector(config: TrainConfig, module) -> bool:
-    """Whether this run trains a multi-vector head (loss `late_interaction`); refuses a head that would not train."""
+    """Whether this run trains a multi-vector head (loss `late_interaction`, or a multi-task run's `multi_vector`
+    objective); refuses a head that would not train."""
     head = getattr(module, "multi_vector_head", None)
+    if module.config.kind == "multi_task":
+        trains = "multi_vector" in config.objectives.active()
+        if trains and head is None:
+            raise ConfigError(
+                f"objectives.multi_vector trains a multi-vector head, but {config.model.name_or_path} has none: set "
+                "model.multi_vector.enabled: true (and its dim, e.g. 128) to add one"
+            )
+        if config.model.multi_vector.enabled and not trains:
+            raise ConfigError(
+                "model.multi_vector adds a multi-vector head, which objectives.multi_vector (weight 0) "
+                "would not train; give it a weight or set model.multi_vector.enabled: false"
+            )
+        return trains
     if config.loss.name == "late_interaction":
         if head is None:
             raise ConfigError(
@@ -306,11 +422,15 @@ def full_parameters(accelerator, module):
     return contextlib.nullcontext()
 
 
-def training_step(model, encode, batch: TrainBatch, objective, accelerator, chunk_size: int | None) -> torch.Tensor:
-    """Loss and backward for one micro-batch; returns the detached loss."""
+def training_step(
+    model, encode, batch: TrainBatch, objective, accelerator, chunk_size: int | None, *, weight: float = 1.0
+) -> torch.Tensor:
+    """Loss (times `weight`, an objective's share of a multi-task step) and backward for one micro-batch; returns
+    the detached weighted loss."""
 
     def compute_loss(embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        return objective(embeddings, batch)
+        loss = objective(embeddings, batch)
+        return loss if weight == 1.0 else loss * weight
 
     if chunk_size is None:
         return encode_without_cache(encode, batch.chunks, compute_loss, accelerator.backward)
@@ -320,25 +440,37 @@ def training_step(model, encode, batch: TrainBatch, objective, accelerator, chun
 
 
 def micro_batches(
-    examples: Sequence[TrainExample], collator: EmbeddingCollator, config: TrainConfig, accelerator, state: TrainerState
+    examples: Sequence[TrainExample],
+    collator: EmbeddingCollator,
+    config: TrainConfig,
+    accelerator,
+    state: TrainerState,
+    *,
+    data: DataSettings | None = None,
+    skip: int = 0,
 ) -> Iterator[TrainBatch]:
-    """Endless micro-batches for this process, epoch after epoch, from the position recorded in `state`.
+    """Endless micro-batches for this process, epoch after epoch, from the position recorded in `state`, moved on
+    by `skip` micro-batches (a resumed multi-task objective); `data` defaults to the config's.
 
     The sampler draws global batches (per-process size x processes, one source each when asked); process r
     takes rows r*b .. r*b+b-1, so N processes see exactly the batch one process would see with N x b.
     """
     per_process = config.optim.batch_size
+    same_source = (data or config.data).same_source_batches
     sampler = TrainBatchSampler(
-        [e.source for e in examples],
-        per_process * accelerator.num_processes,
-        seed=config.seed,
-        same_source=config.data.same_source_batches,
+        [e.source for e in examples], per_process * accelerator.num_processes, seed=config.seed, same_source=same_source
     )
     if not sampler.batches(0):
         raise ConfigError(
             f"{len(examples)} training examples cannot fill one batch of {per_process} x "
-            f"{accelerator.num_processes} process(es)" + (" from one source" if config.data.same_source_batches else "")
+            f"{accelerator.num_processes} process(es)" + (" from one source" if same_source else "")
         )
+    while skip:  # whole epochs first, then into the current one; only batch counts, nothing is collated
+        left = len(sampler.batches(state.epoch)) - state.batches_in_epoch
+        if skip < left:
+            state.batches_in_epoch, skip = state.batches_in_epoch + skip, 0
+        else:
+            state.epoch, state.batches_in_epoch, skip = state.epoch + 1, 0, skip - left
     start = accelerator.process_index * per_process
     while True:
         sampler.set_epoch(state.epoch, state.batches_in_epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from unime.errors import ConfigError
+from unime.multi_task import build_tiny_multi_task
 from unime.multi_vector import add_multi_vector_head
 from unime.train.config import ModelSettings
 
@@ -13,7 +14,9 @@ def load_for_training(settings: ModelSettings):
     """`tiny:<backbone>` builds a tiny model in code (seeded); anything else goes through `unime.load`."""
     import unime
 
-    if settings.name_or_path.startswith(TINY_PREFIX):
+    if settings.name_or_path.startswith(TINY_PREFIX) and settings.kind == "multi_task":
+        model = build_tiny_multi_task(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed)
+    elif settings.name_or_path.startswith(TINY_PREFIX):
         model = unime.build_tiny(settings.name_or_path[len(TINY_PREFIX) :], seed=settings.seed, kind=settings.kind)
     else:
         model = unime.load(
@@ -32,8 +35,10 @@ def load_for_training(settings: ModelSettings):
         if value is not None
     }
     if prompt_changes:
-        if settings.kind != "reranker":
-            raise ConfigError("model.rerank_system_prompt / model.rerank_instruction apply to rerankers only")
+        if settings.kind == "embedder":
+            raise ConfigError(
+                "model.rerank_system_prompt / model.rerank_instruction apply to rerankers (and multi_task models) only"
+            )
         model.set_rerank_prompt(**prompt_changes)
     if settings.multi_vector.enabled:
         attach_multi_vector_head(model, settings)
@@ -42,8 +47,8 @@ def load_for_training(settings: ModelSettings):
 
 def attach_multi_vector_head(model, settings: ModelSettings) -> None:
     """A new seeded head for a start model without one; a start model's own head is kept if it matches."""
-    if settings.kind != "embedder":
-        raise ConfigError("model.multi_vector applies to embedders only (model.kind: embedder)")
+    if settings.kind == "reranker":
+        raise ConfigError("model.multi_vector applies to embedders and multi_task models only (not to a reranker)")
     wanted = settings.multi_vector.head()
     if model.multi_vector_head is None:
         add_multi_vector_head(model, wanted, seed=settings.seed)
