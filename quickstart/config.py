@@ -132,6 +132,38 @@ class ServeSettings:
 
 
 @dataclass
+class MultiVectorSettings:
+    """The multi-vector stage: a ColPali-style late-interaction model trained on drawn document pages (`unime synth
+    pages`), beside a single-vector model trained on the same pages from the same start, both scored on held-out
+    pages (`unime eval run --visdoc`)."""
+
+    enabled: bool = True
+    """Run the stage."""
+    config: str = "late_interaction_visdoc.yaml"
+    """Recipe config of the multi-vector model; the single-vector model is the same config with
+    `single_vector_overrides` on top."""
+    train_pages: int = 64
+    """Drawn training pages, one query each, with `negatives` hard-negative pages."""
+    held_out_pages: int = 24
+    """Held-out pages (none shared with training): the corpus of the evaluation holds them and their negatives."""
+    negatives: int = 3
+    """Hard-negative pages per query: the page with the asked fact changed."""
+    max_steps: int = 60
+    """Optimizer steps of each model."""
+    overrides: list[str] = field(default_factory=list)
+    """More dotted overrides of the recipe config, for both models."""
+    single_vector_overrides: list[str] = field(
+        default_factory=lambda: [
+            "model.multi_vector.enabled=false",
+            "loss.name=unime_hard_negative",
+            "loss.hard_negatives=63",
+        ]
+    )
+    """What makes the single-vector model of the comparison: no head, UniME's hard-negative loss on pooled
+    vectors with every candidate of the batch."""
+
+
+@dataclass
 class QuickstartConfig:
     out: str = "runs/quickstart"
     """Where every artefact goes; running again with the same `out` resumes."""
@@ -152,6 +184,7 @@ class QuickstartConfig:
     reranker: RerankerSettings = field(default_factory=RerankerSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    multi_vector: MultiVectorSettings = field(default_factory=MultiVectorSettings)
 
 
 SIZES: dict[str, list[str]] = {
@@ -165,6 +198,9 @@ SIZES: dict[str, list[str]] = {
         "stage1.max_steps=60",
         "stage2.max_steps=100",
         "reranker.max_steps=300",
+        "multi_vector.train_pages=32",
+        "multi_vector.held_out_pages=16",
+        "multi_vector.max_steps=30",
     ],
 }
 """Overrides each size applies before the user's own."""

@@ -1,4 +1,5 @@
-"""`unime quickstart`: synthetic data -> stage 1 -> mining -> stage 2 -> reranker -> evaluation -> serving -> report.
+"""`unime quickstart`: synthetic data -> stage 1 -> mining -> stage 2 -> reranker -> evaluation -> serving ->
+multi-vector model on drawn pages -> report.
 
 Each stage is a function of the config and the artefacts of the stages before it; `run_quickstart` runs them
 through a `StageRunner`, so a second run skips what the first one finished and resumes an interrupted training
@@ -88,6 +89,7 @@ def train_stage(
     from unime.train.loop import train
     from unime.train.model import load_for_training
 
+    out.mkdir(parents=True, exist_ok=True)  # a stage training two models gives each a folder of its own
     final = out / "final"
     log_path = out / TRAIN_LOG
     artefacts = {"model": str(final), "train_log": str(log_path)}
@@ -276,6 +278,59 @@ def run_serve_check(config: QuickstartConfig, stage2: str, reranker: str, out: P
     return StageResult(artefacts={"result": str(path), "log": str(out / "server.log")}, metrics=result)
 
 
+def _multi_vector_eval(model, rows):
+    from unime.train.evaluation import retrieval_recall
+
+    return retrieval_recall(model, rows, multi_vector=True)
+
+
+def run_multi_vector(config: QuickstartConfig, out: Path) -> StageResult:
+    """Drawn document pages (`unime synth pages`); a multi-vector (late-interaction) model and a single-vector model
+    trained on them from the same tiny start; both scored on the held-out pages, whose numbers go to
+    `<out>/metrics.json`."""
+    from unime.data_synth.pages import PagesSynthConfig, write_pages
+    from unime.quickstart.evaluate import evaluate_visdoc
+
+    settings = config.multi_vector
+    pages = PagesSynthConfig(
+        train=settings.train_pages,
+        held_out=settings.held_out_pages,
+        negatives=settings.negatives,
+        seed=config.seed,
+        records_per_shard=max(settings.train_pages, settings.held_out_pages, 1),  # one file per split to train on
+    )
+    written = write_pages(out / "pages", pages)
+    rows = (str(written.shard_paths("train")[0]), str(written.shard_paths("held_out")[0]))
+    stage = TrainStage(settings.config, settings.max_steps, settings.overrides)
+    start = f"tiny:{config.backbone}"
+    once = ["eval_every=0"]  # the held-out rows are checked once, at the end (the stage's own numbers come after)
+    models = {
+        "multi_vector": train_stage(
+            config, stage, out / "multi", start=start, rows=rows, evaluate=_multi_vector_eval, overrides=once
+        ),
+        "single_vector": train_stage(
+            config,
+            stage,
+            out / "single",
+            start=start,
+            rows=rows,
+            evaluate=_embedder_eval,
+            overrides=[*once, *settings.single_vector_overrides],
+        ),
+    }
+    paths = {name: Path(result.artefacts["model"]) for name, result in models.items()}
+    metrics = evaluate_visdoc(paths, written.visdoc, Path(rows[1]), config)
+    path = out / "metrics.json"
+    write_json_atomic(path, metrics)
+    artefacts = {
+        "model": str(paths["multi_vector"]),
+        "single_vector_model": str(paths["single_vector"]),
+        "train_log": models["multi_vector"].artefacts["train_log"],
+        "metrics": str(path),
+    }
+    return StageResult(artefacts=artefacts, metrics=metrics)
+
+
 def run_quickstart_command(settings: QuickstartCommand) -> int:
     """`unime quickstart`: run (or resume) the pipeline with the command's settings."""
     fields = dataclasses.fields(QuickstartConfig)
@@ -374,6 +429,17 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
                 lambda: run_serve_check(
                     config, artefact("stage2", "model"), artefact("reranker", "model"), out / "serve"
                 ),
+            )
+        )
+    if config.multi_vector.enabled:
+        # After the others: a run from before this stage existed keeps every finished stage's fingerprint.
+        steps.append(
+            (
+                "multi_vector",
+                "multi-vector model on drawn pages",
+                [settings["seed"], settings["backbone"], settings["multi_vector"]],
+                out / "multi_vector",
+                lambda: run_multi_vector(config, out / "multi_vector"),
             )
         )
     for name, label, stage_settings, work_dir, action in steps:

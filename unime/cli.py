@@ -207,7 +207,7 @@ COMMANDS: list[Command] = [
     Command("serve", "serve embeddings and reranking over HTTP (vLLM or transformers)", _serve),
     Command(
         "quickstart",
-        "the whole pipeline: data, stage 1, mining, stage 2, reranker, eval, serving, report",
+        "the whole pipeline: data, stage 1, mining, stage 2, reranker, eval, serving, multi-vector, report",
         _quickstart,
         _parse_quickstart,
     ),
