@@ -120,7 +120,20 @@ def stage1_run(stage1_text_pairs, tmp_path_factory) -> tuple[Path, Path]:
     return final, cache
 
 
-SLOW_FIXTURES = frozenset({"server", "vllm_server", "rank_results", "stage1_run"})
+@pytest.fixture(scope="module")
+def ray_local(request):
+    """A real local Ray cluster of 2 CPUs, started once for the test module that asks for it and shut down after it.
+    The module's own classes (encoder factories that fail on purpose) reach the workers by value: tests/ is not
+    importable there."""
+    import ray  # heavy optional dependency (the `ray` extra)
+
+    ray.cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+SLOW_FIXTURES = frozenset({"server", "vllm_server", "rank_results", "stage1_run", "ray_local"})
 """Fixtures that start a server subprocess, a vLLM engine, ranks in other processes or a training run: every test
 using one is marked `slow`, so that `make test-fast` leaves it out."""
 

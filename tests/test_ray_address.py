@@ -67,3 +67,12 @@ def test_a_malformed_address_is_named():
     with pytest.raises(Exception, match="ray.address 'head:port'"):
         with ray_cluster(RaySettings(address="head:port")):
             pass
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_workers", 0), ("batch_size", 0), ("cpus_per_worker", 0.0), ("connect_timeout_s", 0.0), ("max_restarts", -1)],
+)
+def test_bad_pool_settings_are_named(field, value):
+    with pytest.raises(ValueError, match=f"ray.{field}"):
+        RaySettings(**{field: value})

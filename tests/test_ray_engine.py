@@ -7,13 +7,11 @@ import json
 import os
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from unime.cli import main
 from unime.data_synth.mining.miner import MiningEncoder
@@ -25,15 +23,6 @@ from unime.ray_engine import RaySettings, fill_store_on_ray
 pytestmark = pytest.mark.slow
 
 LINES = 30
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # The actors unpickle this module's encoder factories: ship them by value (tests/ is not importable there).
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +73,7 @@ def _same_vectors(store: EmbeddingStore, expected: EmbeddingStore) -> None:
     np.testing.assert_allclose(store.get(keys), expected.get(keys), atol=1e-6, rtol=0)
 
 
-def test_encode_on_ray_gives_the_local_vectors(cluster, corpus, tiny_dir, local_store, tmp_path, capsys):
+def test_encode_on_ray_gives_the_local_vectors(ray_local, corpus, tiny_dir, local_store, tmp_path, capsys):
     directory = tmp_path / "ray-store"
     argv = ["encode", str(corpus), str(directory), "--model", str(tiny_dir), "--engine", "ray"]
     assert main([*argv, "--ray.batch-size", "4", "--ray.num-workers", "2"]) == 0
@@ -92,7 +81,7 @@ def test_encode_on_ray_gives_the_local_vectors(cluster, corpus, tiny_dir, local_
     _same_vectors(_store(directory, tiny_dir), local_store)
 
 
-def test_a_failed_job_resumes_without_recomputing_finished_blocks(cluster, corpus, tiny_dir, local_store, tmp_path):
+def test_a_failed_job_resumes_without_recomputing_finished_blocks(ray_local, corpus, tiny_dir, local_store, tmp_path):
     import unime
     from unime.data_synth.mining.miner import MiningReport, SideEmbedder, read_corpus
 
@@ -117,7 +106,7 @@ def test_a_failed_job_resumes_without_recomputing_finished_blocks(cluster, corpu
     _same_vectors(store, local_store)
 
 
-def test_a_worker_killed_mid_job_leaves_every_key_exactly_once(cluster, corpus, tiny_dir, local_store, tmp_path):
+def test_a_worker_killed_mid_job_leaves_every_key_exactly_once(ray_local, corpus, tiny_dir, local_store, tmp_path):
     import unime
     from unime.data_synth.mining.miner import MiningReport, read_corpus
 
@@ -195,3 +184,10 @@ def test_mining_finds_an_encoded_corpus_in_the_store(corpus, tiny_dir, local_sto
     assert main([*argv, "--top-k", "4", "--negatives", "2"]) == 0
     details = json.loads((tmp_path / "mined.manifest.json").read_text())["details"]
     assert details["embeddings_computed"] == len(rows)  # the queries; the positives and the corpus were stored
+
+
+def test_a_pool_larger_than_the_cluster_is_refused(ray_local):
+    from unime.ray_engine import RayClusterError, map_records
+
+    with pytest.raises(RayClusterError, match="ray.num_workers=3 workers need 3 CPUs but the cluster has 2"):
+        next(map_records([{"text": "x"}], lambda: len, RaySettings(num_workers=3)))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from unime.cli import main
 from unime.data_synth.tasks import TaskSynthConfig, write_task_examples
@@ -14,18 +13,11 @@ from unime.data_synth.tasks import TaskSynthConfig, write_task_examples
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_mining_on_ray_writes_the_local_rows(cluster, tiny_dir, tmp_path):
+def test_mining_on_ray_writes_the_local_rows(ray_local, tiny_dir, tmp_path):
     config = TaskSynthConfig(train=12, held_out=0, negatives=1, seed=5, image_size=48, recipes=("retrieval_t2i",))
     train = write_task_examples(tmp_path / "data", config).shard_paths("train")[0]
     common = ["--top-k", "6", "--negatives", "3", "--margin", "10"]

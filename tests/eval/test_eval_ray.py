@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 
 from unime.cli import main
 from unime.eval.synthetic import write_synthetic_benchmark
@@ -14,14 +13,7 @@ from unime.eval.synthetic import write_synthetic_benchmark
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-def test_eval_on_ray_gives_the_local_metrics(cluster, tiny_dir, tmp_path):
+def test_eval_on_ray_gives_the_local_metrics(ray_local, tiny_dir, tmp_path):
     root = write_synthetic_benchmark(tmp_path / "bench", seed=0, queries=12, candidates=6)
     # The retrieval set (captions and images): one Ray job per set of items.
     data = ["--retrieval", str(root / "retrieval" / "test.json"), "--no-plots", "--model", str(tiny_dir)]
