@@ -319,7 +319,7 @@ def run_multi_vector(config: QuickstartConfig, out: Path) -> StageResult:
         ),
     }
     paths = {name: Path(result.artefacts["model"]) for name, result in models.items()}
-    metrics = evaluate_visdoc(paths, written.visdoc, Path(rows[1]), config)
+    metrics = evaluate_visdoc(paths, written.visdoc, config)
     path = out / "metrics.json"
     write_json_atomic(path, metrics)
     artefacts = {

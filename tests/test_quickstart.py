@@ -88,9 +88,9 @@ def test_report_has_every_stage_and_its_plots(quickstart) -> None:
 @pytest.mark.slow
 def test_multi_vector_stage_scores_both_models_on_held_out_pages(quickstart) -> None:
     """The stage's two models are what they claim (a head on one only), scored on the held-out drawn pages with
-    the right corpus and chance, and the report shows those numbers. Its learning is not asserted at this size:
-    30 steps on 32 pages left both models at chance (at the default size, 60 steps on 64 pages, the multi-vector
-    model found the held-out page among 24 with recall@1 0.67 against 0.04 for the single vector); the margin of
+    the right corpus and chance, and the report shows those numbers. Its learning is not asserted: at this size
+    and at the default one both models stayed at chance (the tiny model sees a drawn page as 12 image tokens,
+    where the one changed fact is gone, and scores a page and its hard negatives within 1e-5); the margin of
     late interaction is tested in tests/train/test_late_interaction_training.py."""
     settings, record = quickstart["config"].multi_vector, quickstart["records"]["multi_vector"]
     metrics = record["metrics"]
@@ -99,7 +99,6 @@ def test_multi_vector_stage_scores_both_models_on_held_out_pages(quickstart) -> 
     assert metrics["queries"] == settings.held_out_pages
     assert metrics["pages"] == settings.held_out_pages * (1 + settings.negatives)  # every held-out page, once
     assert metrics["chance"]["recall@1"] == pytest.approx(1 / metrics["pages"])
-    assert metrics["chance"]["pages_recall@1"] == pytest.approx(1 / settings.held_out_pages)
     for name in ("multi_vector", "single_vector"):
         assert all(0 <= metrics[name][key] <= 1 for key in MULTI_VECTOR_COLUMNS), metrics[name]
     report = (quickstart["out"] / "report.md").read_text()
