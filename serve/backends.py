@@ -15,6 +15,7 @@ import importlib.util
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +25,7 @@ from unime import vllm_compat
 from unime.errors import InvalidInputError, UnimeError
 from unime.inputs import Input
 from unime.loading import load
+from unime.multi_task import MultiTaskModel, is_multi_task_directory
 from unime.pass_planning import PassCostModel, cost_aware_batches
 from unime.pooling import finish_embeddings
 from unime.reranker import yes_probability
@@ -126,10 +128,15 @@ class ForwardPasses:
 
 
 class TransformersEmbedder:
-    """`unime.load(dir)`'s Embedder, fed a merged batch whose inputs may each carry their own instruction."""
+    """`unime.load(dir)`'s Embedder (a multi-task model's embedder), fed a merged batch whose inputs may each carry
+    their own instruction. `model`: one already loaded (a multi-task model shared with the reranker)."""
 
-    def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
-        self.model = load(model_dir, dtype=dtype or "auto", device=device)
+    def __init__(
+        self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int, model: Any = None
+    ):
+        self.model = head(
+            model if model is not None else load(model_dir, dtype=dtype or "auto", device=device), "embedder"
+        )
         self.config = self.model.config
         self.dimension = self.model.embedding_dim
         self.normalize = self.config.normalize
@@ -174,10 +181,15 @@ class TransformersEmbedder:
 
 
 class TransformersReranker:
-    """`unime.load(dir)`'s Reranker, fed a merged batch of pairs, each with its own instruction."""
+    """`unime.load(dir)`'s Reranker (a multi-task model's reranker), fed a merged batch of pairs, each with its own
+    instruction. `model`: one already loaded (a multi-task model shared with the embedder)."""
 
-    def __init__(self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int):
-        self.model = load(model_dir, dtype=dtype or "auto", device=device)
+    def __init__(
+        self, model_dir: str, *, dtype: str | None, device: str | None, max_batch_items: int, model: Any = None
+    ):
+        self.model = head(
+            model if model is not None else load(model_dir, dtype=dtype or "auto", device=device), "reranker"
+        )
         self.passes = ForwardPasses(max_batch_items)
         self.name = "transformers"
 
@@ -341,7 +353,27 @@ def vllm_can_score() -> bool:
     return hasattr(vllm_compat, "reranker_engine_kwargs") and hasattr(vllm_compat, "RerankPrompts")
 
 
-def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
+def head(model: Any, kind: str) -> Any:
+    """The `embedder` or `reranker` of a multi-task model (a view over its shared weights); any other model as is."""
+    return getattr(model, kind) if isinstance(model, MultiTaskModel) else model
+
+
+def shared_multi_task_model(backend: str, reranker_backend: str, config: Any) -> MultiTaskModel | None:
+    """One loaded multi-task model for both hosted kinds, when the embedder and the reranker name the same
+    multi-task directory and both run on transformers: its heads then share one copy of the weights."""
+    same = (
+        config.embedder_dir
+        and config.reranker_dir
+        and Path(config.embedder_dir).resolve() == Path(config.reranker_dir).resolve()
+    )
+    if not same or backend != "transformers" or reranker_backend != "transformers":
+        return None
+    if not is_multi_task_directory(config.embedder_dir):
+        return None
+    return load(config.embedder_dir, dtype=config.dtype or "auto", device=config.device)
+
+
+def load_embedder(backend: str, model_dir: str, config: Any, model: Any = None) -> EmbedderBackend:
     if backend == "vllm":
         return VllmEmbedder(
             model_dir,
@@ -352,11 +384,11 @@ def load_embedder(backend: str, model_dir: str, config: Any) -> EmbedderBackend:
             kv_cache_gib=config.kv_cache_gib,
         )
     return TransformersEmbedder(
-        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
+        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items, model=model
     )
 
 
-def load_reranker(backend: str, model_dir: str, config: Any) -> RerankerBackend:
+def load_reranker(backend: str, model_dir: str, config: Any, model: Any = None) -> RerankerBackend:
     if backend == "vllm" and vllm_can_score():
         return VllmReranker(
             model_dir,
@@ -367,7 +399,7 @@ def load_reranker(backend: str, model_dir: str, config: Any) -> RerankerBackend:
             kv_cache_gib=config.kv_cache_gib,
         )
     return TransformersReranker(
-        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items
+        model_dir, dtype=config.dtype, device=config.device, max_batch_items=config.max_batch_items, model=model
     )
 
 

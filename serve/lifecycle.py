@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 
 from unime.serve.app import error_response
-from unime.serve.backends import load_embedder, load_reranker, resolve_backend
+from unime.serve.backends import load_embedder, load_reranker, resolve_backend, shared_multi_task_model
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError
 from unime.serve.hosting import hosted_names
@@ -32,8 +32,10 @@ def load_models(config: ServeConfig) -> dict[str, Any]:
     """Load the hosted models (engines start here): `host_models`' keyword arguments."""
     backend = resolve_backend(config.backend)
     reranker_backend = resolve_backend(config.reranker_backend or config.backend)
-    embedder = load_embedder(backend, config.embedder_dir, config) if config.embedder_dir else None
-    reranker = load_reranker(reranker_backend, config.reranker_dir, config) if config.reranker_dir else None
+    # A multi-task directory named as both the embedder and the reranker is loaded once: both heads share its weights.
+    shared = shared_multi_task_model(backend, reranker_backend, config)
+    embedder = load_embedder(backend, config.embedder_dir, config, shared) if config.embedder_dir else None
+    reranker = load_reranker(reranker_backend, config.reranker_dir, config, shared) if config.reranker_dir else None
     embedder_name, reranker_name = hosted_names(config)
     return {"embedder": embedder, "reranker": reranker, "embedder_name": embedder_name, "reranker_name": reranker_name}
 
