@@ -21,6 +21,7 @@ from unime.embedder import Embedder
 from unime.errors import ConfigError
 from unime.multi_task import RERANKER_FOLDER, MultiTaskModel, build_tiny_multi_task, from_embedder
 from unime.reranker import Reranker
+from unime.retrieve_rerank import retrieve_then_rerank
 
 DIM = 24
 
@@ -152,3 +153,30 @@ def test_a_multi_task_model_starts_from_an_embedder_and_keeps_its_heads(tmp_path
     assert isinstance(loaded, MultiTaskModel) and loaded.multi_vector_head is not None
     np.testing.assert_allclose(loaded.encode(texts), before, atol=1e-6)
     assert not os.path.exists(tmp_path / "adapter-only")
+
+
+def test_retrieve_then_rerank_with_the_one_model(saved, inputs) -> None:
+    """Dense or multi-vector recall, then the yes/no head on each shortlist: the same as the library's
+    retrieve-then-rerank over the heads' outputs, with the reranker loaded on its own."""
+    directory, model = saved
+    queries, documents = inputs[:2], inputs[2:]
+    reranker = unime.load(directory / RERANKER_FOLDER)
+    expected = retrieve_then_rerank(
+        model.encode_query(queries), model.encode_document(documents), queries, documents, reranker, top_k_candidates=2
+    )
+    got = model.retrieve_and_rerank(queries, documents, top_k_candidates=2)
+    assert [r.indices for r in got] == [r.indices for r in expected]
+    np.testing.assert_allclose([r.rerank_scores for r in got], [r.rerank_scores for r in expected], atol=1e-6)
+
+    maxsim = model.maxsim(
+        model.encode_query(queries, output="multi_vector"), model.encode_document(documents, output="multi_vector")
+    )  # [2, C]
+    fused = model.retrieve_and_rerank(queries, documents, recall="multi_vector", top_k_candidates=3, fusion_weight=0.5)
+    for query, ranked in enumerate(fused):
+        assert set(ranked.indices) == set(maxsim[query].argsort(descending=True)[:3].tolist())  # MaxSim's shortlist
+        pairs = [(queries[query], documents[i]) for i in ranked.indices]
+        np.testing.assert_allclose(ranked.rerank_scores, reranker.predict(pairs), atol=1e-6)
+        np.testing.assert_allclose(ranked.scores, np.add(ranked.retrieval_scores, 0.5 * np.array(ranked.rerank_scores)))
+        assert ranked.scores == sorted(ranked.scores, reverse=True)
+    with pytest.raises(ValueError, match="recall must be 'dense' or 'multi_vector'"):
+        model.retrieve_and_rerank(queries, documents, recall="sparse")

@@ -30,6 +30,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ from unime.embedder import Embedder
 from unime.errors import ConfigError
 from unime.multi_vector import MultiVectorHead, build_head
 from unime.reranker import Reranker, add_answer_tokens
+from unime.retrieve_rerank import RankedCandidates, rerank_shortlists
 from unime.saving import _replace_directory, save_model_directory, write_cross_encoder_files
 
 RERANKER_FOLDER = "reranker"
@@ -184,6 +186,39 @@ class MultiTaskModel(nn.Module):
     def rank(self, query: Any, documents: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """`Reranker.rank`: documents ordered by p(yes), best first."""
         return self.reranker.rank(query, documents, **kwargs)
+
+    def retrieve_and_rerank(
+        self,
+        queries: Sequence[Any],
+        documents: Sequence[Any],
+        *,
+        recall: Literal["dense", "multi_vector"] = "dense",
+        top_k_candidates: int = 50,
+        fusion_weight: float | None = None,
+        batch_size: int = 32,
+    ) -> list[RankedCandidates]:
+        """Retrieve, then rerank, with this one model: each query's `top_k_candidates` documents by the pooled
+        vectors' similarity (`recall="dense"`) or by MaxSim of the token matrices (`"multi_vector"`), reordered by
+        the yes/no head (`fusion_weight`: retrieval + w * p(yes), as `unime.retrieve_rerank`). One per query."""
+        if recall == "dense":
+            query_vectors = self.encode_query(queries, batch_size=batch_size, convert_to_tensor=True)  # [Q, D]
+            document_vectors = self.encode_document(documents, batch_size=batch_size, convert_to_tensor=True)
+            scores = self.similarity(query_vectors, document_vectors)  # [Q, C]
+        elif recall == "multi_vector":
+            query_tokens = self.encode_query(queries, output="multi_vector", batch_size=batch_size)
+            document_tokens = self.encode_document(documents, output="multi_vector", batch_size=batch_size)
+            scores = self.maxsim(query_tokens, document_tokens)  # [Q, C]
+        else:
+            raise ValueError(f"recall must be 'dense' or 'multi_vector', got {recall!r}")
+        return rerank_shortlists(
+            scores,
+            queries,
+            documents,
+            self.reranker,
+            top_k_candidates=top_k_candidates,
+            fusion_weight=fusion_weight,
+            batch_size=batch_size,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving

@@ -82,7 +82,37 @@ def retrieve_then_rerank(
             f"{len(q)} query embeddings for {len(queries)} queries, {len(c)} candidate embeddings for "
             f"{len(candidates)} candidates: they must match"
         )
-    retrieval, shortlist = top_k(q @ c.T, top_k_candidates)  # [Q, k] each
+    return rerank_shortlists(
+        q @ c.T,  # [Q, C]
+        queries,
+        candidates,
+        reranker,
+        top_k_candidates=top_k_candidates,
+        fusion_weight=fusion_weight,
+        batch_size=batch_size,
+        show_progress_bar=show_progress_bar,
+    )
+
+
+def rerank_shortlists(
+    retrieval_scores: torch.Tensor,
+    queries: Sequence[Any],
+    candidates: Sequence[Any],
+    reranker: PairScorer,
+    *,
+    top_k_candidates: int = 50,
+    fusion_weight: float | None = None,
+    batch_size: int = 32,
+    show_progress_bar: bool | None = None,
+) -> list[RankedCandidates]:
+    """`retrieve_then_rerank` from any first stage's `[Q, C]` scores (cosine of single vectors, MaxSim of token
+    matrices): each query's `top_k_candidates` by those scores, reordered by `reranker` (fused as there)."""
+    if tuple(retrieval_scores.shape) != (len(queries), len(candidates)):
+        raise ValueError(
+            f"retrieval scores of shape {tuple(retrieval_scores.shape)} for {len(queries)} queries and "
+            f"{len(candidates)} candidates: expected ({len(queries)}, {len(candidates)})"
+        )
+    retrieval, shortlist = top_k(retrieval_scores.float(), top_k_candidates)  # [Q, k] each
     pairs = [(queries[i], candidates[j]) for i, row in enumerate(shortlist.tolist()) for j in row]
     if not pairs:
         return [RankedCandidates([], [], [], []) for _ in queries]
