@@ -70,9 +70,9 @@ class IndexSearchSettings:
     """Pages returned per query."""
     nprobe: int = 16
     """Inverted lists visited per query token (more: better recall, slower)."""
-    token_k: int = 128
+    token_k: int = 512
     """Nearest page tokens fetched per query token."""
-    candidates: int = 256
+    candidates: int = 512
     """Pages scored by exact MaxSim per query."""
     batch_size: int = 8
     """Queries per forward pass."""

@@ -79,9 +79,9 @@ class SearchParams:
     """Pages returned per query."""
     nprobe: int = 16
     """Inverted lists visited per query token (more: better recall, slower)."""
-    token_k: int = 128
+    token_k: int = 512
     """Nearest page tokens fetched per query token."""
-    candidates: int = 256
+    candidates: int = 512
     """Pages scored by exact MaxSim per query (the best by the first-stage score)."""
 
 
@@ -153,11 +153,12 @@ def _topic_centres(seed: int, topics: int, dim: int) -> np.ndarray:
     return np.random.default_rng([seed, 1 << 40]).standard_normal((topics, dim)).astype(np.float32)  # [T, D]
 
 
-def synthetic_query(page: np.ndarray, *, tokens: int, seed: int) -> np.ndarray:
-    """A query `[tokens, D]` that asks for `page`: noisy copies of some of its tokens, normalised."""
+def synthetic_query(page: np.ndarray, *, tokens: int, seed: int, noise: float = 0.6) -> np.ndarray:
+    """A query `[tokens, D]` that asks for `page`: noisy copies of some of its tokens, normalised (`noise` is the
+    norm of the noise added to each unit token: 0.6 leaves a cosine of about 0.85 with it, 1.5 about 0.55)."""
     rng = np.random.default_rng(seed)
     rows = page[rng.integers(0, len(page), size=tokens)]  # [tokens, D]
-    rows = rows + 0.6 * rng.standard_normal(rows.shape).astype(np.float32) / math.sqrt(page.shape[1])  # cos ~0.85
+    rows = rows + noise * rng.standard_normal(rows.shape).astype(np.float32) / math.sqrt(page.shape[1])
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)  # [tokens, D]
 
 
