@@ -11,7 +11,10 @@
 `GenerateConfig.mode="pages"` asks instead, for each image of a document page, for queries that find the page
 (ColPali / mmE5 VisDoc), each a row: text query -> page image.
 
-Command line: `unime generate IMAGE_DIR OUT_DIR --backend vllm|openai [--mode pages] ...`.
+`ray_generation.RayBackend` runs the requests of a run on a Ray cluster (`--engine ray`): an actor pool, each
+actor with its own backend (a vLLM engine or an API client), the writing here as for a local run.
+
+Command line: `unime generate IMAGE_DIR OUT_DIR --backend vllm|openai [--mode pages] [--engine ray] ...`.
 """
 
 from __future__ import annotations

@@ -122,7 +122,9 @@ def parse_answer(text: str, choices: PlanChoices, *, min_score: int = 4, truncat
 
 def _load_json(text: str, truncated: bool) -> Any:
     try:
-        return json.loads(_strip_code_fence(text))
+        # strict=False: control characters inside strings (a raw tab, say) are accepted; guided decoding lets a
+        # model write them (xgrammar's string excludes only quote, backslash and line breaks).
+        return json.loads(_strip_code_fence(text), strict=False)
     except (json.JSONDecodeError, RecursionError) as err:
         reason = "truncated_answer" if truncated else "invalid_json"
         raise Rejected(reason, f"{err.__class__.__name__}: {err}") from None
@@ -171,20 +173,41 @@ def _normalise(text: str) -> str:
 # -- the pages mode: queries that find a page image ----------------------------------------------------------
 
 PAGE_QUERY_FIELDS = ("query", "fact")
+MAX_QUERY_CHARS = 200
+"""The default longest query of the pages mode (ColPali's and mmE5's queries are one sentence)."""
 
 
-def page_answer_schema(choices: PlanChoices, queries_per_page: int) -> dict[str, Any]:
-    """The JSON schema of one answer of the pages mode: exactly `queries_per_page` queries, each with its fact."""
+def page_text_limits(max_query_chars: int) -> dict[str, int]:
+    """The longest text of each field of a pages answer: a query, its fact (twice that), the page's description
+    (five times that)."""
+    return {"query": max_query_chars, "fact": 2 * max_query_chars, "description": 5 * max_query_chars}
+
+
+def _bounded_string(max_chars: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_chars}
+
+
+def page_answer_schema(
+    choices: PlanChoices, queries_per_page: int, max_query_chars: int = MAX_QUERY_CHARS
+) -> dict[str, Any]:
+    """The JSON schema of one answer of the pages mode: exactly `queries_per_page` queries, each with its fact.
+
+    Every text is bounded (`page_text_limits`): under guided decoding (vLLM's xgrammar) an unbounded string lets a
+    rambling model (or a random test model) write until `max_tokens` cuts the answer, which is then lost; with
+    the bounds every string closes and the whole answer fits in `max_tokens` when that covers (5 + 3 x
+    queries_per_page) x `max_query_chars` characters (a token is at least one), plus the JSON around them.
+    """
+    limits = page_text_limits(max_query_chars)
     query = {
         "type": "object",
-        "properties": {name: {"type": "string"} for name in PAGE_QUERY_FIELDS},
+        "properties": {name: _bounded_string(limits[name]) for name in PAGE_QUERY_FIELDS},
         "required": list(PAGE_QUERY_FIELDS),
         "additionalProperties": False,
     }
     return {
         "type": "object",
         "properties": {
-            "description": {"type": "string"},
+            "description": _bounded_string(limits["description"]),
             "language": {"type": "string", "enum": list(choices.languages)},
             "queries": {
                 "type": "array",
@@ -217,11 +240,20 @@ class PageAnswer:
     queries: tuple[PageQuery, ...]
 
 
-def parse_page_answer(text: str, choices: PlanChoices, queries_per_page: int, *, truncated: bool = False) -> PageAnswer:
+def parse_page_answer(
+    text: str,
+    choices: PlanChoices,
+    queries_per_page: int,
+    *,
+    truncated: bool = False,
+    max_query_chars: int = MAX_QUERY_CHARS,
+) -> PageAnswer:
     """Parse and check one answer of the pages mode; raises `Rejected` naming the first problem (the same
-    reasons as `parse_answer`, plus `wrong_count:queries` and `repeated_query`)."""
+    reasons as `parse_answer`, plus `wrong_count:queries`, `too_long:<field>` (past `page_text_limits`: an
+    endpoint may ignore the schema) and `repeated_query`)."""
+    limits = page_text_limits(max_query_chars)
     obj = _object(_load_json(text, truncated), "answer")
-    description = _string(obj, "description", "")
+    description = _limited(_string(obj, "description", ""), limits["description"], "description")
     language = _choice(obj, "language", choices.languages)
     items = _field(obj, "queries", "")
     if not isinstance(items, list):
@@ -232,7 +264,9 @@ def parse_page_answer(text: str, choices: PlanChoices, queries_per_page: int, *,
     for index, item in enumerate(items):
         where = f"queries[{index}]"
         item = _object(item, where)
-        query = PageQuery(*(_string(item, name, f"{where}.") for name in PAGE_QUERY_FIELDS))
+        query = PageQuery(
+            *(_limited(_string(item, name, f"{where}."), limits[name], f"{where}.{name}") for name in PAGE_QUERY_FIELDS)
+        )
         for name in PAGE_QUERY_FIELDS:
             if not getattr(query, name).strip():
                 raise Rejected(f"empty_field:{where}.{name}")
@@ -242,3 +276,9 @@ def parse_page_answer(text: str, choices: PlanChoices, queries_per_page: int, *,
     if len({_normalise(query.query) for query in queries}) < len(queries):
         raise Rejected("repeated_query", "two queries of the page are the same")
     return PageAnswer(description, language, tuple(queries))
+
+
+def _limited(value: str, max_chars: int, where: str) -> str:
+    if len(value) > max_chars:
+        raise Rejected(f"too_long:{where}", f"{len(value)} characters, at most {max_chars}")
+    return value

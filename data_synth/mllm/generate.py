@@ -22,6 +22,9 @@ step 4 writes one row per query (text -> page image, `rows.page_query_row`) unde
 accepted answer, facts included, is first saved as `facts/<hash>.json`: a run killed between a page's rows
 finishes that page from the file instead of asking again, so that resuming writes what an uninterrupted run
 writes here too.
+
+With `engine: ray` (`ray_generation.RayBackend`, a `backend.PhotoBackend`) step 3 runs in the actors of a Ray
+cluster, which read the photos themselves; everything else, the writing included, happens here as above.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Literal
 from unime.atomic import atomic_write
 from unime.data_synth.manifest import Manifest, ShardedJsonlWriter
 from unime.data_synth.mllm.answer import (
+    MAX_QUERY_CHARS,
     PageAnswer,
     PageQuery,
     Rejected,
@@ -47,7 +51,14 @@ from unime.data_synth.mllm.answer import (
     parse_answer,
     parse_page_answer,
 )
-from unime.data_synth.mllm.backend import Backend, GenerationRequest, GenerationResult
+from unime.data_synth.mllm.backend import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    PhotoBackend,
+    PhotoRequest,
+    read_request,
+)
 from unime.data_synth.mllm.images import (
     Photo,
     difference_hash,
@@ -62,8 +73,6 @@ from unime.data_synth.mllm.prompting import (
     PAGES_PROMPT_VERSION,
     PROMPT_VERSION,
     TASK_PLACEHOLDERS,
-    chat_messages,
-    image_data_url,
     load_prompt,
 )
 from unime.data_synth.mllm.rows import page_query_row, page_query_signature, text_signature, training_row
@@ -76,9 +85,9 @@ VIEWS_DIR = "views"
 FACTS_DIR = "facts"
 
 
-@dataclass(frozen=True)
+@dataclass
 class GenerateConfig:
-    """One generation run."""
+    """One generation run. (Not frozen: the command's settings extend it and the data jobs' `EngineSettings`.)"""
 
     image_dir: str
     """The folder of photos (searched recursively)."""
@@ -89,6 +98,9 @@ class GenerateConfig:
     images of document pages, `queries_per_page` queries that find each page (ColPali / mmE5 VisDoc)."""
     queries_per_page: int = 3
     """With `mode: pages`: queries asked per page, each one row."""
+    max_query_chars: int = MAX_QUERY_CHARS
+    """With `mode: pages`: the longest query the answer's schema allows (a fact: twice that; the page's
+    description: five times): guided decoding then closes every string, and longer answers are rejected."""
     prompt: str | None = None
     """A packaged prompt name or a prompt file path; None: the mode's packaged prompt (`mme5_v1` for tasks,
     `visdoc_queries_v1` for pages)."""
@@ -120,14 +132,17 @@ class GenerateConfig:
             raise ConfigError(f"mode must be 'tasks' or 'pages', got {self.mode!r}")
         if self.queries_per_page < 1:
             raise ConfigError(f"queries_per_page must be >= 1, got {self.queries_per_page}")
+        if self.max_query_chars < 1:
+            raise ConfigError(f"max_query_chars must be >= 1, got {self.max_query_chars}")
 
     @property
     def pages(self) -> bool:
         return self.mode == "pages"
 
 
-def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: str = "") -> Manifest:
-    """Run (or resume) one generation job; returns its manifest (also saved as `out_dir/manifest.json`)."""
+def generate_dataset(config: GenerateConfig, backend: Backend | PhotoBackend, *, backend_kind: str = "") -> Manifest:
+    """Run (or resume) one generation job; returns its manifest (also saved as `out_dir/manifest.json`). With a
+    `PhotoBackend` (on Ray) the workers read the photos; the writing is the same."""
     image_dir, out_dir = Path(config.image_dir), Path(config.out_dir)
     if not image_dir.is_dir():
         raise ConfigError(f"image folder {str(image_dir)!r} does not exist")
@@ -137,7 +152,7 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
     shard = parse_shard(config.shard)
     if config.pages:
         prompt = load_prompt(config.prompt or PAGES_PROMPT_VERSION, PAGE_PLACEHOLDERS)
-        schema = page_answer_schema(config.choices, config.queries_per_page)
+        schema = page_answer_schema(config.choices, config.queries_per_page, config.max_query_chars)
     else:
         prompt = load_prompt(config.prompt or PROMPT_VERSION, TASK_PLACEHOLDERS)
         schema = answer_schema(config.choices)
@@ -158,8 +173,9 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
         model=backend.name,
         seed=config.seed,
         # The tasks mode records no settings (folders written before the pages mode resume as they did); the
-        # pages mode's keys depend on queries_per_page, so a folder resumes only with the same count.
-        settings={"mode": "pages", "queries_per_page": config.queries_per_page} if config.pages else {},
+        # pages mode's keys depend on queries_per_page (and what it keeps on its limits), so a folder resumes only
+        # with the same.
+        settings=_pages_settings(config) if config.pages else {},
         details={
             "generator": "mllm",
             "backend": backend_kind,
@@ -184,7 +200,10 @@ def generate_dataset(config: GenerateConfig, backend: Backend, *, backend_kind: 
             elif not run.finish_saved_page(photo, writer):
                 todo.append(photo)
         run.generate(todo, backend, writer)
-        manifest.details["last_run"] = run.stats()
+        manifest.details["last_run"] = {
+            **run.stats(),
+            "engine": "ray" if isinstance(backend, PhotoBackend) else "local",
+        }
     if not config.pages:
         manifest.details["kept_by_combination"] = _kept_by_combination(writer.shard_paths)
     manifest.save(out_dir)
@@ -230,23 +249,35 @@ class _Run:
         self._write_page_rows(photo, PageAnswer(saved["description"], saved["language"], queries), writer)
         return True
 
+    def _photo_request(self, photo: Photo) -> PhotoRequest:
+        plan = suggest_plan(photo.key, self.config.seed, self.config.choices)
+        if self.config.pages:
+            text = self.prompt.render_pages(plan.language, self.config.choices, self.config.queries_per_page)
+        else:
+            text = self.prompt.render(plan, self.config.choices)
+        return PhotoRequest(photo.key, text, str(photo.path.resolve()))
+
     def _requests(self, todo: list[Photo]) -> Iterator[GenerationRequest]:
         for photo in todo:
             try:
-                image = open_photo(photo.path)
+                request = read_request(self._photo_request(photo), self.config.max_image_side)
             except OSError:  # changed since it was checked: counted when its turn comes
                 self.late_unreadable.add(photo.key)
                 continue
-            plan = suggest_plan(photo.key, self.config.seed, self.config.choices)
-            if self.config.pages:
-                text = self.prompt.render_pages(plan.language, self.config.choices, self.config.queries_per_page)
-            else:
-                text = self.prompt.render(plan, self.config.choices)
-            url = image_data_url(image, max_side=self.config.max_image_side)
             self.requests += 1
-            yield GenerationRequest(photo.key, chat_messages(text, url))
+            yield request
 
-    def generate(self, todo: list[Photo], backend: Backend, writer: ShardedJsonlWriter) -> None:
+    def _results(self, todo: list[Photo], backend: Backend | PhotoBackend) -> Iterator[GenerationResult]:
+        if not isinstance(backend, PhotoBackend):
+            return backend.generate(self._requests(todo), self.schema)
+        # The workers read the photos: a photo one cannot read comes back as a failure, retried by the next run
+        # (this process read every photo moments ago, so the worker most likely does not see the folder).
+        self.requests += len(todo)
+        return backend.generate_photos(
+            [self._photo_request(photo) for photo in todo], self.schema, self.config.max_image_side
+        )
+
+    def generate(self, todo: list[Photo], backend: Backend | PhotoBackend, writer: ShardedJsonlWriter) -> None:
         arrived: dict[str, GenerationResult] = {}
         position = 0
 
@@ -264,7 +295,7 @@ class _Run:
                     return
                 position += 1
 
-        for result in backend.generate(self._requests(todo), self.schema):
+        for result in self._results(todo, backend):
             self.retries += max(0, result.attempts - 1)
             arrived[result.key] = result
             commit_ready(final=False)
@@ -278,7 +309,11 @@ class _Run:
         try:
             if config.pages:
                 page = parse_page_answer(
-                    result.text, config.choices, config.queries_per_page, truncated=result.truncated
+                    result.text,
+                    config.choices,
+                    config.queries_per_page,
+                    truncated=result.truncated,
+                    max_query_chars=config.max_query_chars,
                 )
             else:
                 answer = parse_answer(
@@ -335,6 +370,15 @@ class _Run:
         with atomic_write(target, "wb") as handle:
             view.save(handle, format="JPEG", quality=95)
         return name
+
+
+def _pages_settings(config: GenerateConfig) -> dict[str, int | str]:
+    """What decides the rows of the pages mode (its keys, its limits): a folder resumes only with the same."""
+    settings: dict[str, int | str] = {"mode": "pages", "queries_per_page": config.queries_per_page}
+    if config.max_query_chars != MAX_QUERY_CHARS:
+        # Recorded only when set: folders written before the limit existed resume with the default.
+        settings["max_query_chars"] = config.max_query_chars
+    return settings
 
 
 def _query_key(page_key: str, index: int) -> str:

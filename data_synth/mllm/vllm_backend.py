@@ -121,15 +121,10 @@ class VllmBackend:
         with tempfile.TemporaryDirectory(prefix=".vllm-job-", dir=self.work_dir) as tmp:
             yield from self._generate_in(Path(tmp), requests, schema)
 
-    def _start_engine(self, tmp: Path, rank: int, world: int, schema: dict[str, Any]) -> subprocess.Popen:
-        results_path = tmp / f"results-{rank}.jsonl"
-        results_path.touch()
-        job = {
+    def engine_job(self, schema: dict[str, Any]) -> dict[str, Any]:
+        """The engine's and the sampling's settings (`vllm_worker.Engine`)."""
+        return {
             "model": self.config.model,
-            "requests_dir": str(tmp),
-            "results": str(results_path),
-            "rank": rank,
-            "world": world,
             "engine": self._engine_args(),
             "single_process": self.config.single_process,
             "schema": schema,
@@ -138,6 +133,26 @@ class VllmBackend:
             "batch_size": self.config.batch_size,
             "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature,
+        }
+
+    def engine_request(self, request: GenerationRequest) -> dict[str, Any]:
+        """A request as the engine takes it, seeded from the run's seed and its key (the same answer whatever
+        batch or engine it lands in)."""
+        return {
+            "key": request.key,
+            "messages": request.messages,
+            "seed": stable_hash(f"{self.seed}:{request.key}") % 2**31,
+        }
+
+    def _start_engine(self, tmp: Path, rank: int, world: int, schema: dict[str, Any]) -> subprocess.Popen:
+        results_path = tmp / f"results-{rank}.jsonl"
+        results_path.touch()
+        job = {
+            **self.engine_job(schema),
+            "requests_dir": str(tmp),
+            "results": str(results_path),
+            "rank": rank,
+            "world": world,
         }
         job_path = tmp / f"job-{rank}.json"
         job_path.write_text(json.dumps(job), encoding="utf-8")
@@ -168,11 +183,9 @@ class VllmBackend:
         exhausted = len(first) < stage
 
         def write_chunk(batch: list[GenerationRequest]) -> None:
-            rows = (
-                {"key": r.key, "messages": r.messages, "seed": stable_hash(f"{self.seed}:{r.key}") % 2**31}
-                for r in batch
-            )
-            write_jsonl_atomic(tmp / chunk_name(len(chunks)), rows)  # the engine never sees half a chunk
+            write_jsonl_atomic(
+                tmp / chunk_name(len(chunks)), map(self.engine_request, batch)
+            )  # the engine never sees half a chunk
             chunks.append([r.key for r in batch])
 
         write_chunk(first)
@@ -262,6 +275,11 @@ def _parse_result(line: str) -> GenerationResult | None:
         raw = json.loads(line)
     except json.JSONDecodeError:
         return None
+    return engine_result(raw)
+
+
+def engine_result(raw: dict[str, Any]) -> GenerationResult:
+    """The result of one of the engine's result records (`vllm_worker.Engine.generate`)."""
     if raw.get("failure"):
         return GenerationResult(raw["key"], failure=raw["failure"])
     return GenerationResult(raw["key"], text=raw["text"], truncated=bool(raw.get("truncated")))

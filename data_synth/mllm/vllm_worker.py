@@ -66,45 +66,63 @@ def staged_chunks(directory: Path, poll_s: float = 0.2) -> Iterator[list[dict[st
             time.sleep(poll_s)
 
 
-def run_job(job: dict[str, Any]) -> None:
-    from vllm import LLM
-    from vllm.sampling_params import StructuredOutputsParams
+class Engine:
+    """One vLLM engine with the job's sampling settings, started once (here, or in a Ray actor)."""
 
-    engine: dict[str, Any] = dict(job["engine"])
-    if job.get("single_process"):
-        # One process instead of three (front end, engine core, worker): each imports vLLM, and on a
-        # small CPU machine those imports are most of the start-up time.
-        engine["distributed_executor_backend"] = "uni"
-    llm = LLM(model=job["model"], runner="generate", **engine)
-    structured = StructuredOutputsParams(json=job["schema"]) if job["structured_output"] else None
-    chat_template = Path(job["chat_template"]).read_text(encoding="utf-8") if job.get("chat_template") else None
+    def __init__(self, job: dict[str, Any]):
+        from vllm import LLM  # heavy optional dependency (the `vllm` extra)
+        from vllm.sampling_params import StructuredOutputsParams
+
+        engine: dict[str, Any] = dict(job["engine"])
+        if job.get("single_process"):
+            # One process instead of three (front end, engine core, worker): each imports vLLM, and on a
+            # small CPU machine those imports are most of the start-up time.
+            engine["distributed_executor_backend"] = "uni"
+        if job["structured_output"]:
+            # Compact JSON (an engine setting in vLLM 0.32, ignored per request, and only for a named backend): with
+            # whitespace allowed between fields, a small or random model spent its whole token budget on it.
+            engine.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
+        self.job = job
+        self.llm = LLM(model=job["model"], runner="generate", **engine)
+        self.structured = StructuredOutputsParams(json=job["schema"]) if job["structured_output"] else None
+        template = job.get("chat_template")
+        self.chat_template = Path(template).read_text(encoding="utf-8") if template else None
+
+    def generate(self, requests: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Results ({"key", "text", "truncated"} or {"key", "failure"}) of requests ({"key", "messages", "seed"}),
+        `batch_size` at a time."""
+        for start in range(0, len(requests), self.job["batch_size"]):
+            yield from _generate(self, requests[start : start + self.job["batch_size"]])
+
+
+def run_job(job: dict[str, Any]) -> None:
+    engine = Engine(job)
     with Path(job["results"]).open("a", encoding="utf-8") as out:
         for chunk in staged_chunks(Path(job["requests_dir"])):
             mine = rank_slice(chunk, job["rank"], job["world"])
             for start in range(0, len(mine), job["batch_size"]):
                 batch = mine[start : start + job["batch_size"]]
-                out.write(
-                    "".join(json.dumps(line) + "\n" for line in _generate(llm, batch, job, structured, chat_template))
-                )
+                out.write("".join(json.dumps(line) + "\n" for line in _generate(engine, batch)))
                 out.flush()
     print("vllm worker: done", flush=True)
 
 
-def _generate(llm, batch: list[dict[str, Any]], job: dict[str, Any], structured, chat_template) -> list[dict]:
-    from vllm import SamplingParams
+def _generate(engine: Engine, batch: list[dict[str, Any]]) -> list[dict]:
+    from vllm import SamplingParams  # heavy optional dependency (the `vllm` extra)
 
+    job = engine.job
     params = [
         SamplingParams(
             max_tokens=job["max_tokens"],
             temperature=job["temperature"],
             seed=request["seed"],  # per request: the same answer whatever the batch
-            structured_outputs=structured,
+            structured_outputs=engine.structured,
         )
         for request in batch
     ]
     try:
-        outputs = llm.chat(
-            [request["messages"] for request in batch], params, use_tqdm=False, chat_template=chat_template
+        outputs = engine.llm.chat(
+            [request["messages"] for request in batch], params, use_tqdm=False, chat_template=engine.chat_template
         )
     except Exception as err:  # noqa: BLE001 - a failed batch is reported per request; the run goes on
         print(f"a batch failed: {err!r}", file=sys.stderr, flush=True)

@@ -195,11 +195,16 @@ def test_a_run_that_crashes_mid_page_resumes_to_the_uninterrupted_output(page_fo
     assert server.attempts == settled and again.kept == whole.kept
 
 
-def test_a_folder_resumes_only_with_the_same_queries_per_page(page_folder, server, tmp_path):
+def test_a_folder_resumes_only_with_the_same_queries_per_page_and_limits(page_folder, server, tmp_path):
     run(page_folder, tmp_path / "out", server, limit=1)
     backend = OpenAIBackend(OpenAIBackendConfig(base_url=server.base_url, model="scripted", **RETRY_ARGS))
     config = GenerateConfig(str(page_folder), str(tmp_path / "out"), mode="pages", queries_per_page=K + 1)
     with pytest.raises(ConfigError, match="queries_per_page"):
+        generate_dataset(config, backend)
+    config = GenerateConfig(
+        str(page_folder), str(tmp_path / "out"), mode="pages", queries_per_page=K, max_query_chars=50
+    )
+    with pytest.raises(ConfigError, match="max_query_chars: was '<not recorded>', now 50"):
         generate_dataset(config, backend)
 
 
@@ -230,6 +235,14 @@ def test_the_command_line_runs_the_pages_mode(page_folder, server, tmp_path, cap
             {"description": " ", "language": "English", "queries": [{"query": "q", "fact": "f"}]},
             "empty_field:description",
         ),
+        (
+            {"description": "d", "language": "English", "queries": [{"query": "q" * 201, "fact": "f"}]},
+            "too_long:queries[0].query",
+        ),
+        (
+            {"description": "d" * 1001, "language": "English", "queries": [{"query": "q", "fact": "f"}]},
+            "too_long:description",
+        ),
     ],
 )
 def test_malformed_page_answers_are_rejected_with_their_first_problem(answer, reason):
@@ -254,3 +267,38 @@ def test_a_pages_prompt_may_use_the_pages_placeholders_only(tmp_path):
     path.write_text("Write $queries_per_page queries for $task.")
     with pytest.raises(ConfigError, match=r"\$queries_per_page"):
         load_prompt(str(path), PAGE_PLACEHOLDERS)
+
+
+def test_every_text_of_a_pages_answer_is_bounded_in_the_schema_and_in_the_checks():
+    """maxLength in the schema (what guided decoding enforces) and the checks agree, at the default and when set."""
+    for max_chars, limits in (
+        (200, {"query": 200, "fact": 400, "description": 1000}),
+        (10, {"query": 10, "fact": 20, "description": 50}),
+    ):
+        schema = (
+            page_answer_schema(PlanChoices(), 2, max_chars)
+            if max_chars != 200
+            else page_answer_schema(PlanChoices(), 2)
+        )
+        query = schema["properties"]["queries"]["items"]["properties"]
+        bounds = {"description": schema["properties"]["description"], **query}
+        assert {name: (bound["minLength"], bound["maxLength"]) for name, bound in bounds.items()} == {
+            name: (1, limit) for name, limit in limits.items()
+        }
+        longest = {"query": "q" * limits["query"], "fact": "f" * limits["fact"]}
+        answer = {
+            "description": "d" * limits["description"],
+            "language": "English",
+            "queries": [longest, {**longest, "query": "Q" * limits["query"] + "?"}],
+        }
+        with pytest.raises(Rejected, match="too_long:queries.1..query"):
+            parse_page_answer(json.dumps(answer), PlanChoices(), 2, max_query_chars=max_chars)
+        answer["queries"][1]["query"] = "z" * limits["query"]
+        assert len(parse_page_answer(json.dumps(answer), PlanChoices(), 2, max_query_chars=max_chars).queries) == 2
+
+
+def test_a_raw_control_character_inside_a_string_is_still_an_answer():
+    """Guided decoding lets a model write a raw tab inside a string (invalid in strict JSON): accepted."""
+    text = '{"description": "a\tpage", "language": "English", "queries": [{"query": "q\x19", "fact": "f"}]}'
+    parsed = parse_page_answer(text, PlanChoices(), 1)
+    assert parsed.description == "a\tpage" and parsed.queries[0].query == "q\x19"
