@@ -109,7 +109,8 @@ class GenerateConfig:
     seed: int = 0
     """Seeds the suggested plans (and the backend's sampling)."""
     shard: str | None = None
-    """`"i/N"`: generate only the photos whose key this shard owns."""
+    """`"i/N"`: generate only the photos whose key this shard owns (machines that share no Ray cluster; with
+    `engine: ray` the cluster shares the work)."""
     min_score: int = 4
     """Lowest self-evaluation score (1-5) that is kept."""
     max_image_side: int = 1024

@@ -4,7 +4,8 @@ Data parallelism here is `data_parallel_size` independent engines, one per group
 `tensor_parallel_size` devices, each generating every n-th request (see `vllm_worker.rank_slice`). vLLM's
 own offline data-parallel mode (VLLM_DP_* variables) refuses dense models ("Offline data parallel mode is
 not supported/useful for dense models", vllm/config/parallel.py), and dense models are what generators are,
-so independent engines are how a node's GPUs split one job; `--shard i/N` splits it across nodes.
+so independent engines are how a node's GPUs split one job. Across nodes, `--engine ray` runs one engine per actor of
+a Ray cluster (`ray_generation`); `--shard i/N` remains for nodes that share no Ray cluster.
 
 The engines run in child processes and are judged by the results they write: requests that have no result
 when every engine has exited come back as failures ("engine_exited"), and the next run retries them.
