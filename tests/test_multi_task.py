@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from sentence_transformers import CrossEncoder, MultiVectorEncoder, SentenceTransformer
 
 import unime
@@ -70,6 +71,10 @@ def test_the_directory_loads_as_one_model_with_three_heads(saved) -> None:
     linked = [path for path in (directory / RERANKER_FOLDER).iterdir() if path.is_symlink()]
     assert {path.name for path in linked} >= {"config.json", "model.safetensors"}
     assert all(path.resolve().parent == directory.resolve() for path in linked)
+    # The shared weights hold only the base: vLLM's yes/no scorer reads them through the links and refuses a tensor
+    # it does not know, so the projection stays in its own file (no ColQwen2 copy, unlike a Qwen2-VL embedder).
+    assert not any(key.startswith("custom_text_proj") for key in load_file(str(directory / "model.safetensors")))
+    assert set(load_file(str(directory / "multi_vector_head.safetensors"))) == {"custom_text_proj.weight"}
 
 
 def test_the_heads_share_the_base_weights_in_memory(saved) -> None:

@@ -19,6 +19,8 @@ Directory layout (`save`):
                 `unime_config.json` of kind reranker and the CrossEncoder files; its `config.json` and weights files
                 are relative links to the root's (no second copy), so `CrossEncoder(dir + "/reranker")` and
                 `unime.load(dir + "/reranker")` give the reranker's scores.
+The projection is in `multi_vector_head.safetensors` only: the ColQwen2 copy that a Qwen2-VL embedder's weights file
+carries for colpali-engine would make vLLM's yes/no scorer refuse the shared file (`unime.saving`).
 sentence-transformers reads one `modules.json` and one `config_sentence_transformers.json` at a model's root, whose
 `model_type` makes it a SentenceTransformer or a CrossEncoder: one root cannot be both, hence the subfolder.
 """
@@ -232,7 +234,9 @@ class MultiTaskModel(nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
         try:
-            root = save_model_directory(self.embedder, staging / "model")
+            # No ColQwen2 copy of the projection in the shared weights: vLLM's yes/no scorer reads that file through
+            # `reranker/` and refuses a tensor it does not know (`custom_text_proj`).
+            root = save_model_directory(self.embedder, staging / "model", colpali_copy=False)
             self.config.save(root)
             write_reranker_folder(self.reranker, root)
             _replace_directory(root, target)

@@ -28,7 +28,8 @@ copy of the backbone. The cost: transformers' load report, when the directory is
 which is harmless; unime reads its head from `multi_vector_head.safetensors` as before. ColQwen2 fixes the
 dimension at 128: a head of another `dim` fails to load there (transformers' size-mismatch error), not silently.
 A head with `tokens="image"` is read by `ColQwen2.from_pretrained(dir, mask_non_image_embeddings=True)`.
-An adapter-only directory (`merge_lora=False`) gets no such copy: colpali-engine expects its own adapter layout.
+An adapter-only directory (`merge_lora=False`) gets no such copy: colpali-engine expects its own adapter layout; nor
+does a multi-task directory (`unime.multi_task`), whose weights vLLM's yes/no scorer also reads.
 """
 
 from __future__ import annotations
@@ -60,7 +61,12 @@ _ST_MULTI_VECTOR_MASK = "sentence_transformers.multi_vector_encoder.modules.mult
 COLPALI_CLASSES = {"qwen2_vl": "ColQwen2", "qwen2_5_vl": "ColQwen2_5"}
 
 
-def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *, merge_lora: bool = True) -> Path:
+def save_model_directory(
+    module: BackboneModule, directory: str | os.PathLike, *, merge_lora: bool = True, colpali_copy: bool = True
+) -> Path:
+    """Write `module`'s directory (module docstring). `colpali_copy=False` leaves the ColQwen2 projection out of the
+    backbone's weights file (a multi-task directory, whose weights vLLM's yes/no scorer also reads and which refuses
+    tensors it does not know)."""
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.saving-"))
@@ -75,7 +81,7 @@ def save_model_directory(module: BackboneModule, directory: str | os.PathLike, *
             config.base_model = model.peft_config["default"].base_model_name_or_path
         _declare_tied_embeddings(model.config)
         head = getattr(module, "multi_vector_head", None)  # an embedder's; a reranker has none
-        state_dict = _colpali_state_dict(model, head, adapter_only=is_peft and not merge_lora)
+        state_dict = _colpali_state_dict(model, head if colpali_copy else None, adapter_only=is_peft and not merge_lora)
         model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         module.processor.save_pretrained(staging)
         config.multi_vector = head.config if head is not None else None
