@@ -142,13 +142,13 @@ class MultiVectorSettings:
     config: str = "late_interaction_visdoc.yaml"
     """Recipe config of the multi-vector model; the single-vector model is the same config with
     `single_vector_overrides` on top."""
-    train_pages: int = 64
+    train_pages: int = 48
     """Drawn training pages, one query each, with `negatives` hard-negative pages."""
-    held_out_pages: int = 24
+    held_out_pages: int = 16
     """Held-out pages (none shared with training): the corpus of the evaluation holds them and their negatives."""
     negatives: int = 3
     """Hard-negative pages per query: the page with the asked fact changed."""
-    max_steps: int = 60
+    max_steps: int = 40
     """Optimizer steps of each model."""
     overrides: list[str] = field(default_factory=list)
     """More dotted overrides of the recipe config, for both models."""
@@ -198,9 +198,9 @@ SIZES: dict[str, list[str]] = {
         "stage1.max_steps=60",
         "stage2.max_steps=100",
         "reranker.max_steps=300",
-        "multi_vector.train_pages=32",
-        "multi_vector.held_out_pages=16",
-        "multi_vector.max_steps=30",
+        "multi_vector.train_pages=24",
+        "multi_vector.held_out_pages=8",
+        "multi_vector.max_steps=20",
     ],
 }
 """Overrides each size applies before the user's own."""
