@@ -50,6 +50,9 @@ class TinySettings:
     size: Literal["tiny", "small"] = "tiny"
     """tiny (a few hundred thousand parameters) or small (about 16 M, compute-bound like a real model; backbones
     with a small builder only)."""
+    max_pixels: int | None = None
+    """Image budget saved with the processor: at most this many pixels per image (Qwen-VL families: one token per
+    28 x 28 pixels); default 112 * 112 (16 image tokens)."""
 
 
 def _tiny() -> tuple[type, Runner]:
@@ -57,7 +60,12 @@ def _tiny() -> tuple[type, Runner]:
 
     def run(settings: TinySettings) -> int:
         path = save_tiny(
-            settings.backbone, settings.out_dir, seed=settings.seed, kind=settings.kind, size=settings.size
+            settings.backbone,
+            settings.out_dir,
+            seed=settings.seed,
+            kind=settings.kind,
+            size=settings.size,
+            max_pixels=settings.max_pixels,
         )
         print(f"wrote a {settings.size} {settings.backbone} {settings.kind} to {path}")
         return 0

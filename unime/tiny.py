@@ -25,12 +25,14 @@ def build_tiny(
     kind: Literal["embedder", "reranker"] | None = None,
     size: Literal["tiny", "small"] = "tiny",
     multi_vector: MultiVectorConfig | None = None,
+    max_pixels: int | None = None,
 ) -> Embedder | Reranker:
     """A tiny embedder or reranker of a registered backbone (a few hundred thousand parameters, CPU-fast).
 
     `size="small"` builds a wider, deeper one whose forward pass is compute-bound like a real model's (for
     benchmarks; backbones with a small builder only). `multi_vector` (or `config.multi_vector`) gives an embedder
-    a multi-vector head, initialised from `seed`.
+    a multi-vector head, initialised from `seed`. `max_pixels` sets the image budget (`set_image_budget`;
+    default: the builder's, 112 x 112 pixels = 16 image tokens for the Qwen2-VL families).
     """
     spec = get_backbone(backbone)
     builder = spec.build_tiny if size == "tiny" else spec.build_small
@@ -46,6 +48,8 @@ def build_tiny(
     # The config records the head once it is built (below); an Embedder refuses a recorded head it is not given.
     config = dataclasses.replace(config, multi_vector=None)
     model, processor = builder(seed)
+    if max_pixels is not None:
+        set_image_budget(processor, max_pixels)
     if config.kind == "reranker":
         add_answer_tokens(model, processor, (config.rerank.no_token, config.rerank.yes_token), seed)
         return Reranker(model, processor, config)
@@ -61,7 +65,36 @@ def save_tiny(
     kind: Literal["embedder", "reranker"] = "embedder",
     size: Literal["tiny", "small"] = "tiny",
     multi_vector: MultiVectorConfig | None = None,
+    max_pixels: int | None = None,
 ) -> Path:
-    """Build a tiny (or small) model and write it as a unime model directory (`unime tiny <backbone> <dir>`)."""
-    build_tiny(backbone, seed=seed, kind=kind, size=size, multi_vector=multi_vector).save(directory)
+    """Build a tiny (or small) model and write it as a unime model directory (`unime tiny <backbone> <dir>`); the
+    image budget (`max_pixels`) is saved with its processor."""
+    model = build_tiny(backbone, seed=seed, kind=kind, size=size, multi_vector=multi_vector, max_pixels=max_pixels)
+    model.save(directory)
     return Path(directory)
+
+
+def set_image_budget(processor, max_pixels: int) -> None:
+    """Let `processor` resize each image to at most `max_pixels` pixels (its aspect ratio kept).
+
+    The Qwen-VL families resize an image to a multiple of 28 x 28 pixels within the budget and give one
+    language-model token per 28 x 28 pixels (14-pixel patches merged 2 x 2): 112 * 112 is 16 image tokens,
+    224 * 224 is 64. The limit is the image processor's `size.longest_edge` (in pixels, as transformers' `max_pixels`
+    sets it), so it is saved with the processor and every consumer of the directory (encode, eval, the server)
+    resizes pages the same way. Only processors with such a pixel budget take it: another family's `longest_edge`
+    is a side length in pixels, and silently reading a budget as a side would be wrong.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None)
+    factor = getattr(image_processor, "patch_size", 0) * getattr(image_processor, "merge_size", 0)
+    if not factor or size is None or not size.get("longest_edge") or not size.get("shortest_edge"):
+        raise ConfigError(
+            f"max_pixels: the {type(image_processor).__name__} of this model has no pixel budget to set "
+            "(only the Qwen-VL families' image processors have one)"
+        )
+    if max_pixels < max(factor * factor, size["shortest_edge"]):
+        raise ConfigError(
+            f"max_pixels {max_pixels}: at least {max(factor * factor, size['shortest_edge'])} pixels are needed "
+            f"(one {factor} x {factor} image token, and the processor's minimum of {size['shortest_edge']})"
+        )
+    size["longest_edge"] = max_pixels

@@ -238,6 +238,29 @@ def test_the_head_trains_and_is_saved_with_the_model(small_pages, tmp_path: Path
         )
 
 
+def test_the_image_budget_is_saved_with_the_model_and_encode_sees_it(tmp_path: Path) -> None:
+    """`model.max_pixels` sets how many image tokens a page becomes (one per 28 x 28 pixels), and the saved
+    directory keeps it: a 224 x 224 page is 64 token vectors when trained with 224 * 224 pixels, 16 by default."""
+    page = Image.new("RGB", (224, 224), (200, 30, 30))
+
+    def image_tokens(model) -> int:
+        (matrix,) = model.encode([{"image": page}], output="multi_vector")
+        return matrix.shape[0]
+
+    head = "model.multi_vector={enabled: true, dim: 16, tokens: image}"
+    default = load_for_training(load_train_config(CONFIG, [head]).model)
+    wide = load_for_training(load_train_config(CONFIG, [head, "model.max_pixels=50176"]).model)
+    assert (image_tokens(default), image_tokens(wide)) == (16, 64)
+    wide.save(tmp_path / "wide")
+    assert image_tokens(unime.load(tmp_path / "wide")) == 64
+    built = unime.build_tiny(multi_vector=MultiVectorConfig(dim=16, tokens="image"), max_pixels=50176)
+    assert image_tokens(built) == 64
+    with pytest.raises(ConfigError, match="max_pixels 100: at least 784 pixels"):
+        load_for_training(load_train_config(CONFIG, ["model.max_pixels=100"]).model)
+    with pytest.raises(ConfigError, match="no pixel budget"):
+        unime.build_tiny("llava", max_pixels=50176)
+
+
 def test_a_head_without_its_loss_and_the_loss_without_a_head_are_config_errors(small_pages, tmp_path: Path) -> None:
     examples = load_examples([small_pages])[0]
     no_head = _config(small_pages, tmp_path / "a", "model.multi_vector.enabled=false", "optim.batch_size=4")

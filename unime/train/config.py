@@ -83,6 +83,10 @@ class ModelSettings:
     """Reranker only: the instruction of pairs whose row gives none; None keeps the model's."""
     multi_vector: MultiVectorSettings = field(default_factory=lambda: MultiVectorSettings())
     """A multi-vector (late-interaction, ColPali-style) head, trained with `loss.name: late_interaction`."""
+    max_pixels: int | None = None
+    """Image budget: each image is resized to at most this many pixels (Qwen-VL families: one token per 28 x 28
+    pixels, so 224 * 224 = 50176 is 64 image tokens). Saved with the model's processor, so encode, eval and the
+    server see pages as training did. None keeps the start model's (a tiny model's: 112 * 112, 16 tokens)."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from unime.errors import ConfigError
 from unime.multi_task import build_tiny_multi_task
 from unime.multi_vector import add_multi_vector_head
+from unime.tiny import set_image_budget
 from unime.train.config import ModelSettings
 
 TINY_PREFIX = "tiny:"
@@ -40,6 +41,11 @@ def load_for_training(settings: ModelSettings):
                 "model.rerank_system_prompt / model.rerank_instruction apply to rerankers (and multi_task models) only"
             )
         model.set_rerank_prompt(**prompt_changes)
+    if settings.max_pixels is not None:
+        # A multi-task model's embedder and reranker views each hold a processor: both see the same budget.
+        views = [model.embedder, model.reranker] if settings.kind == "multi_task" else [model]
+        for view in views:
+            set_image_budget(view.processor, settings.max_pixels)
     if settings.multi_vector.enabled:
         attach_multi_vector_head(model, settings)
     return model
