@@ -11,7 +11,29 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def score_in_child(model_dir: str | os.PathLike, job: dict, work_dir: Path) -> dict[str, list[float]]:
+    """Run this script on `job` (pairs, instruction, score_query, score_documents) in a child process; its scores.
+
+    The child is judged by the file it writes, not by its exit status (see the module docstring)."""
+    (work_dir / "pairs.pkl").write_bytes(pickle.dumps(job))
+    out = work_dir / "scores.json"
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CACHE_ROOT": str(work_dir / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, __file__, str(model_dir), str(work_dir / "pairs.pkl"), str(out)]
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), f"vLLM child wrote no scores (exit {process.returncode}):\n{process.stderr[-4000:]}"
+    return json.loads(out.read_text())
 
 
 def main(model_dir: str, pairs_path: str, out_path: str) -> None:
