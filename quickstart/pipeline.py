@@ -301,7 +301,8 @@ def run_multi_vector(config: QuickstartConfig, out: Path) -> StageResult:
     )
     written = write_pages(out / "pages", pages)
     rows = (str(written.shard_paths("train")[0]), str(written.shard_paths("held_out")[0]))
-    stage = TrainStage(settings.config, settings.max_steps, settings.overrides)
+    budget = [] if settings.max_pixels is None else [f"model.max_pixels={settings.max_pixels}"]
+    stage = TrainStage(settings.config, settings.max_steps, [*budget, *settings.overrides])
     start = f"tiny:{config.backbone}"
     once = ["eval_every=0"]  # the held-out rows are checked once, at the end (the stage's own numbers come after)
     models = {

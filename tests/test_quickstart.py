@@ -88,14 +88,19 @@ def test_report_has_every_stage_and_its_plots(quickstart) -> None:
 @pytest.mark.slow
 def test_multi_vector_stage_scores_both_models_on_held_out_pages(quickstart) -> None:
     """The stage's two models are what they claim (a head on one only), scored on the held-out drawn pages with
-    the right corpus and chance, and the report shows those numbers. Its learning is not asserted: at this size
-    and at the default one both models stayed at chance (the tiny model sees a drawn page as 12 image tokens,
-    where the one changed fact is gone, and scores a page and its hard negatives within 1e-5); the margin of
-    late interaction is tested in tests/train/test_late_interaction_training.py."""
+    the right corpus and chance, and the report shows those numbers, with the stage's image budget saved in both
+    directories. Its held-out learning is not asserted, because it is not reliable at any size measured: with 54
+    image tokens a page (`max_pixels` 224 * 224) and every weight trained, the training loss falls (4.16 -> 3.4 in
+    40 steps at seed 0, where LoRA with the random vision tower frozen stayed at ln 64 = 4.16), but held-out
+    nDCG@5 was multi-vector 0.10 / single-vector 0.15 at seed 0 and 0.00 / 0.05 at seed 1 (chance 0.05; 16
+    queries), and 0.05 / 0.06 at this size (chance 0.09); the margin of late interaction is tested in
+    tests/train/test_late_interaction_training.py."""
     settings, record = quickstart["config"].multi_vector, quickstart["records"]["multi_vector"]
     metrics = record["metrics"]
-    assert unime.load(record["artefacts"]["model"]).config.multi_vector is not None
-    assert unime.load(record["artefacts"]["single_vector_model"]).config.multi_vector is None
+    multi, single = (unime.load(record["artefacts"][name]) for name in ("model", "single_vector_model"))
+    assert multi.config.multi_vector is not None and single.config.multi_vector is None
+    for model in (multi, single):
+        assert model.processor.image_processor.size["longest_edge"] == settings.max_pixels
     assert metrics["queries"] == settings.held_out_pages
     assert metrics["pages"] == settings.held_out_pages * (1 + settings.negatives)  # every held-out page, once
     assert metrics["chance"]["recall@1"] == pytest.approx(1 / metrics["pages"])
