@@ -135,11 +135,16 @@ def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_p
     pages, seed 0) multi-vector 0.675, single-vector 0.525. Over seeds 0, 1, 2 of data and start, 80 held-out
     pages each: with image tokens 0.66 / 0.75 / 0.85 against 0.55 / 0.61 / 0.69 (margins +0.11, +0.14, +0.16);
     keeping every token 0.68 / 0.69 / 0.74 (margins +0.13, +0.08, +0.05). Tried and not kept: lr 5e-3 (the
-    multi-vector model fell to 0.25-0.50), five markers (0.41 against 0.35), 90 steps (margins +0.08, +0.30, +0.31:
-    wider on average, not stable; two trainings of 90 steps also pass the minute). The margin is real but not wide at this size: the tiny processor caps a page
-    at 16 image tokens (112x112 pixels), so a marker is a sixteenth of the page and a single vector still holds
-    the three colours; with one marker per page the single vector did better (0.95 against 0.875), and with a
-    marker of 1/64 of the page both stayed near chance after 60 steps (multi-vector 0.30).
+    multi-vector model fell to 0.25-0.50), five markers (0.41 against 0.35), 90 steps (margins +0.08, +0.30, +0.31),
+    120 steps (0.76 / 0.875 / 0.95 against 0.625 / 0.55 / 0.74, margins +0.14, +0.33, +0.21; but here, on 40
+    held-out pages, 0.70 against 0.65; 55 s), every weight trained, the vision tower's included (seed 0: 0.51
+    against 0.70). The margin is real but not wide at this size: a page is 16 image tokens (112x112 pixels), so a
+    marker is a sixteenth of the page and a single vector still holds the three colours; with one marker per page
+    the single vector did better (0.95 against 0.875). A larger image budget did not widen it either
+    (`model.max_pixels=50176`, 64 tokens; seed 0, 80 held-out pages, 60 steps): markers of one token on an 8x8 grid
+    left both near chance (0.31 against 0.34; one multi-vector step took 0.77 s), a 6x6 grid (36 tokens) 0.40
+    against 0.35, and 4x4 markers of 56 pixels (4 tokens each) 0.625 against 0.525, about the 16-token page's
+    margin at that seed (+0.11).
     """
     steps = ["optim.max_steps=60", "optim.warmup_steps=5"]
     multi = train(
