@@ -138,7 +138,8 @@ def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_p
     multi-vector model fell to 0.25-0.50), five markers (0.41 against 0.35), 90 steps (margins +0.08, +0.30, +0.31),
     120 steps (0.76 / 0.875 / 0.95 against 0.625 / 0.55 / 0.74, margins +0.14, +0.33, +0.21; but here, on 40
     held-out pages, 0.70 against 0.65; 55 s), every weight trained, the vision tower's included (seed 0: 0.51
-    against 0.70). The margin is real but not wide at this size: a page is 16 image tokens (112x112 pixels), so a
+    against 0.70), a multi-vector temperature of 0.005 or 0.05 (margins +0.075 / -0.05 and -0.025 / +0.16 at seeds
+    0 / 1). The margin is real but not wide at this size: a page is 16 image tokens (112x112 pixels), so a
     marker is a sixteenth of the page and a single vector still holds the three colours; with one marker per page
     the single vector did better (0.95 against 0.875). A larger image budget did not widen it either
     (`model.max_pixels=50176`, 64 tokens; seed 0, 80 held-out pages, 60 steps): markers of one token on an 8x8 grid
