@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers.conversion_mapping
 from colpali_engine.models import ColQwen2, ColQwen2_5, ColQwen2_5_Processor, ColQwen2Processor
 from safetensors import safe_open
 
@@ -20,6 +21,23 @@ from unime.config import MultiVectorConfig
 from unime.inputs import parse_inputs
 from unime.multi_vector import BIAS_NAME, WEIGHT_NAME
 from unime.saving import COLPALI_CLASSES
+
+
+def _forget_colpali_registrations() -> None:
+    """Undo what importing colpali_engine.models registers in transformers' process-wide conversion table.
+
+    Its ColQwen3 module registers a checkpoint conversion mapping for every `qwen3_vl` model (not only its own
+    class): any Qwen3-VL model saved afterwards in the same process carries a `model.` prefix on every weight, which
+    vLLM's Qwen3-VL classes cannot read. The ColQwen2 classes tested here use no registration, so the rest of the
+    test process gets the table back as transformers builds it (the import happens once, at collection)."""
+    table = transformers.conversion_mapping
+    if table._checkpoint_conversion_mapping_cache is not None:
+        for name in table.USER_REGISTERED_MAPPINGS:
+            table._checkpoint_conversion_mapping_cache.pop(name, None)
+    table.USER_REGISTERED_MAPPINGS.clear()
+
+
+_forget_colpali_registrations()
 
 # (backbone, head bias): the ColQwen2 layout with a trained bias, and a bias-free head (written as a zero bias).
 CASES = {"qwen2_vl": True, "qwen2_5_vl": False}
