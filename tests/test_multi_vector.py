@@ -14,7 +14,8 @@ from sentence_transformers import MultiVectorEncoder
 
 import unime
 from tests.conftest import mixed_inputs
-from tests.train.test_late_interaction_training import CONFIG, write_marker_pages
+from tests.marker_pages import write_marker_pages
+from tests.train.test_late_interaction_training import CONFIG
 from unime.config import MultiVectorConfig
 from unime.data.dataset import load_examples
 from unime.inputs import parse_inputs
