@@ -2,7 +2,7 @@
 
 Every task embeds two or more sets of items before it scores them; this is that step, written once: each set
 goes through `embed_distinct` (and its cache), with a progress bar named after the dataset and the set, and
-their encoding counts are summed.
+their encoding counts are summed. On Ray (`RayBackedEncoder`) all the sets go to the cluster in one job.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unime.eval.embedding import EmbedStats, embed_distinct
+from unime.eval.embedding import EmbedStats, RayBackedEncoder, embed_distinct, embed_sets_on_ray
 from unime.eval.encoders import Encoder
 from unime.inputs import Input
 
@@ -40,6 +40,8 @@ def embed_sets(
     Returns:
         label -> `[len(items), D]` float32, and the summed counts of every set.
     """
+    if isinstance(encoder, RayBackedEncoder):
+        return embed_sets_on_ray(encoder, sets, cache_dir=cache_dir)
     stats = EmbedStats()
     vectors: dict[str, np.ndarray] = {}
     for label, items in sets.items():

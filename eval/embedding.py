@@ -6,13 +6,14 @@ bytes, role, instruction). Shards are written atomically every `shard_size` new 
 interrupted resumes by embedding only what is missing. Without a cache folder the vectors stay in memory.
 
 A `RayBackedEncoder` (`unime eval run --engine ray`) embeds what the cache lacks on a Ray cluster instead: one Ray
-job per set of items, each actor holding its own copy of the model (`UnimeEncoderFactory`).
+job per dataset (all its sets of items together, `embed_sets_on_ray`), each actor holding its own copy of the model
+(`UnimeEncoderFactory`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,15 +76,10 @@ def embed_distinct(
         EmbeddingStoreError: when the encoder returns a wrong shape or non-finite values (naming the item), or the
             cache folder holds another layout or a damaged shard.
     """
-    stats = EmbedStats(listed=len(items), distinct=len(items))
     if isinstance(encoder, RayBackedEncoder):
-        store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
-        keys = [item_key(item) for item in items]
-        # Ray shows its own progress, per job.
-        stats.encoded = encoder.ray.fill(
-            store, keys, items, source="the encoder", label=lambda i: f"item {i}", unit="items"
-        )
-        return store.get(keys), stats
+        vectors, stats = embed_sets_on_ray(encoder, {"items": items}, cache_dir=cache_dir, shard_size=shard_size)
+        return vectors["items"], stats
+    stats = EmbedStats(listed=len(items), distinct=len(items))
     bar = tqdm(total=len(items), desc=progress or "", unit="item", disable=progress is None, leave=False)
     try:
         store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
@@ -101,6 +97,38 @@ def embed_distinct(
         return store.get(keys), stats
     finally:
         bar.close()
+
+
+def embed_sets_on_ray(
+    encoder: RayBackedEncoder,
+    sets: Mapping[str, Sequence[Input]],
+    *,
+    cache_dir: str | Path | None = None,
+    shard_size: int = 1024,
+) -> tuple[dict[str, np.ndarray], EmbedStats]:
+    """Vectors of each set of distinct items (label -> items), what the cache lacks embedded in ONE Ray job.
+
+    One job for all the sets, not one per set: every job starts its actor pool and loads the model in each actor
+    (seconds to minutes), which would otherwise be paid again for the queries, the candidates, ... of a dataset.
+    An item in several sets (a caption as query and as document has another role, so another key; an image listed
+    twice has one) is embedded once. Ray shows the job's progress.
+
+    Returns:
+        label -> `[len(items), D]` float32, and what was encoded.
+    """
+    store = EmbeddingStore(cache_dir, encoder.fingerprint, shard_size=shard_size)
+    names = [(label, index) for label, items in sets.items() for index in range(len(items))]
+    items = [item for set_items in sets.values() for item in set_items]
+    keys = [item_key(item) for item in items]
+    listed = len(items)
+    encoded = encoder.ray.fill(
+        store, keys, items, source="the encoder", label=lambda i: f"{names[i][0]} item {names[i][1]}", unit="items"
+    )
+    vectors, start = {}, 0
+    for label, set_items in sets.items():
+        vectors[label] = store.get(keys[start : start + len(set_items)])  # [len(set_items), D]
+        start += len(set_items)
+    return vectors, EmbedStats(listed=listed, distinct=listed, encoded=encoded)
 
 
 class ItemTable:
