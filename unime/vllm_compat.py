@@ -45,11 +45,13 @@ VLLM_POOLING = {"last": "LAST", "mean": "MEAN", "cls": "CLS"}
 EMBEDDER_MM_LIMITS = {"image": 1, "video": 0}
 
 
-def _directory_config(model_dir: str | os.PathLike, kind: str) -> UnimeConfig:
-    """The directory's unime config, checked to be of `kind` and to hold full weights (vLLM merges no adapter)."""
+def _directory_config(model_dir: str | os.PathLike, *kinds: str) -> UnimeConfig:
+    """The directory's unime config, checked to be of one of `kinds` and to hold full weights (vLLM merges no
+    adapter)."""
     config = UnimeConfig.load(model_dir)
-    if config.kind != kind:
-        raise ConfigError(f"{model_dir}: unime_config.json says kind {config.kind!r}; expected {kind!r}")
+    if config.kind not in kinds:
+        expected = " or ".join(repr(kind) for kind in kinds)
+        raise ConfigError(f"{model_dir}: unime_config.json says kind {config.kind!r}; expected {expected}")
     if config.base_model is not None:
         raise ConfigError(
             f"{model_dir}: holds a LoRA adapter only (base {config.base_model!r}); vLLM needs merged weights: "
@@ -160,13 +162,13 @@ class _DirectoryPrompts:
     """Loads only a directory's processor (through unime's loading path) to render its chat template, rebuilt
     from `unime_config.json` as the model class does, so that the prompts stored there win."""
 
-    kind = "embedder"
+    kinds: tuple[str, ...] = ("embedder",)
 
     def __init__(self, model_dir: str | os.PathLike):
         from unime.loading import load_processor
 
         self.model_dir = Path(model_dir)
-        self.config = _directory_config(model_dir, self.kind)
+        self.config = _directory_config(model_dir, *self.kinds)
         spec = get_backbone(self.config.backbone)
         self.processor = load_processor(spec, str(model_dir), False, None, {})
         self._apply_template(spec)
@@ -187,7 +189,8 @@ class _DirectoryPrompts:
 class EmbeddingPrompts(_DirectoryPrompts):
     """Renders unime inputs into vLLM prompts, exactly as `Embedder.tokenize` renders them for transformers."""
 
-    kind = "embedder"
+    # A multi-task root renders its inputs as an embedder does (its multi-vector head's token vectors).
+    kinds = ("embedder", "multi_task")
 
     def _apply_template(self, spec) -> None:
         apply_embedding_template(self.processor, spec.turn_format, self.config.prompts)
@@ -266,7 +269,8 @@ does not know (the head's), so a multi-vector directory of another family runs o
 
 
 def _multi_vector_config(model_dir: str | os.PathLike) -> UnimeConfig:
-    config = _embedder_config(model_dir)
+    # The root of a multi-task directory is an embedder directory whose head vLLM's late-interaction class reads.
+    config = _directory_config(model_dir, "embedder", "multi_task")
     if config.multi_vector is None:
         raise ConfigError(f"{model_dir}: has no multi-vector head (unime_config.json's multi_vector is null)")
     if config.backbone not in LATE_INTERACTION_ARCHITECTURES:
@@ -372,7 +376,7 @@ def _reranker_settings(model_dir: str | os.PathLike, dtype: str | None) -> dict[
 class RerankPrompts(_DirectoryPrompts):
     """Renders (query, document) pairs into vLLM prompts, exactly as `Reranker.tokenize` renders them."""
 
-    kind = "reranker"
+    kinds = ("reranker",)
 
     def _apply_template(self, spec) -> None:
         from unime.prompts import reranker_chat_template, set_chat_template
