@@ -1,5 +1,5 @@
 """`unime quickstart`: synthetic data -> stage 1 -> mining -> stage 2 -> reranker -> evaluation -> serving ->
-multi-vector model on drawn pages -> report.
+multi-vector model on drawn pages -> one checkpoint with three heads -> report.
 
 Each stage is a function of the config and the artefacts of the stages before it; `run_quickstart` runs them
 through a `StageRunner`, so a second run skips what the first one finished and resumes an interrupted training
@@ -22,6 +22,7 @@ from unime.atomic import write_json_atomic
 from unime.errors import ConfigError
 from unime.quickstart.config import QuickstartCommand, QuickstartConfig, TrainStage, recipe_config_path
 from unime.quickstart.stages import STAGES, StageResult, StageRunner
+from unime.quickstart.three_heads import run_three_heads
 
 TRAIN_LOG = "train_log.jsonl"
 """Each training stage's logged metrics (loss, learning rate, in-training evaluation), one step per line."""
@@ -445,6 +446,23 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
         )
     for name, label, stage_settings, work_dir, action in steps:
         runner.run(name, label, stage_settings, work_dir, action)
+    if config.three_heads.enabled:
+        # Last of the training stages, so that adding it left every earlier stage's fingerprint as it was.
+        steps.append(
+            (
+                "three_heads",
+                "one checkpoint with three heads, retrieve then rerank",
+                settings["three_heads"],  # the chain of fingerprints carries every earlier stage's settings
+                out / "three_heads",
+                lambda: run_three_heads(
+                    config,
+                    runner.records["data"]["artefacts"],
+                    artefact("stage1", "model"),
+                    runner.records["mining"]["artefacts"],
+                    out / "three_heads",
+                ),
+            )
+        )
         if name == stop_after:
             print(f"stopped after stage {name}; run the same command again to go on")
             return runner.records

@@ -14,6 +14,7 @@ from typing import Any
 from unime.atomic import atomic_write
 from unime.quickstart.config import QuickstartConfig
 from unime.quickstart.evaluate import EMBEDDER_ROWS
+from unime.quickstart.three_heads import three_heads_section
 
 HEADLINE = {
     "text_to_text_recall@1": "text-to-text recall@1 (held-out pairs)",
@@ -144,6 +145,9 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         ]
     if "multi_vector" in records:
         lines += _multi_vector_section(config, records["multi_vector"]["metrics"])
+    if "three_heads" in records:
+        record = records["three_heads"]
+        lines += three_heads_section(config, record, read_train_log(record["artefacts"]["train_log"]), out)
     lines += ["", "## Stages", ""]
     lines += _table(
         ["stage", "artefact", "seconds"],

@@ -20,7 +20,7 @@ from typing import Any
 
 from unime.atomic import write_json_atomic
 
-STAGES = ("data", "stage1", "mining", "stage2", "reranker", "eval", "serve", "multi_vector", "report")
+STAGES = ("data", "stage1", "mining", "stage2", "reranker", "eval", "serve", "multi_vector", "three_heads", "report")
 """Every stage, in the order they run."""
 
 
