@@ -171,11 +171,6 @@ class MultiVectorSettings:
 
 
 @dataclass
-class QuickstartConfig:
-    out: str = "runs/quickstart"
-    """Where every artefact goes; running again with the same `out` resumes."""
-    size: Size = "default"
-@dataclass
 class ThreeHeadsSettings:
     """The one checkpoint with three heads (`recipes/train_three_heads.py`: a pooled vector, a multi-vector head and
     the yes/no reranker on one base), every objective trained on the rows `data` names; then that one loaded model
@@ -204,6 +199,11 @@ class ThreeHeadsSettings:
     """More dotted overrides of the recipe config, e.g. `objectives.rerank.weight=2`."""
 
 
+@dataclass
+class QuickstartConfig:
+    out: str = "runs/quickstart"
+    """Where every artefact goes; running again with the same `out` resumes."""
+    size: Size = "default"
     """`default`: the embedded default (a few minutes on 2 cores); `ci`: a reduced run for tests."""
     seed: int = 0
     """Seed of the data, the tiny models and training."""
@@ -221,13 +221,13 @@ class ThreeHeadsSettings:
     eval: EvalSettings = field(default_factory=EvalSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     multi_vector: MultiVectorSettings = field(default_factory=MultiVectorSettings)
+    three_heads: ThreeHeadsSettings = field(default_factory=ThreeHeadsSettings)
+    """One checkpoint with three heads: retrieve, then rerank, with that one model."""
 
 
 SIZES: dict[str, list[str]] = {
     "default": [],
     # Small enough for a test on 2 cores, large enough that each stage still moves its metric far.
-    three_heads: ThreeHeadsSettings = field(default_factory=ThreeHeadsSettings)
-    """One checkpoint with three heads: retrieve, then rerank, with that one model."""
     "ci": [
         "data.text_train=256",
         "data.text_held_out=60",
@@ -239,12 +239,12 @@ SIZES: dict[str, list[str]] = {
         "multi_vector.train_pages=24",
         "multi_vector.held_out_pages=8",
         "multi_vector.max_steps=20",
+        "three_heads.max_steps=15",
     ],
 }
 """Overrides each size applies before the user's own."""
 
 
-        "three_heads.max_steps=15",
 def load_quickstart_config(size: Size = "default", overrides: list[str] = ()) -> QuickstartConfig:
     """The settings of `size` with dotted `key=value` overrides applied (values parsed as YAML)."""
     return build_dataclass(QuickstartConfig, apply_overrides(size_preset(size), overrides), "quickstart", "")
