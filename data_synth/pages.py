@@ -40,8 +40,11 @@ from unime.data_synth.manifest import Manifest, ShardedJsonlWriter, make_output_
 from unime.data_synth.scenes import COLORS, DistinctScenes
 from unime.errors import ConfigError
 
-BlockKind = Literal["table", "bar_chart", "line_chart", "form"]
+BlockKind = Literal["table", "bar_chart", "line_chart", "form", "status"]
 BLOCK_KINDS: tuple[BlockKind, ...] = ("table", "bar_chart", "line_chart", "form")
+"""The kinds a page draws its blocks from by default: facts written as text (cells, labels, field values)."""
+VISIBLE_KINDS: tuple[BlockKind, ...] = ("status",)
+"""Kinds whose fact is a colour as well as a word, which a model too small to read the page's text can see."""
 SOURCE = "Synthetic-VisDoc"
 PROMPT_VERSION = "pages-v1"
 """Bump when vocabularies, templates or drawing change what a seed produces."""
@@ -61,6 +64,36 @@ FORM_FIELDS = ("Name", "Date", "Amount", "Reference", "City")
 FIRST_NAMES = ("Alice", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goran", "Hana", "Ivan", "Jonas")
 LAST_NAMES = ("Novak", "Silva", "Okafor", "Larsen", "Moreau", "Tanaka", "Weber", "Costa", "Haddad", "Quinn")
 CITIES = ("Lisbon", "Oslo", "Lyon", "Porto", "Graz", "Turin", "Ghent", "Malmo", "Bergen", "Leeds", "Cork", "Basel")
+STATUSES: dict[str, tuple[int, int, int]] = {
+    "approved": (40, 170, 60),
+    "rejected": (220, 40, 40),
+    "pending": (235, 210, 40),
+    "confirmed": (40, 80, 220),
+    "urgent": (245, 140, 30),
+    "on hold": (140, 60, 180),
+    "draft": (130, 130, 130),
+    "paid": (30, 190, 200),
+    "overdue": (245, 120, 190),
+    "void": (20, 20, 20),
+}
+STATUS_COLORS: dict[str, str] = {
+    "approved": "green",
+    "rejected": "red",
+    "pending": "yellow",
+    "confirmed": "blue",
+    "urgent": "orange",
+    "on hold": "purple",
+    "draft": "grey",
+    "paid": "cyan",
+    "overdue": "pink",
+    "void": "black",
+}
+"""The name of each status's colour, which the queries say with the status, as people describe a stamp."""
+"""A status stamp's word and its colour: one colour per status, as offices colour-code them, so that the stamp's
+fact is seen in its colour before its word is read."""
+FACT_COUNTS: dict[BlockKind, int] = {"table": 9, "bar_chart": 4, "line_chart": 5, "form": 4, "status": 1}
+"""Facts (values) in a block of each kind."""
+STAMPED = ("invoice", "claim", "order", "contract", "request")
 SENTENCES = (
     "This {report} of {company} sums up the {measure} of the period.",
     "Figures are rounded and were checked by the finance team.",
@@ -92,6 +125,11 @@ TEMPLATES: dict[BlockKind, tuple[str, ...]] = {
         "Which {caption} form lists {value} as the {label}?",
         "Which page shows a {caption} form with {label} {value}?",
     ),
+    "status": (
+        "Find the {caption} with the {color} {value} stamp.",
+        "Which page carries a {color} stamp reading {value}?",
+        "Which {caption} is marked {value} in {color}?",
+    ),
 }
 
 
@@ -102,7 +140,7 @@ class Block:
     kind: BlockKind
     caption: str
     labels: tuple[str, ...]
-    """table: row labels; charts: one label per bar or point; form: field names."""
+    """table: row labels; charts: one label per bar or point; form: field names; status: ("Status",)."""
     values: tuple[str, ...]
     """Row-major for a table (len(labels) * len(columns) cells), else one per label."""
     columns: tuple[str, ...] = ()
@@ -183,6 +221,8 @@ def draw_value(block: Block, position: int, rng: random.Random) -> str:
         return str(rng.randint(10, 999))
     if block.kind == "form":
         return _form_value(block.labels[position], rng)
+    if block.kind == "status":
+        return rng.choice(sorted(STATUSES))
     return str(rng.randint(5, 95))  # charts: the axis runs 0..100
 
 
@@ -191,31 +231,39 @@ def _random_block(kind: BlockKind, measure: str, rng: random.Random) -> Block:
         start = rng.randint(2018, 2023)
         columns = tuple(str(year) for year in range(start, start + 3))
         block = Block(kind, f"{measure} by region", tuple(rng.sample(REGIONS, 3)), (), columns)
-        count = 9
     elif kind == "bar_chart":
         block = Block(
             kind, f"{measure} by product", tuple(rng.sample(PRODUCTS, 4)), (), color=rng.choice(sorted(COLORS))
         )
-        count = 4
     elif kind == "line_chart":
         start = rng.randint(0, len(MONTHS) - 5)
         block = Block(kind, f"monthly {measure}", MONTHS[start : start + 5], (), color=rng.choice(sorted(COLORS)))
-        count = 5
+    elif kind == "status":
+        block = Block(kind, rng.choice(STAMPED), ("Status",), ())
     else:
         chosen = set(rng.sample(FORM_FIELDS, 4))
         fields = tuple(name for name in FORM_FIELDS if name in chosen)  # in the usual order
         block = Block(kind, rng.choice(FORM_KINDS).lower(), fields, ())
-        count = 4
-    return replace(block, values=tuple(draw_value(block, position, rng) for position in range(count)))
+    return replace(block, values=tuple(draw_value(block, position, rng) for position in range(FACT_COUNTS[kind])))
 
 
-def random_page(rng: random.Random, layout_seed: str) -> Page:
-    """A page: a heading, a paragraph of 2-3 sentences and two blocks of different kinds and measures."""
+def random_page(
+    rng: random.Random,
+    layout_seed: str,
+    kinds: Sequence[BlockKind] = BLOCK_KINDS,
+    ask: Sequence[BlockKind] | None = None,
+) -> Page:
+    """A page: a heading, a paragraph of 2-3 sentences and two blocks of different kinds (from `kinds`) and
+    measures; with `ask`, one of the two blocks is of an asked kind, at either place."""
     company, report = rng.choice(COMPANIES), rng.choice(REPORTS)
     measures = rng.sample(MEASURES, 3)
     sentences = [s.format(company=company, report=report.lower(), measure=measures[2]) for s in SENTENCES]
     paragraph = " ".join(rng.sample(sentences, rng.randint(2, 3)))
-    kinds = rng.sample(BLOCK_KINDS, 2)
+    if ask is None:
+        kinds = rng.sample(tuple(kinds), 2)
+    else:
+        asked = rng.choice(tuple(ask))
+        kinds = rng.sample([asked, rng.choice([k for k in kinds if k != asked])], 2)
     blocks = tuple(_random_block(kind, measure, rng) for kind, measure in zip(kinds, measures, strict=False))
     return Page(layout_seed, f"{company} {report} {rng.randint(2019, 2025)}", paragraph, blocks)
 
@@ -226,7 +274,9 @@ def query_text(page: Page, fact: str, rng: random.Random) -> str:
     block = page.blocks[int(index)]
     row, _, column = name.partition("/")
     template = rng.choice(TEMPLATES[block.kind])
-    return template.format(value=page.facts()[fact], caption=block.caption, label=name, row=row, column=column or row)
+    value = page.facts()[fact]
+    color = STATUS_COLORS.get(value, "") if block.kind == "status" else ""
+    return template.format(value=value, caption=block.caption, label=name, row=row, column=column or row, color=color)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -326,11 +376,29 @@ def _draw_form(canvas: ImageDraw.ImageDraw, block: Block, box: Box, unit: int) -
         canvas.text((field_box[0] + unit * 0.4, upper + row_height * 0.2), value, font=_font(unit), fill=BLACK)
 
 
+def _draw_status(canvas: ImageDraw.ImageDraw, block: Block, box: Box, unit: int) -> None:
+    """A status stamp: the caption, then a badge filled with the status's colour, the status written on it."""
+    x0, y0, x1, y1 = box
+    canvas.text((x0, y0), f"{block.caption.capitalize()} status", font=_font(unit), fill=BLACK)
+    top = y0 + unit * 1.8
+    badge = (x0, top, x0 + (x1 - x0) * 0.6, top + min(y1 - top, unit * 6))  # a fixed place: only its fill changes
+    canvas.rectangle(badge, fill=STATUSES[block.values[0]], outline=BLACK, width=max(1, unit // 5))
+    _centered(
+        canvas,
+        (badge[0] + badge[2]) / 2,
+        (badge[1] + badge[3] - unit * 1.5) / 2,
+        block.values[0].upper(),
+        round(unit * 1.5),
+        fill=(255, 255, 255),
+    )
+
+
 DRAWERS: dict[BlockKind, Callable[[ImageDraw.ImageDraw, Block, Box, int], None]] = {
     "table": _draw_table,
     "bar_chart": _draw_bar_chart,
     "line_chart": _draw_line_chart,
     "form": _draw_form,
+    "status": _draw_status,
 }
 
 
@@ -378,6 +446,11 @@ class PagesSynthConfig:
     """Hard-negative pages per query, each the page with the asked fact changed (at most 10)."""
     queries_per_page: int = 1
     """Queries per page, each about a different fact."""
+    kinds: list[BlockKind] = field(default_factory=lambda: list(BLOCK_KINDS))
+    """Block kinds a page's two blocks are drawn from (two different ones). `status` is a coloured status stamp,
+    a fact that a model too small to read the page's text still sees (`VISIBLE_KINDS`)."""
+    ask: list[BlockKind] | None = None
+    """Block kinds the queries ask about (each page then holds one block of these kinds); None: any block."""
     seed: int = 0
     """Seed of the generator: page i draws from (seed, i), its layout seed."""
     width: int = 384
@@ -423,9 +496,21 @@ def _check(config: PagesSynthConfig) -> None:
         raise ConfigError(f"train and held_out must be >= 0, got {config.train} and {config.held_out}")
     if not 0 <= config.negatives <= MAX_NEGATIVES:
         raise ConfigError(f"negatives must be in 0..{MAX_NEGATIVES} for pages, got {config.negatives}")
-    if not 1 <= config.queries_per_page <= 8:
+    unknown = sorted(set(config.kinds) - set(TEMPLATES))
+    if unknown or len(set(config.kinds)) < 2:
+        raise ConfigError(f"kinds: expected two or more of {sorted(TEMPLATES)}, got {config.kinds}")
+    if config.ask is not None and (not config.ask or not set(config.ask) <= set(config.kinds)):
+        raise ConfigError(f"ask: expected one or more of kinds {config.kinds}, got {config.ask}")
+    if "status" in (config.ask or config.kinds) and config.negatives > len(STATUSES) - 1:
+        raise ConfigError(f"negatives must be at most {len(STATUSES) - 1} with status stamps, got {config.negatives}")
+    # The fewest facts a page offers the queries: its asked block's, or both blocks' (two different kinds).
+    if config.ask is not None:
+        most = min(FACT_COUNTS[kind] for kind in config.ask)
+    else:
+        most = min(FACT_COUNTS[a] + FACT_COUNTS[b] for a in config.kinds for b in config.kinds if a != b)
+    if not 1 <= config.queries_per_page <= most:
         raise ConfigError(
-            f"queries_per_page must be in 1..8 (a page has at least 8 facts), got {config.queries_per_page}"
+            f"queries_per_page must be in 1..{most} (the facts a page offers to ask), got {config.queries_per_page}"
         )
     if config.width < 128 or config.height < 160:
         # Below 160 pixels of height the heading, the paragraph and two blocks no longer fit the smallest text.
@@ -449,6 +534,12 @@ def _negatives(page: Page, fact: str, wanted: int, rng: random.Random, pages: Di
     return tuple(negatives)
 
 
+def _askable(page: Page, ask: Sequence[BlockKind] | None) -> list[str]:
+    """The facts of `page` that queries may ask about, sorted: those of blocks of an asked kind, or all."""
+    facts = sorted(page.facts())
+    return facts if ask is None else [f for f in facts if page.blocks[int(f.partition("/")[0])].kind in ask]
+
+
 def plan(config: PagesSynthConfig) -> Iterator[PageQuery]:
     """The whole generation walk, in order: the training pages' queries, then the held-out pages' queries.
 
@@ -467,10 +558,10 @@ def plan(config: PagesSynthConfig) -> Iterator[PageQuery]:
         for _ in range(wanted):
             layout_seed = f"unime-pages:{config.seed}:{index}"
             rng = random.Random(layout_seed)
-            page = random_page(rng, layout_seed)
+            page = random_page(rng, layout_seed, config.kinds, config.ask)
             while not pages.accept(page.key()):
-                page = random_page(rng, layout_seed)
-            for q, fact in enumerate(rng.sample(sorted(page.facts()), config.queries_per_page)):
+                page = random_page(rng, layout_seed, config.kinds, config.ask)
+            for q, fact in enumerate(rng.sample(_askable(page, config.ask), config.queries_per_page)):
                 yield PageQuery(
                     key=f"{split}-{index:07d}-q{q}",
                     split=split,

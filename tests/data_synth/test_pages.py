@@ -11,6 +11,7 @@ from PIL import Image, ImageChops
 from unime.data.dataset import load_examples
 from unime.data_synth.pages import (
     SOURCE,
+    STATUSES,
     PagesSynthConfig,
     draw_page,
     plan,
@@ -108,6 +109,51 @@ def test_the_query_names_the_answer_that_only_the_positive_holds():
     # Queries ask about every kind of block.
     asked = {q.page.blocks[int(q.fact.split("/")[0])].kind for q in plan(CONFIG)}
     assert asked == {"table", "bar_chart", "line_chart", "form"}
+
+
+STAMPS = PagesSynthConfig(
+    train=6, held_out=4, negatives=3, seed=2, kinds=["table", "bar_chart", "line_chart", "form", "status"]
+)
+
+
+def test_status_stamps_are_asked_and_seen_in_their_colour():
+    """With `ask: [status]` every page holds a status stamp and every query asks for it; a negative is the page with
+    another status, whose image differs in the stamp's badge only, filled with that status's colour."""
+    config = PagesSynthConfig(**{**STAMPS.__dict__, "ask": ["status"]})
+    queries = list(plan(config))
+    assert len(queries) == 10
+    for query in queries:
+        block = query.page.blocks[int(query.fact.partition("/")[0])]
+        assert block.kind == "status" and query.answer in STATUSES and query.answer in query.text
+        assert len({query.answer, *(n.facts()[query.fact] for n in query.negatives)}) == 1 + config.negatives
+        positive = draw_page(query.page, config.width, config.height)
+        for negative in query.negatives:
+            drawn = draw_page(negative, config.width, config.height)
+            box = ImageChops.difference(positive, drawn).getbbox()
+            assert (box[2] - box[0]) * (box[3] - box[1]) < 0.15 * config.width * config.height, (query.key, box)
+            for image, status in ((positive, query.answer), (drawn, negative.facts()[query.fact])):
+                # The most common colour where the two pages differ is the badge's fill (its word is drawn on it).
+                _, colour = max(image.crop(box).getcolors(config.width * config.height))
+                assert colour == STATUSES[status], (query.key, status, colour)
+    # Without `ask`, stamps are one kind among the others: some pages have none, and queries ask any block.
+    kinds = [{b.kind for b in q.page.blocks} for q in plan(PagesSynthConfig(**{**STAMPS.__dict__, "train": 30}))]
+    assert any("status" in k for k in kinds) and any("status" not in k for k in kinds)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"ask": ["status"], "kinds": ["table", "form"]}, "ask: expected one or more of kinds"),
+        ({"kinds": ["table"]}, "kinds: expected two or more of"),
+        ({"kinds": ["table", "poster"]}, "kinds: expected two or more of"),
+        ({"ask": ["status"], "negatives": 10}, "negatives must be at most 9 with status stamps"),
+        ({"ask": ["status"], "queries_per_page": 2}, "queries_per_page must be in 1..1"),
+        ({"queries_per_page": 6}, "queries_per_page must be in 1..5"),
+    ],
+)
+def test_bad_block_settings_are_refused(settings, named):
+    with pytest.raises(ConfigError, match=named):
+        list(plan(PagesSynthConfig(**{**STAMPS.__dict__, **settings})))
 
 
 def test_drawing_is_the_same_for_equal_records_and_differs_for_one_changed_value():
