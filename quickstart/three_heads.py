@@ -250,13 +250,13 @@ def three_heads_section(
         "",
         *_markdown_table(
             ["gain", *columns.values()],
-            [[name, *(f"{gain[m]:+.2f}" for m in METRICS)] for name, gain in metrics["gains"].items()],
+            [[name, *(f"{round(gain[m], 2) + 0.0:+.2f}" for m in METRICS)] for name, gain in metrics["gains"].items()],
         ),
         "",
         f"The stage took {record.get('seconds', '-')} s.",
     ]
     if _plot(metrics, train_log, out / PLOT):
-        lines += ["", f"Training losses of the three objectives, and each step's held-out numbers:\n\n![]({PLOT})"]
+        lines += ["", f"Training losses of the three objectives, and each step's held-out numbers:\n\n![]({PLOT})\n"]
     return lines
 
 
