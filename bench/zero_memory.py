@@ -10,7 +10,7 @@ batch:
   (`ACCELERATE_USE_DEEPSPEED=true`, `ACCELERATE_DEEPSPEED_CONFIG_FILE=recipes/deepspeed/zero3.json`).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/zero_memory.py [--steps 2] [--batch-size 2] [--hidden 1024]
-        [--layers 8] [--deepspeed-config recipes/deepspeed/zero3.json]
+        [--layers 8] [--deepspeed-config recipes/deepspeed/zero3.json] [--malloc-mmap-threshold 65536]
 
 What is measured, per process:
 - peak resident set: the kernel's high-water mark of the process (`resource.getrusage(...).ru_maxrss`, VmHWM on
@@ -20,9 +20,15 @@ What is measured, per process:
 - state held after the first step (exact, not sampled): parameter bytes this process holds (a ZeRO-3 rank: its
   shards, `ds_tensor`) and AdamW state bytes (`exp_avg`, `exp_avg_sq`) of the optimizer that steps it.
 
-Each rank builds the whole model before the engine shards it (as the recipes do; `zero3_init_flag: false`), so a
-rank's peak still includes one full copy of the weights at start. Ratios are between runs of one invocation.
-"""
+`--malloc-mmap-threshold N` sets glibc's `MALLOC_MMAP_THRESHOLD_` for both runs alike. A ZeRO-3 rank allocates
+and frees parameter-sized tensors all through a step (gathered parameters, gradients before the reduce-scatter);
+with glibc's default, whose mmap threshold grows to the size of the first large block freed, those land in
+malloc's heap and their freed pages stay resident, so the peak counts memory no tensor holds any more. A fixed
+threshold serves each large tensor with its own mapping, returned to the system when it is freed.
+
+Each rank builds the whole model before the engine shards it (as the recipes do; `zero3_init_flag: false`); that
+copy is freed (and its pages returned) when the engine partitions it, before the first step. Ratios are between
+runs of one invocation."""
 
 from __future__ import annotations
 
@@ -147,6 +153,9 @@ def run(out_dir: Path, train_file: Path, args: argparse.Namespace, zero3: bool) 
             ACCELERATE_DEEPSPEED_ZERO3_INIT="false",
         )
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the flag alone decides, so that the printed setting is the one used
+    if args.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     sizes = [str(args.steps), str(args.batch_size), str(args.hidden), str(args.layers)]
     command = [*launcher, __file__, "--child", str(out_dir), str(train_file), *sizes]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -169,6 +178,12 @@ def main() -> None:
     parser.add_argument(
         "--deepspeed-config", default=str(ROOT / "recipes" / "deepspeed" / "zero3.json"), help="the ZeRO-3 JSON"
     )
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="glibc's MALLOC_MMAP_THRESHOLD_ (bytes) for both runs; default: glibc's own, which adapts",
+    )
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -186,6 +201,8 @@ def main() -> None:
     assert single["processes"] == 1 and [r["processes"] for r in ranks] == [2, 2], (one, ranks)
     assert [r["backend"] for r in ranks] == ["DEEPSPEED", "DEEPSPEED"], ranks
     print(f"model: {single['parameters']:,} parameters, all trained; {args.steps} steps, batch {args.batch_size}")
+    threshold = args.malloc_mmap_threshold
+    print(f"glibc malloc, both runs: {'default' if threshold is None else f'MALLOC_MMAP_THRESHOLD_={threshold}'}")
     print("| run | parameters held | AdamW state held | peak RSS | growth over imports |")
     print("|---|---|---|---|---|")
     for name, record in [("one process, no ZeRO", single)] + [(f"ZeRO-3 rank {r['rank']} of 2", r) for r in ranks]:
