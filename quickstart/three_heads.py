@@ -1,12 +1,13 @@
 """The quickstart's three-heads stage: one checkpoint that embeds, late-interacts and reranks, used alone.
 
 Training is the recipe's (`recipes/train_three_heads.py`: `model.kind: multi_task`, one weighted objective per head,
-through the one loop), with every objective pointed at the stage-2 rows with mined negatives. The evaluation loads
-the saved directory once, as one `MultiTaskModel`, and asks it, on the held-out scenes against every caption of the
-held-out rows (their positives and all their one-attribute alterations): dense recall (pooled vectors), multi-vector
-recall (MaxSim of token matrices), then the yes/no head reordering each shortlist, fused with the retrieval score
-(`MultiTaskModel.retrieve_and_rerank`). Each step is scored on the same queries and corpus, with what a random
-order scores beside it.
+through the one loop), every objective pointed at the rows `three_heads.data` names: the paraphrase pairs with mined
+negatives (default) or the stage-2 rows (drawn scenes with mined negatives). The evaluation loads the saved directory
+once, as one `MultiTaskModel`, and asks it, for the held-out queries against every document of the held-out rows
+(their positives and negatives, each once): dense recall (pooled vectors), multi-vector recall (MaxSim of token
+matrices), then the yes/no head reordering each shortlist, fused with the retrieval score
+(`MultiTaskModel.retrieve_and_rerank`). Each step is scored on the same queries and corpus, with what a random order
+scores beside it.
 """
 
 from __future__ import annotations
