@@ -161,6 +161,22 @@ def test_pool_tokens_merges_near_duplicates_first() -> None:
     assert pool_tokens(page[:1], 4).shape == (1, DIM)
 
 
+def test_pool_tokens_spends_the_merges_on_the_background_and_keeps_the_rare_tokens() -> None:
+    """A page of 12 near-copies of one background patch and 4 distinct tokens, pooled by 2 into 8 vectors: the
+    background takes the merges, every distinct token keeps its own vector (clusters capped at two tokens would
+    have to pair distinct tokens here), and a query that hangs on a distinct token scores as before."""
+    rng = np.random.default_rng(1)
+    background = rng.standard_normal(DIM).astype(np.float32)
+    rare = rng.standard_normal((4, DIM)).astype(np.float32)  # [4, D]
+    page = np.concatenate([background + 0.02 * rng.standard_normal((12, DIM)).astype(np.float32), rare])  # [16, D]
+    page /= np.linalg.norm(page, axis=1, keepdims=True)
+    pooled = pool_tokens(page, 2)  # [8, D]
+    assert pooled.shape == (8, DIM)
+    assert (pooled @ page[12:].T).max(axis=0).min() > 0.9999  # each distinct token is a pooled vector
+    query = page[[13, 14]] + 0.01 * rng.standard_normal((2, DIM)).astype(np.float32)
+    np.testing.assert_allclose(maxsim_scores([query], [pooled]), maxsim_scores([query], [page]), rtol=1e-5)
+
+
 def test_incremental_add_equals_one_build_and_leaves_earlier_parts_alone(tmp_path) -> None:
     matrices = pages(400)
     whole = build(tmp_path / "whole", matrices, nlist=16)
