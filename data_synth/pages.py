@@ -2,10 +2,12 @@
 
 The visual-document counterpart of the drawn scenes: no model and no download, yet pages whose content a small
 structured record pins down exactly. A page (`Page`) has a heading, a paragraph and two blocks, each a table, a
-bar chart, a line chart or a form; the blocks' values (table cells, bar and point values, form fields) are the
-page's facts (`Page.facts`). A query asks about ONE fact in natural language and names its value ("Find the form
-where the City is Lisbon."), so that exactly one of the page and its hard negatives answers it: each hard
-negative is the same page (same layout seed, blocks, labels and captions) with that one value changed, redrawn.
+bar chart, a line chart or a form, or where asked (`PagesSynthConfig.kinds`) a status stamp: a badge in its
+status's colour, a fact that a model too small to read text still sees. The blocks' values (table cells, bar and
+point values, form fields, the status) are the page's facts (`Page.facts`). A query asks about ONE fact in
+natural language and names its value ("Find the form where the City is Lisbon."), so that exactly one of the page
+and its hard negatives answers it: each hard negative is the same page (same layout seed, blocks, labels and
+captions) with that one value changed, redrawn.
 
 Reproducible: page `i` is drawn from its own generator seeded by (seed, i), and that seed is the page's layout seed,
 so the output depends on the seed alone and the same seed gives byte-identical images and rows. Splits share no
@@ -381,7 +383,9 @@ def _draw_status(canvas: ImageDraw.ImageDraw, block: Block, box: Box, unit: int)
     x0, y0, x1, y1 = box
     canvas.text((x0, y0), f"{block.caption.capitalize()} status", font=_font(unit), fill=BLACK)
     top = y0 + unit * 1.8
-    badge = (x0, top, x0 + (x1 - x0) * 0.6, top + min(y1 - top, unit * 6))  # a fixed place: only its fill changes
+    # The whole block under the caption, as a "PAID" or "VOID" stamp covers a page: big enough that a page's pooled
+    # vector holds its colour. A fixed place: a hard negative changes only its fill and its word.
+    badge = (x0, top, x1, y1)
     canvas.rectangle(badge, fill=STATUSES[block.values[0]], outline=BLACK, width=max(1, unit // 5))
     _centered(
         canvas,
