@@ -297,6 +297,8 @@ def run_multi_vector(config: QuickstartConfig, out: Path) -> StageResult:
         train=settings.train_pages,
         held_out=settings.held_out_pages,
         negatives=settings.negatives,
+        kinds=list(settings.page_kinds),
+        ask=None if settings.ask is None else list(settings.ask),
         seed=config.seed,
         records_per_shard=max(settings.train_pages, settings.held_out_pages, 1),  # one file per split to train on
     )
