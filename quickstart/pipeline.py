@@ -446,8 +446,6 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
                 lambda: run_multi_vector(config, out / "multi_vector"),
             )
         )
-    for name, label, stage_settings, work_dir, action in steps:
-        runner.run(name, label, stage_settings, work_dir, action)
     if config.three_heads.enabled:
         # Last of the training stages, so that adding it left every earlier stage's fingerprint as it was.
         steps.append(
@@ -465,6 +463,8 @@ def run_quickstart(config: QuickstartConfig, *, stop_after: str | None = None) -
                 ),
             )
         )
+    for name, label, stage_settings, work_dir, action in steps:
+        runner.run(name, label, stage_settings, work_dir, action)
         if name == stop_after:
             print(f"stopped after stage {name}; run the same command again to go on")
             return runner.records
