@@ -26,16 +26,16 @@ and the bytes each index holds (token matrices + token index), with the ratio po
 indexes already built there are reopened (a build of pages already indexed computes nothing).
 
 `--drawn`: the quality part on drawn pages, with a trained model instead of synthetic matrices. The drawn marker
-pages of the late-interaction learning test (`tests/marker_pages.py`: three small coloured markers on grey clutter)
-train a tiny Qwen2-VL with a multi-vector head (image tokens only) through the one training loop
-(`unime.train.loop.train`, the `late_interaction_visdoc` recipe config, `--drawn-steps` steps on
-`--drawn-train-pages` pages). Every image of `--drawn-pages` held-out rows (each page and its three hard negatives,
-the page with one marker in another colour) is the corpus, indexed by `unime.index_command.build_index` without
-pooling and with `--pool-factor`. The queries are what the model was taught to answer, a colour name (8), and two
-colour names (28 pairs); a page is relevant to a query when it shows a marker of every colour named (read from the
-pixels). Reported: recall@10 of the exact ranking, nDCG@5 (exact and through the index) of each index, the loss
-of pooling, and the hard-negative accuracy of the held-out rows (the page above its three negatives, chance 0.25)
-with plain and pooled page matrices.
+pages of the late-interaction learning test (`tests/marker_pages.py`: three small two-colour markers on grey
+clutter, a query naming one marker's two colours) train a tiny Qwen2-VL with a multi-vector head (image tokens
+only) through the one training loop (`unime.train.loop.train`, the `late_interaction_visdoc` recipe config,
+`--drawn-steps` steps on `--drawn-train-pages` pages). Every image of `--drawn-pages` held-out rows (each page and
+its three hard negatives: the asked marker recoloured, flipped, or its halves swapped with another marker's) is the
+corpus, indexed by `unime.index_command.build_index` without pooling and with `--pool-factor`. The corpus queries
+are asked as the training rows ask ("red and blue"), one per marker there can be (56); a page is relevant when it
+shows that marker (read from its pixels). Reported: recall@10 of the exact ranking, nDCG@5 (exact and through the
+index) of each index and the loss of pooling, and each held-out page ranked among its three hard negatives for its
+own query (nDCG@5 and how often it comes first), from plain and pooled page matrices.
 """
 
 from __future__ import annotations
@@ -171,13 +171,18 @@ def summary_search(index: MultiVectorIndex, queries: list[np.ndarray], args: arg
     return found, (time.perf_counter() - start) / len(queries)
 
 
-def marker_colours(path: str) -> frozenset[str]:
-    """The marker colours a drawn page shows: the cells whose centre has a marker's exact colour."""
+def page_markers(path: str) -> frozenset[tuple[str, str]]:
+    """The markers a drawn page shows, each as its (left half, right half) colours, read from its cells' pixels."""
+    by_rgb = {value: name for name, value in MARKERS.items()}
+    found = set()
     with Image.open(path) as image:
         rgb = image.convert("RGB")
-        centres = [rgb.getpixel((x * CELL + CELL // 2, y * CELL + CELL // 2)) for y in range(GRID) for x in range(GRID)]
-    by_rgb = {value: name for name, value in MARKERS.items()}
-    return frozenset(by_rgb[c] for c in centres if c in by_rgb)
+        for cell in range(GRID * GRID):
+            left, middle = cell % GRID * CELL, cell // GRID * CELL + CELL // 2
+            halves = (rgb.getpixel((left + CELL // 4, middle)), rgb.getpixel((left + 3 * CELL // 4, middle)))
+            if halves[0] in by_rgb and halves[1] in by_rgb:
+                found.add((by_rgb[halves[0]], by_rgb[halves[1]]))
+    return frozenset(found)
 
 
 def graded_ndcg_at_5(results, relevant: list[set[str]]) -> float:
@@ -219,17 +224,16 @@ def drawn_quality(root: Path, args: argparse.Namespace) -> None:
     images = [side["image"] for row in rows for side in (row["positive"], *row["negatives"])]
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": Path(image).stem, "image": image}) + "\n" for image in images))
-    colours = {Path(image).stem: marker_colours(image) for image in images}
-    asked = [frozenset([c]) for c in sorted(MARKERS)] + [
-        frozenset(p) for p in itertools.combinations(sorted(MARKERS), 2)
-    ]
-    relevant = [{page for page, shown in colours.items() if wanted <= shown} for wanted in asked]
-    queries = [Input(text=" ".join(sorted(wanted))) for wanted in asked]
+    markers = {Path(image).stem: page_markers(image) for image in images}
+    asked = list(itertools.permutations(sorted(MARKERS), 2))  # every marker (left, right) there can be
+    relevant = [{page for page, shown in markers.items() if marker in shown} for marker in asked]
+    # Asked as the training rows ask for a marker.
+    queries = [Input(text=f"{left} and {right}") for left, right in asked]
     matrices = encode_matrices(embedder, resolve(embedder, queries, "query"), batch_size=8)
     chance = float(np.mean([len(r) / len(images) for r in relevant]))
     print(
         f"{len(images)} held-out drawn pages ({args.drawn_pages} rows: page and 3 hard negatives), "
-        f"{len(queries)} queries (8 colours, 28 pairs; relevant pages per query {min(map(len, relevant))}-"
+        f"{len(queries)} marker queries (relevant pages per query {min(map(len, relevant))}-"
         f"{max(map(len, relevant))}, nDCG@5 of a random ranking about {chance:.3f})"
     )
     results = {}
