@@ -154,7 +154,7 @@ class MultiVectorSettings:
     """Block kinds the queries ask about; None: any. The default asks for the page's status stamp, a badge in the
     status's colour, which the query names with the status ("Find the invoice with the green approved stamp."):
     the one fact the tiny model can see. It does not read text: asked about table cells, chart values and form
-    fields, both models stayed at chance (nDCG@5 0.10 / 0.15 at seed 0, 0.00 / 0.05 at seed 1; chance 0.05)."""
+    fields, both models stayed near chance (nDCG@5 0.10 / 0.15 at seed 0, 0.00 / 0.05 at seed 1; chance 0.05)."""
     max_steps: int = 80
     """Optimizer steps of each model."""
     max_pixels: int | None = None
@@ -165,9 +165,10 @@ class MultiVectorSettings:
     overrides: list[str] = field(default_factory=lambda: ["model.multi_vector.tokens=image"])
     """More dotted overrides of the recipe config, for both models. The default keeps the recipe's LoRA on the
     language model (the random vision tower frozen) and the page's image tokens only in the multi-vector model's
-    matrices: with every token kept, the prompt's tokens, alike on every page, left its training loss at ln 64
-    for 40 steps. Every weight trained (the vision tower's included; 54 tokens, 40 steps) left both models at
-    chance on a smaller stamp (nDCG@5 0.05 and 0.03 at seed 0)."""
+    matrices: with every token kept (the prompt's tokens, alike on every page, among them) its training loss stayed
+    at ln 64 for 40 steps (a smaller stamp, every weight trained). Every weight trained (the vision tower's
+    included; 54 tokens, 40 steps) left both models at chance on a smaller stamp (nDCG@5 0.05 and 0.03 at seed
+    0)."""
     single_vector_overrides: list[str] = field(
         default_factory=lambda: [
             "model.multi_vector.enabled=false",
