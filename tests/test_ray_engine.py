@@ -191,3 +191,32 @@ def test_a_pool_larger_than_the_cluster_is_refused(ray_local):
 
     with pytest.raises(RayClusterError, match="ray.num_workers=3 workers need 3 CPUs but the cluster has 2"):
         next(map_records([{"text": "x"}], lambda: len, RaySettings(num_workers=3)))
+
+
+@dataclass
+class BlockShapes:
+    """An encoder factory whose encoder answers, for every input, how many modalities its block mixed (1 or 2)."""
+
+    def __call__(self):
+        def run(inputs: list[Input]):
+            mixed = len({item.image is not None for item in inputs})
+            return np.full((len(inputs), 2), float(mixed), dtype=np.float32)  # [n, 2]
+
+        return run
+
+
+def test_blocks_are_cut_from_inputs_sorted_by_shape(ray_local, corpus, tmp_path):
+    """An actor batches within its block, so a block mixing texts and images would pad them together: the blocks
+    of a corpus that alternates modalities hold one modality each (as the local path's sorted batches do)."""
+    lines = [json.loads(line) for line in corpus.read_text().splitlines()]
+    items = [
+        Input(text=line.get("text"), image=corpus.parent / line["image"] if "image" in line else None) for line in lines
+    ]
+    texts = sum(item.image is None for item in items)
+    keys = [content_key(text=item.text, image=item.image) for item in items]
+    store = EmbeddingStore(tmp_path / "store", "block-shapes", shard_size=7)
+    # Blocks the size of the text share: a block cut in corpus order would mix both modalities.
+    assert fill_store_on_ray(store, keys, items, BlockShapes(), RaySettings(num_workers=1, batch_size=texts)) == len(
+        set(keys)
+    )
+    assert store.get(keys)[:, 0].tolist() == [1.0] * len(keys)  # every block held one modality
