@@ -26,7 +26,7 @@ and the bytes each index holds (token matrices + token index), with the ratio po
 indexes already built there are reopened (a build of pages already indexed computes nothing).
 
 `--drawn`: the quality part on drawn pages, with a trained model instead of synthetic matrices. The drawn marker
-pages of the late-interaction learning test (`tests/marker_pages.py`: three small two-colour markers on grey
+pages of the late-interaction learning test (`unime.data_synth.marker_pages`: three small two-colour markers on grey
 clutter, a query naming one marker's two colours) train a tiny Qwen2-VL with a multi-vector head (image tokens
 only) through the one training loop (`unime.train.loop.train`, the `late_interaction_visdoc` recipe config,
 `--drawn-steps` steps on `--drawn-train-pages` pages). Every image of `--drawn-pages` held-out rows (each page and
@@ -45,7 +45,6 @@ import itertools
 import json
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from PIL import Image
 
 import unime
 from unime.data.dataset import load_examples
+from unime.data_synth.marker_pages import CELL, GRID, MARKERS, write_marker_pages
 from unime.embedding_store import content_key
 from unime.index_command import IndexBuildSettings, build_index, encode_matrices, resolve
 from unime.inputs import Input
@@ -71,11 +71,7 @@ from unime.train.config import load_train_config
 from unime.train.loop import train
 from unime.train.model import load_for_training
 
-# The drawn marker pages live in the tests' helper module (the learning test trains on them); run as a script,
-# this file has the project root on its path only when it is put there.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tests.marker_pages import CELL, GRID, MARKERS, write_marker_pages  # noqa: E402
 
 DRAWN_CONFIG = ROOT / "recipes" / "configs" / "late_interaction_visdoc.yaml"
 

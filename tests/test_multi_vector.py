@@ -14,10 +14,10 @@ from sentence_transformers import MultiVectorEncoder
 
 import unime
 from tests.conftest import mixed_inputs
-from tests.marker_pages import write_marker_pages
 from tests.train.test_late_interaction_training import CONFIG
 from unime.config import MultiVectorConfig
 from unime.data.dataset import load_examples
+from unime.data_synth.marker_pages import write_marker_pages
 from unime.inputs import parse_inputs
 from unime.multi_vector import BIAS_NAME, HEAD_FILE, WEIGHT_NAME, pad_token_matrices
 from unime.train.config import load_train_config

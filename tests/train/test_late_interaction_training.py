@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import unime
-from tests.marker_pages import NEGATIVES, write_marker_pages
 from unime.config import MultiVectorConfig
 from unime.data.dataset import load_examples
+from unime.data_synth.marker_pages import NEGATIVES, write_marker_pages
 from unime.errors import ConfigError
 from unime.losses import late_interaction_loss
 from unime.multi_vector import HEAD_FILE, add_multi_vector_head, maxsim_scores
@@ -74,7 +74,7 @@ def marker_pages(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_pages, tmp_path: Path) -> None:
     """Held-out pages with three small two-colour markers on grey clutter, the query naming one marker's colours
-    (left half, right half); the positive beside three hard negatives (`tests/marker_pages.py`): that marker
+    (left half, right half); the positive beside three hard negatives (`unime.data_synth.marker_pages`): that marker
     `recoloured` (a colour the page does not hold), `flipped` (its halves exchanged), `swapped` (its right half
     traded with another marker's: the same colours, each in the same half, only their pairing differs). A vector
     pooled over the page can tell the first two from the positive, not the third; a marker is one image-patch
