@@ -7,7 +7,7 @@ from typing import Literal
 
 from tyro.conf import Positional
 
-from unime.data_synth.pages import run_synth_pages
+from unime.data_synth.pages import BlockKind, run_synth_pages
 from unime.data_synth.pairs import write_image_caption_pairs
 from unime.data_synth.tasks import run_synth_tasks
 from unime.data_synth.text_pairs import write_text_pairs
@@ -36,6 +36,11 @@ class SynthSettings:
     """Seed of the generator."""
     shard: str | None = None
     """tasks only: `i/N`, write only the examples this shard owns (0-based i)."""
+    page_kinds: list[BlockKind] | None = None
+    """pages only: the block kinds a page draws from (default: table, bar_chart, line_chart, form; `status` is a
+    coloured status stamp, a fact a model too small to read the pages' text still sees)."""
+    ask: list[BlockKind] | None = None
+    """pages only: the block kinds the queries ask about (default: any block of the page)."""
 
 
 def run_synth(settings: SynthSettings) -> int:
@@ -53,10 +58,15 @@ def run_synth(settings: SynthSettings) -> int:
         )
     if settings.shard:
         raise ConfigError("--shard applies to `unime synth tasks` only")
+    if settings.kind != "pages" and (settings.page_kinds is not None or settings.ask is not None):
+        raise ConfigError("--page-kinds and --ask apply to `unime synth pages` only")
     if settings.kind == "pages":
         if settings.max_shapes is not None:
             raise ConfigError("--max-shapes does not apply to `unime synth pages` (pages have no shapes)")
-        return run_synth_pages(settings.out_dir, negatives=settings.negatives, seed=settings.seed, **sizes)
+        blocks = {"kinds": settings.page_kinds} if settings.page_kinds is not None else {}
+        return run_synth_pages(
+            settings.out_dir, negatives=settings.negatives, seed=settings.seed, ask=settings.ask, **blocks, **sizes
+        )
     if settings.kind == "text":
         paths = write_text_pairs(settings.out_dir, seed=settings.seed, **sizes)
     else:

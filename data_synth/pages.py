@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -674,7 +674,7 @@ def write_pages(out_dir: str | Path, config: PagesSynthConfig | None = None) -> 
     return result
 
 
-def run_synth_pages(out_dir: str | Path, **settings: int) -> int:
+def run_synth_pages(out_dir: str | Path, **settings: Any) -> int:
     """`unime synth pages`: generate, print where each split went."""
     result = write_pages(out_dir, PagesSynthConfig(**settings))
     for split, manifest in result.manifests.items():

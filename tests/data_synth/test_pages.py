@@ -209,6 +209,22 @@ def test_the_command_writes_pages_and_refuses_bad_settings(tmp_path, capsys):
     assert f"{tmp_path / 'a-file'}: cannot write the output folder there" in capsys.readouterr().err
 
 
+def test_the_command_takes_the_block_kinds_and_what_queries_ask(tmp_path, capsys):
+    from unime.cli import main
+
+    out = tmp_path / "stamps"
+    argv = ["synth", "pages", str(out), "--train", "4", "--held-out", "2", "--page-kinds", "table", "status"]
+    assert main([*argv, "--ask", "status"]) == 0
+    facts = [json.loads(line) for line in (out / "train" / "facts.jsonl").read_text().splitlines()]
+    assert len(facts) == 4
+    for fact in facts:
+        assert {block["kind"] for block in fact["page"]["blocks"]} == {"table", "status"}, fact
+        assert fact["fact"].endswith("/Status"), fact  # every query asks about the status stamp
+    capsys.readouterr()
+    assert main(["synth", "text", str(tmp_path / "text"), "--ask", "status"]) == 2
+    assert "--page-kinds and --ask apply to `unime synth pages` only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("width", "height"), [(128, 160), (1000, 160), (128, 1000), (640, 200)])
 def test_pages_of_any_allowed_size_draw(width, height):
     """Narrow, wide and small pages all draw (a wide page takes its text size from its height)."""
