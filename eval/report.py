@@ -18,7 +18,8 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table (cells already formatted)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
@@ -84,7 +85,7 @@ def to_markdown(results: dict[str, Any]) -> str:
     if "mmeb" in tasks:
         mmeb = tasks["mmeb"]
         lines += ["## MMEB", "", "Precision@1 (hit@1), averaged as the MMEB leaderboard reports it:", ""]
-        lines += _table(LEADERBOARD_COLUMNS, [[_pct(mmeb["leaderboard"].get(c)) for c in LEADERBOARD_COLUMNS]])
+        lines += markdown_table(LEADERBOARD_COLUMNS, [[_pct(mmeb["leaderboard"].get(c)) for c in LEADERBOARD_COLUMNS]])
         lines += ["", "Per dataset:", ""]
         header = ("dataset", "meta-task", "split", "queries", "hit@1", "hit@5", "hit@10", "nDCG@5", "MRR", "skipped")
         rows = [
@@ -98,7 +99,7 @@ def to_markdown(results: dict[str, Any]) -> str:
             ]
             for row in mmeb["datasets"]
         ]
-        lines += _table(header, rows) + [""]
+        lines += markdown_table(header, rows) + [""]
     if tasks.get("retrieval"):
         lines += ["## Image-text retrieval", ""]
         keys = list(tasks["retrieval"][0]["scores"])
@@ -106,11 +107,11 @@ def to_markdown(results: dict[str, Any]) -> str:
             [r["dataset"], str(r["images"]), str(r["captions"]), *(_pct(r["scores"][k]) for k in keys)]
             for r in tasks["retrieval"]
         ]
-        lines += _table(("dataset", "images", "captions", *keys), rows) + [""]
+        lines += markdown_table(("dataset", "images", "captions", *keys), rows) + [""]
     if "compositional" in tasks:
         result = tasks["compositional"]
         lines += ["## Compositional (SugarCrepe)", ""]
-        lines += _table(list(result["scores"]), [[_pct(v) for v in result["scores"].values()]]) + [""]
+        lines += markdown_table(list(result["scores"]), [[_pct(v) for v in result["scores"].values()]]) + [""]
     if tasks.get("visdoc"):
         lines += ["## Visual-document retrieval", ""]
         keys = list(dict.fromkeys(k for r in tasks["visdoc"] for scores in visdoc_scorings(r).values() for k in scores))
@@ -119,12 +120,12 @@ def to_markdown(results: dict[str, Any]) -> str:
             for r in tasks["visdoc"]
             for scoring, scores in visdoc_scorings(r).items()
         ]
-        lines += _table(("dataset", "scoring", "queries", "pages", *keys), rows) + [""]
+        lines += markdown_table(("dataset", "scoring", "queries", "pages", *keys), rows) + [""]
     if tasks.get("rerank"):
         lines += ["## Reranking", ""]
         keys = list(tasks["rerank"][0]["scores"])
         rows = [[r["dataset"], str(r["top_k"]), *(_pct(r["scores"][k]) for k in keys)] for r in tasks["rerank"]]
-        lines += _table(("dataset", "top K", *keys), rows) + [""]
+        lines += markdown_table(("dataset", "top K", *keys), rows) + [""]
     skipped = _skipped(results)
     if skipped:
         lines += ["## Skipped rows", ""]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unime.atomic import atomic_write
+from unime.eval.report import markdown_table
 from unime.quickstart.config import QuickstartConfig
 from unime.quickstart.evaluate import EMBEDDER_ROWS
 from unime.quickstart.three_heads import three_heads_section
@@ -27,10 +28,6 @@ TRAINED = {"stage1": "stage 1", "stage2": "stage 2", "reranker": "reranker"}
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def read_train_log(path: str | Path) -> list[dict[str, float]]:
@@ -78,7 +75,7 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         ]
         + [_num(rerank[d]["scores"]["after/recall@1"]) for d in datasets]
     )
-    lines += _table(header, rows)
+    lines += markdown_table(header, rows)
     lines += [
         "",
         "Chance: text-to-text 1/"
@@ -108,7 +105,7 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         "",
     ]
     keys = ("mrr", "recall@1", "ndcg@10")
-    lines += _table(
+    lines += markdown_table(
         ["dataset", *(f"stage 2 {k}" for k in keys), *(f"+ reranker {k}" for k in keys)],
         [
             [
@@ -125,7 +122,7 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         "The reranker on its own held-out rows (each query's positive among its negatives and 8 random documents):",
         "",
     ]
-    lines += _table(
+    lines += markdown_table(
         ["reranker", "MRR", "nDCG@10", "recall@1", "random-order MRR"],
         [[name, *(_num(m[k]) for k in ("mrr", "ndcg@10", "recall@1", "random_mrr"))] for name, m in own.items()],
     )
@@ -149,7 +146,7 @@ def write_report(config: QuickstartConfig, records: dict[str, dict[str, Any]], o
         record = records["three_heads"]
         lines += three_heads_section(config, record, read_train_log(record["artefacts"]["train_log"]), out)
     lines += ["", "## Stages", ""]
-    lines += _table(
+    lines += markdown_table(
         ["stage", "artefact", "seconds"],
         [[name, f"`{next(iter(r['artefacts'].values()))}`", str(r.get("seconds", "-"))] for name, r in records.items()],
     )
@@ -185,7 +182,7 @@ def _multi_vector_section(config: QuickstartConfig, metrics: dict[str, Any]) -> 
         f"{metrics['queries']} queries, each ranking a corpus of {metrics['pages']} unseen pages (every held-out "
         "page and its hard negatives; a page scored equal to the relevant one ranks above it).",
         "",
-        *_table(
+        *markdown_table(
             ["model", *MULTI_VECTOR_COLUMNS.values()],
             [[name, *(_num(m[key]) for key in MULTI_VECTOR_COLUMNS)] for name, m in rows.items()],
         ),
@@ -209,7 +206,7 @@ def _per_task_table(runs: dict[str, dict[str, Any]]) -> list[str]:
         for label in values:
             cells = [groups[t].get(group, {}).get(label) for t in titles]
             rows.append([group, label, *("-" if v is None else f"{100 * v:.1f}" for v in cells)])
-    return _table(["task", "metric", *titles], rows)
+    return markdown_table(["task", "metric", *titles], rows)
 
 
 def _plots(records: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]], out: Path) -> list[str]:

@@ -22,6 +22,7 @@ import numpy as np
 from unime.atomic import write_json_atomic
 from unime.data.dataset import load_examples
 from unime.data.schema import TrainExample
+from unime.eval.report import markdown_table
 from unime.metrics import hit_at_k, ndcg_at_k
 from unime.quickstart.config import QuickstartConfig, recipe_config_path
 from unime.quickstart.stages import StageResult
@@ -242,14 +243,14 @@ def three_heads_section(
         f"yes/no head reorders each top {k}, {fusion}. Ranks inside the top {k} only: a positive the shortlist "
         "missed counts as not found.",
         "",
-        *_markdown_table(
+        *markdown_table(
             ["step", *columns.values()],
             [[title, *(f"{metrics[key][m]:.2f}" for m in METRICS)] for key, title in ROWS.items()],
         ),
         "",
         "Each step's gain over the one before it:",
         "",
-        *_markdown_table(
+        *markdown_table(
             ["gain", *columns.values()],
             [[name, *(f"{round(gain[m], 2) + 0.0:+.2f}" for m in METRICS)] for name, gain in metrics["gains"].items()],
         ),
@@ -259,10 +260,6 @@ def three_heads_section(
     if _plot(metrics, train_log, out / PLOT):
         lines += ["", f"Training losses of the three objectives, and each step's held-out numbers:\n\n![]({PLOT})\n"]
     return lines
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _plot(metrics: dict[str, Any], steps: list[dict[str, float]], path: Path) -> bool:
