@@ -83,7 +83,10 @@ def _sample(name: str, hint: Any, default: Any, tmp_path: Path) -> Any:
     if origin is tuple:
         return tuple(range(3, 3 + len(typing.get_args(hint))))
     if origin is list:
-        return ["first", "second"] if typing.get_args(hint)[0] is str else [3, 5]
+        item = typing.get_args(hint)[0]
+        if typing.get_origin(item) is Literal:
+            return list(typing.get_args(item)[:2])
+        return ["first", "second"] if item is str else [3, 5]
     if origin is dict:
         return {"key": 7}
     if hint is bool:
