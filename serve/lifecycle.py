@@ -10,11 +10,13 @@ import logging
 import math
 import multiprocessing
 import os
+import socket
 import sys
 from typing import Any
 
 import uvicorn
 
+from unime.errors import ConfigError
 from unime.serve.app import error_response
 from unime.serve.backends import load_embedder, load_reranker, resolve_backend, shared_multi_task_model
 from unime.serve.config import ServeConfig
@@ -129,6 +131,16 @@ def install_shutdown_deadline(guarded_app: Any, config: ServeConfig) -> Shutdown
     deadline = ShutdownDeadline(config.retry_after_s)
     guarded_app.app = deadline.middleware(guarded_app.app)
     return deadline
+
+
+def bind_listening_socket(config: ServeConfig) -> socket.socket:
+    """The HTTP socket, bound before the models load. An engine that picks free ports while it starts (vLLM's does)
+    could otherwise take the port meant for HTTP, and a port already in use now fails at once instead of after the
+    models have loaded."""
+    try:
+        return uvicorn.Config(app=None, host=config.host, port=config.port, log_level="warning").bind_socket()
+    except SystemExit:  # uvicorn logs the bind error and exits; say which setting to change
+        raise ConfigError(f"cannot listen on {config.host}:{config.port} (in use?): choose another --port") from None
 
 
 def uvicorn_config(app: Any, config: ServeConfig) -> Any:

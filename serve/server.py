@@ -20,7 +20,7 @@ from unime.serve.app import create_app
 from unime.serve.backends import EngineStartError
 from unime.serve.config import ServeConfig
 from unime.serve.hosting import host_models
-from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
+from unime.serve.lifecycle import banner, bind_listening_socket, exit_now, graceful_server, load_models
 from unime.serve.metrics import ServerMetrics
 from unime.serve.workers import serve_with_http_workers
 
@@ -44,13 +44,17 @@ def serve(config: ServeConfig) -> int:
 
 
 def _serve_in_one_process(config: ServeConfig) -> int:
-    server, deadline = graceful_server(build_app(config), config)
-    print(banner(config), flush=True)
-    # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler
-    # that was in place before it started: a no-op here, so that a graceful stop ends with exit status 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _after_graceful_stop)
-    server.run()
+    sock = bind_listening_socket(config)
+    try:
+        server, deadline = graceful_server(build_app(config), config)
+        print(banner(config), flush=True)
+        # uvicorn catches SIGTERM/SIGINT while it serves, drains, then raises the signal again against the handler
+        # that was in place before it started: a no-op here, so that a graceful stop ends with exit status 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _after_graceful_stop)
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     if deadline.expired:
         exit_now(0, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
     if server.force_exit:  # a second signal: uvicorn stopped without waiting, and so must the batchers

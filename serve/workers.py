@@ -70,14 +70,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import uvicorn
-
 from unime.errors import InvalidInputError
 from unime.serve.app import create_app
 from unime.serve.config import ServeConfig
 from unime.serve.errors import RequestError, ShuttingDownError
 from unime.serve.hosting import HostedModel, host_models
-from unime.serve.lifecycle import banner, exit_now, graceful_server, load_models
+from unime.serve.lifecycle import banner, bind_listening_socket, exit_now, graceful_server, load_models
 from unime.serve.metrics import MULTIPROC_ENV, ServerMetrics, forget_process, share_metrics_in
 from unime.serve.micro_batching import settle_threadsafe
 
@@ -396,10 +394,14 @@ def _serve(config: ServeConfig) -> tuple[int, bool]:
         queues.depths[KINDS.index(kind)] = depth
         queues.oldest_since[KINDS.index(kind)] = hosted[kind].batcher.oldest_waiting_since or 0.0
 
-    hosted = host_models(config, metrics, observe_queue=observe_queue, **load_models(config))
+    sock = bind_listening_socket(config)  # before the models load: their engines may pick free ports meanwhile
+    try:
+        hosted = host_models(config, metrics, observe_queue=observe_queue, **load_models(config))
+    except BaseException:
+        sock.close()
+        raise
     service = ModelService(hosted)
     models = [(kind, model.name, BackendInfo.of(model.backend)) for kind, model in hosted.items()]
-    sock = uvicorn.Config(app=None, host=config.host, port=config.port, log_level="warning").bind_socket()
     print(f"{banner(config)}, {config.http_workers} HTTP worker processes", flush=True)
     workers = []
     for index in range(config.http_workers):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -144,3 +147,20 @@ def test_a_second_signal_stops_at_once_and_exits_0(serve_models, heavy_items, tm
         assert exited < 10, f"{exited:.1f} s to stop after the second signal"
     finally:
         server.stop()
+
+
+@pytest.mark.slow  # starts server processes
+@pytest.mark.parametrize("workers", [[], ["--http-workers", "1"]], ids=["one-process", "http-workers"])
+def test_a_port_in_use_is_refused_before_the_models_load(serve_models, workers):
+    """The HTTP socket is bound first (an engine picking free ports while it loads cannot take it): a port already
+    in use is exit 2 naming it, without loading a model and without a stack trace."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "unime.cli", "serve", str(serve_models["embedder"]), "--backend"]
+        command += ["transformers", "--host", "127.0.0.1", "--port", str(port), *workers]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Loading weights" not in done.stderr, done.stderr
