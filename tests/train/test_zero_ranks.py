@@ -120,9 +120,12 @@ def test_two_zero_ranks_end_with_the_weights_of_one_process_on_the_concatenated_
     assert got.keys() == expected.keys()
     moved = max((expected[name] - start[name]).abs().max().item() for name in expected)
     assert moved > 1e-3  # 4 optimizer steps moved the weights
-    # Measured: ZeRO-3 at most 9e-7 from one process (float32 reduction order), after 4 steps that moved them 1.7e-2.
+    # The ranks sum their gradients in another float32 order than one process does, and AdamW divides by the root of
+    # the second moment: where a gradient is near zero, that rounding becomes a visible step. Measured after 4 steps
+    # that moved the weights 1.7e-2: ZeRO-2 at most 1.0e-5 from one process, ZeRO-3 8e-6 (gate_proj of layer 0,
+    # most other weights within 1e-6), while training on one rank's half of the batch ends 2.0e-2 away.
     for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(got[name], tensor, atol=moved / 500, rtol=0, msg=name)
 
 
 @pytest.mark.slow
