@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import socket
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 
@@ -180,7 +180,7 @@ def banner(config: ServeConfig) -> str:
     return f"unime serve: {hosts} with the {backend} backend on http://{config.host}:{config.port}"
 
 
-def exit_now(status: int, message: str | None = None) -> None:
+def exit_now(status: int, message: str | None = None) -> NoReturn:
     """End the process without waiting for the batcher threads, which may be inside a forward pass.
 
     The interpreter's normal exit would run C++ destructors under a running torch/vLLM thread, which aborts the

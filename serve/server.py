@@ -5,8 +5,9 @@
 On SIGTERM or SIGINT the server stops accepting connections, lets the requests in flight finish, stops its
 batchers and exits 0. Requests still unanswered after `shutdown_grace_s` get 503 with Retry-After
 (`unime.serve.lifecycle.ShutdownDeadline`), and the process then exits 0 without waiting for the model, as it
-does on a second signal: a forward pass cannot be interrupted, and an interpreter exit under a running torch or
-vLLM thread aborts the process. With `http_workers` > 0, HTTP is served by that many worker processes in front
+does on a second signal: a forward pass cannot be interrupted. Every stop ends with `exit_now`, a graceful one
+too: the interpreter's own exit, under the threads a vLLM engine leaves behind, can abort the process (SIGABRT)
+after everything was answered. With `http_workers` > 0, HTTP is served by that many worker processes in front
 of this one (`unime.serve.workers`).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import NoReturn
 
 from unime.errors import ConfigError
 from unime.serve.app import create_app
@@ -32,8 +34,9 @@ def build_app(config: ServeConfig):
 
 
 def serve(config: ServeConfig) -> int:
-    """Serve until a signal: exit status 0; 2 where the models cannot be loaded as configured (a message names the
-    setting to change, e.g. an engine's memory, instead of a stack trace)."""
+    """Serve until a signal, then end the process (`exit_now`, status 0, or 1 where an HTTP worker died); return
+    2 where the models cannot be loaded as configured (a message names the setting to change, e.g. an engine's
+    memory, instead of a stack trace)."""
     try:
         if config.http_workers:
             return serve_with_http_workers(config)
@@ -43,7 +46,7 @@ def serve(config: ServeConfig) -> int:
         return 2
 
 
-def _serve_in_one_process(config: ServeConfig) -> int:
+def _serve_in_one_process(config: ServeConfig) -> NoReturn:
     sock = bind_listening_socket(config)
     try:
         server, deadline = graceful_server(build_app(config), config)
@@ -59,8 +62,7 @@ def _serve_in_one_process(config: ServeConfig) -> int:
         exit_now(0, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
     if server.force_exit:  # a second signal: uvicorn stopped without waiting, and so must the batchers
         exit_now(0, "unime serve: stopped (forced by a second signal; requests in flight were cut short)")
-    print("unime serve: stopped", flush=True)
-    return 0
+    exit_now(0, "unime serve: stopped")
 
 
 def _after_graceful_stop(signum: int, frame: object) -> None:

@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NoReturn
 
 from unime.errors import InvalidInputError
 from unime.serve.app import create_app
@@ -369,7 +369,7 @@ def run_http_worker(
 # --------------------------------------------------------------------------------------------------------
 # The main process
 # --------------------------------------------------------------------------------------------------------
-def serve_with_http_workers(config: ServeConfig) -> int:
+def serve_with_http_workers(config: ServeConfig) -> NoReturn:
     """Load the models, start the workers, supervise them until a signal or a worker's death."""
     metrics_dir = tempfile.mkdtemp(prefix="unime-metrics-")
     try:
@@ -379,8 +379,7 @@ def serve_with_http_workers(config: ServeConfig) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     if busy:  # a batch outlasted the grace period: its requests were answered 503 by the workers
         exit_now(status, "unime serve: stopped (grace period over; unfinished requests were answered 503)")
-    print("unime serve: stopped", flush=True)
-    return status
+    exit_now(status, "unime serve: stopped")  # as the one-process server does (`unime.serve.server`)
 
 
 def _serve(config: ServeConfig) -> tuple[int, bool]:
