@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import unime.late_interaction
 from unime.late_interaction import maxsim
+from unime.multi_vector import maxsim_scores
 
 
 def padded_tokens(
@@ -165,3 +166,41 @@ def test_no_documents_gives_an_empty_score_matrix():
     documents = torch.zeros(0, 3, 4, dtype=torch.float64)
     scores = maxsim(queries, query_mask, documents, torch.zeros(0, 3, dtype=torch.bool))
     assert scores.shape == (2, 0)
+
+
+def test_bfloat16_compute_stays_within_its_rounding_of_the_exact_scores_and_keeps_the_ranking():
+    """Unit tokens of dim 128, 32 queries of up to 24 tokens against 200 documents of up to 300."""
+    queries, query_mask = padded_tokens(32, 24, 128, seed=20)
+    documents, document_mask = padded_tokens(200, 300, 128, seed=21)
+    queries, documents = queries.float(), documents.float()
+    exact = maxsim(queries, query_mask, documents, document_mask)  # [32, 200]
+    rounded = maxsim(queries, query_mask, documents, document_mask, compute_dtype=torch.bfloat16)
+    assert rounded.dtype == torch.float32
+    assert not torch.equal(rounded, exact), "the products were not computed in bfloat16"
+    # Per query token: both vectors rounded to 8 significant bits (at most 2 * 2**-8 of a cosine) and the product
+    # rounded once more (2**-8): 3 * 2**-8 at most, summed over the query's real tokens.
+    bound = 3 * 2**-8 * query_mask.sum(dim=1, keepdim=True)  # [32, 1]
+    assert ((rounded - exact).abs() <= bound).all(), (rounded - exact).abs().max()
+    top_exact, top_rounded = exact.topk(10, dim=1).indices, rounded.topk(10, dim=1).indices  # [32, 10]
+    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_exact, top_rounded, strict=True))
+    assert kept / top_exact.numel() >= 0.9
+    # The list form (`encode(..., output="multi_vector")`'s) passes the compute dtype on.
+    listed = maxsim_scores(
+        [q[m] for q, m in zip(queries, query_mask, strict=True)],
+        [d[m] for d, m in zip(documents, document_mask, strict=True)],
+        compute_dtype=torch.bfloat16,
+    )
+    torch.testing.assert_close(listed, rounded, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_compute_gives_float32_gradients_close_to_the_exact_ones():
+    queries, query_mask = padded_tokens(3, 6, 16, seed=22)
+    documents, document_mask = padded_tokens(5, 9, 16, seed=23)
+    grads = []
+    for dtype in (None, torch.bfloat16):
+        q, d = queries.float().requires_grad_(), documents.float().requires_grad_()
+        maxsim(q, query_mask, d, document_mask, compute_dtype=dtype).sum().backward()
+        grads.append((q.grad, d.grad))
+    for exact, rounded in zip(*grads, strict=True):
+        assert rounded.dtype == torch.float32
+        torch.testing.assert_close(rounded, exact, atol=0.1, rtol=0.02)

@@ -164,6 +164,10 @@ def test_maxsim_equals_a_per_pair_loop(embedder, inputs) -> None:
             assert abs(float(scores[i, j]) - expected) < 1e-4, (i, j)
     # A single matrix is a list of one.
     assert torch.allclose(embedder.maxsim(queries[0], documents[0]), scores[:1, :1])
+    # bfloat16 compute: within its rounding (3 * 2**-8 of a cosine per query token), not bit-equal.
+    rounded = embedder.maxsim(queries, documents, compute_dtype=torch.bfloat16)
+    bound = torch.tensor([3 * 2**-8 * len(query) for query in queries]).unsqueeze(1)  # [3, 1]
+    assert not torch.equal(rounded, scores) and ((rounded - scores).abs() <= bound).all()
 
 
 def test_padded_token_matrices_carry_their_mask() -> None:

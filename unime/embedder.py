@@ -263,12 +263,13 @@ class Embedder(BackboneModule):
             b = torch.nn.functional.normalize(b, dim=-1)
         return a @ b.T  # [n, m]
 
-    def maxsim(self, queries: Any, documents: Any) -> torch.Tensor:
+    def maxsim(self, queries: Any, documents: Any, *, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Late-interaction scores `[len(queries), len(documents)]` of token matrices from
-        `encode(..., output="multi_vector")` (lists of `[n_tokens, dim]`; a single matrix counts as a list of one)."""
+        `encode(..., output="multi_vector")` (lists of `[n_tokens, dim]`; a single matrix counts as a list of one).
+        `compute_dtype=torch.bfloat16` scores in bf16 (`unime.late_interaction.maxsim`)."""
         queries = [queries] if _is_one_matrix(queries) else list(queries)
         documents = [documents] if _is_one_matrix(documents) else list(documents)
-        return maxsim_scores(queries, documents)
+        return maxsim_scores(queries, documents, compute_dtype=compute_dtype)
 
 
 def _is_one_matrix(value: Any) -> bool:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-# The similarity block of one chunk holds at most this many elements (4 MiB in float32) unless a caller chooses the
-# chunk size: large enough that a chunk is one efficient matmul, small enough to stay in cache between the matmul
-# and the max (on one CPU thread, 2**20 was 2-3x faster than 2**24 here) and bounded on any corpus.
+# The similarity block of one chunk holds at most this many elements (4 MiB in float32, 2 in bfloat16) unless a
+# caller chooses the chunk size: large enough that a chunk is one efficient matmul, small enough to stay in cache
+# between the matmul and the max (on one CPU thread, 2**20 was 2-3x faster than 2**24 here, and within noise of the
+# best of 2**18 to 2**23 in float32 and bfloat16) and bounded on any corpus.
 DEFAULT_BLOCK_ELEMENTS = 2**20
 
 
@@ -48,16 +49,18 @@ def _extent(mask: torch.Tensor) -> torch.Tensor:
     return (mask * positions).amax(dim=1)  # [B]
 
 
-def _fill_padding_with_a_real_token(documents: torch.Tensor, document_mask: torch.Tensor) -> torch.Tensor:
-    """Documents whose padded slots hold a copy of the row's first real token.
+def _source_rows(document_mask: torch.Tensor) -> torch.Tensor:
+    """`[Bd, Ld]` for each document slot, the row of the flattened `[Bd * Ld, D]` documents it reads: its own for a
+    real token, the document's first real token for a padded slot.
 
-    A copy can never beat the token it copies, so the max over all slots is the max over real tokens: no -inf
-    pass over the whole similarity block is needed. The gradient of a copy flows back to the token it copies.
+    A copy can never beat the token it copies, so the max over all slots is the max over real tokens: no -inf pass
+    over the similarity block is needed. The gradient of a copy flows back to the token it copies.
     """
-    slots = torch.arange(documents.shape[1], device=documents.device).unsqueeze(0)  # [1, Ld]
+    batch, length = document_mask.shape
+    slots = torch.arange(length, device=document_mask.device).unsqueeze(0)  # [1, Ld]
     first_real = document_mask.to(torch.uint8).argmax(dim=1, keepdim=True)  # [Bd, 1]
     source = torch.where(document_mask, slots, first_real)  # [Bd, Ld]
-    return documents.gather(1, source.unsqueeze(-1).expand_as(documents))  # [Bd, Ld, D]
+    return source + torch.arange(batch, device=document_mask.device).unsqueeze(1) * length  # [Bd, Ld]
 
 
 def _document_chunks(extents: list[int], num_query_tokens: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -88,6 +91,7 @@ def maxsim(
     document_mask: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact late-interaction scores of every query against every document.
 
@@ -103,10 +107,17 @@ def maxsim(
         document_mask: `[Bd, Ld]` boolean, True for real document tokens.
         chunk_size: documents scored per chunk; None sizes each chunk so that its similarity block holds at most
             `DEFAULT_BLOCK_ELEMENTS` elements (or holds one document).
+        compute_dtype: the dtype of the products and of the max (None: the queries' own). `torch.bfloat16` scores
+            as colpali-engine does with its bf16 models: token vectors rounded to bf16 (8 significant bits),
+            products summed in float32 inside the matmul, each similarity rounded to bf16 before the max, and the
+            sum over query tokens in the queries' dtype. Where the matmul has bf16 units (a CPU with AMX, a GPU) it
+            is several times faster (`bench/late_interaction.py`); a ranking changes only between documents whose
+            scores differ by less than that rounding (about 0.4% of a cosine per query token).
 
     Returns:
-        `[Bq, Bd]` scores: for query a and document b, the sum over a's real tokens of the largest dot product with
-        a real token of b. With L2-normalised tokens each term is a cosine, so a score lies in [-Lq_a, Lq_a].
+        `[Bq, Bd]` scores in the queries' dtype: for query a and document b, the sum over a's real tokens of the
+        largest dot product with a real token of b. With L2-normalised tokens each term is a cosine, so a score
+        lies in [-Lq_a, Lq_a].
 
     Raises:
         ValueError: for mismatched shapes or dimensions, a non-boolean mask, a query or document with no real token
@@ -120,25 +131,32 @@ def maxsim(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"maxsim needs chunk_size >= 1, got {chunk_size}")
-    query_tokens = queries[query_mask]  # [Tq, D], the real tokens of every query, in row order
+    result_dtype = queries.dtype
+    compute_dtype = compute_dtype or result_dtype
+    query_tokens = queries[query_mask].to(compute_dtype)  # [Tq, D], the real tokens of every query, in row order
     owner = query_mask.nonzero()[:, 0]  # [Tq] the query each token belongs to
-    documents = _fill_padding_with_a_real_token(documents, document_mask)  # [Bd, Ld, D]
+    document_rows = documents.reshape(-1, documents.shape[-1])  # [Bd * Ld, D]
+    sources = _source_rows(document_mask)  # [Bd, Ld]
     extents = _extent(document_mask)  # [Bd]
     order = extents.argsort()  # [Bd] documents by extent, so a chunk's trim fits all its documents
     sorted_extents = extents[order].tolist()
     best_parts = []
     for start, stop in _document_chunks(sorted_extents, max(1, query_tokens.shape[0]), chunk_size):
         length = sorted_extents[stop - 1]
-        chunk = documents[order[start:stop], :length]  # [n, Lc, D]
-        # One [Tq, n*Lc] matmul per chunk: BLAS does the work, a contiguous max reduces it.
-        similarity = query_tokens @ chunk.reshape(-1, chunk.shape[-1]).T  # [Tq, n*Lc]
-        best_parts.append(similarity.view(query_tokens.shape[0], stop - start, length).amax(dim=2))  # [Tq, n]
+        # One gather per chunk picks its documents, trims them to its longest and fills their padding (cast to the
+        # compute dtype only here: a chunk at a time, in cache).
+        rows = sources[order[start:stop], :length].reshape(-1)  # [n*Lc]
+        chunk = document_rows.index_select(0, rows).to(compute_dtype)  # [n*Lc, D]
+        # One [n*Lc, Tq] matmul per chunk (BLAS does the work); the max runs down the document tokens, across
+        # contiguous rows of query tokens, which vectorises whatever the documents' length.
+        similarity = chunk @ query_tokens.T  # [n*Lc, Tq]
+        best_parts.append(similarity.view(stop - start, length, -1).amax(dim=1))  # [n, Tq]
     if not best_parts:
         return queries.new_zeros(queries.shape[0], 0)  # [Bq, 0]: no documents
-    best = torch.cat(best_parts, dim=1)[:, order.argsort()]  # [Tq, Bd], back in the documents' order
+    best = torch.cat(best_parts)[order.argsort()].to(result_dtype)  # [Bd, Tq], back in the documents' order
     # Sum each query's tokens: padded query tokens never entered, so whatever their padding holds never counts.
-    scores = best.new_zeros(queries.shape[0], documents.shape[0])  # [Bq, Bd]
-    return scores.index_add(0, owner, best)  # [Bq, Bd]
+    scores = best.new_zeros(documents.shape[0], queries.shape[0])  # [Bd, Bq]
+    return scores.index_add(1, owner, best).T.contiguous()  # [Bq, Bd]
 
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "check_token_matrices", "maxsim"]
