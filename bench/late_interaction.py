@@ -7,16 +7,19 @@ token matrices against single vectors on the same model; memory per page.
 
 Random L2-normalised token matrices (float32) with ragged lengths: queries of `--query-tokens` MIN MAX tokens, and
 documents in each `--document-tokens` MIN MAX range given (short and long passages of text, then pages, whose image
-patches give a ColQwen-style model several hundred tokens). Each setting is scored twice in one run:
+patches give a ColQwen-style model several hundred tokens). Each setting is scored three ways in one run:
 - naive: a Python loop over every (query, document) pair, each scored on its real tokens alone
-  (`(q @ d.T).max(dim=1).values.sum()`), the way a first implementation or a per-request scorer does it;
-- vectorised: `unime.late_interaction.maxsim` on the padded batch with masks (one matmul per chunk).
-Both give the same scores (checked); the time is the best of `--repeats`, and the ratio is between the two.
+  (`(q @ d.T).max(dim=1).values.sum()`, float32), the way a first implementation or a per-request scorer does it;
+- float32: `unime.late_interaction.maxsim` on the padded batch with masks (one gather, matmul and max per chunk);
+- bfloat16: the same with `compute_dtype=torch.bfloat16`, as colpali-engine scores its bf16 models.
+The float32 ways give the same scores (checked); for bfloat16 the run prints its largest score error against the
+naive loop and the share of each query's float32 top 10 it keeps (recall@10). Times are the best of `--repeats`, and
+each ratio is against the naive loop of the same run.
 
-Both do the same multiply-adds (the vectorised path multiplies only real query tokens and trims each chunk of
+All three do the same multiply-adds (the vectorised path multiplies only real query tokens and trims each chunk of
 length-sorted documents to its longest), so once the matrices are large the naive loop is bound by arithmetic too
 and the ratio falls towards the gain of one large matmul over many small ones; it is largest where per-pair
-overhead dominates (short matrices, many pairs).
+overhead dominates (short matrices, many pairs). bfloat16 gains where the matmul has bf16 units (AMX, a GPU).
 
 Encode (`--parts encode`): `--pages` document pages drawn by `unime.data_synth.pages` (the generator's default size),
 encoded by one qwen2_vl model (`--model-size`, built in code) with a multi-vector head of `--dim`, at the same batch
@@ -79,43 +82,64 @@ def best_time(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torc
     return best, result
 
 
-def time_setting(queries: list[torch.Tensor], documents: list[torch.Tensor], repeats: int) -> tuple[float, float]:
-    """Seconds for the naive loop and for `maxsim` on the same queries and documents, after checking they agree."""
+def recall_at(k: int, expected: torch.Tensor, got: torch.Tensor) -> float:
+    """The share of each query's top `k` documents under `expected` that `got` keeps in its top `k`."""
+    top_expected, top_got = expected.topk(k, dim=1).indices, got.topk(k, dim=1).indices  # [Q, k]
+    kept = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_expected, top_got, strict=True))
+    return kept / top_expected.numel()
+
+
+def time_setting(queries: list[torch.Tensor], documents: list[torch.Tensor], repeats: int) -> dict[str, float]:
+    """Seconds for the naive loop and for `maxsim` in float32 and in bfloat16 on the same queries and documents,
+    after checking that float32 agrees with the loop; bfloat16's largest score error and recall@10."""
     query_tokens, query_mask = pad(queries)  # [Q, Lq, D], [Q, Lq]
     document_tokens, document_mask = pad(documents)  # [N, Ld, D], [N, Ld]
+
+    def vectorised(dtype: torch.dtype | None) -> Callable[[], torch.Tensor]:
+        return lambda: maxsim(query_tokens, query_mask, document_tokens, document_mask, compute_dtype=dtype)
+
     with torch.inference_mode():
         naive_s, expected = best_time(lambda: naive_scores(queries, documents), repeats)
-        fast_s, got = best_time(lambda: maxsim(query_tokens, query_mask, document_tokens, document_mask), repeats)
-    # The two must agree before their times mean anything (float32: summation order differs slightly).
+        float32_s, got = best_time(vectorised(None), repeats)
+        bfloat16_s, rounded = best_time(vectorised(torch.bfloat16), repeats)
+    # The two float32 ways must agree before their times mean anything (summation order differs slightly).
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    return naive_s, fast_s
+    return {
+        "naive": naive_s,
+        "float32": float32_s,
+        "bfloat16": bfloat16_s,
+        "bfloat16_error": (rounded - expected).abs().max().item(),
+        "bfloat16_recall": recall_at(10, expected, rounded),
+    }
 
 
 def bench_scoring(args: argparse.Namespace) -> None:
     ranges = [tuple(args.document_tokens[i : i + 2]) for i in range(0, len(args.document_tokens), 2)]
     print(
         f"MaxSim scoring: {args.queries} queries of {args.query_tokens[0]}-{args.query_tokens[1]} tokens x "
-        f"{args.documents} documents, dim {args.dim}, float32, {torch.get_num_threads()} thread(s), "
+        f"{args.documents} documents, dim {args.dim}, float32 inputs, {torch.get_num_threads()} thread(s), "
         f"best of {args.repeats}"
     )
     print(
-        "| document tokens | pairs | naive s | naive pairs/s | naive GFLOP/s | vectorised s | vectorised pairs/s | "
-        "vectorised GFLOP/s | vectorised is |"
+        "| document tokens | pairs | naive pairs/s | naive GFLOP/s | float32 pairs/s | float32 GFLOP/s | float32 is | "
+        "bfloat16 pairs/s | bfloat16 GFLOP/s | bfloat16 is | bfloat16 max error | bfloat16 recall@10 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for index, document_range in enumerate(ranges):
         generator = torch.Generator().manual_seed(index)
         queries = ragged_tokens(args.queries, tuple(args.query_tokens), args.dim, generator)
         documents = ragged_tokens(args.documents, document_range, args.dim, generator)
-        naive_s, fast_s = time_setting(queries, documents, args.repeats)
+        times = time_setting(queries, documents, args.repeats)
         pairs = args.queries * args.documents
-        # The arithmetic both must do: a multiply and an add per dimension for every real (query, document) token pair.
+        # The arithmetic all must do: a multiply and an add per dimension for every real (query, document) token pair.
         gflop = 2 * args.dim * sum(len(q) for q in queries) * sum(len(d) for d in documents) / 1e9
-        print(
-            f"| {document_range[0]}-{document_range[1]} | {pairs} | {naive_s:.3f} | {pairs / naive_s:,.0f} | "
-            f"{gflop / naive_s:.1f} | {fast_s:.4f} | {pairs / fast_s:,.0f} | {gflop / fast_s:.1f} | "
-            f"**{naive_s / fast_s:.1f}x** |"
-        )
+        cells = [f"{document_range[0]}-{document_range[1]}", str(pairs)]
+        for name in ("naive", "float32", "bfloat16"):
+            cells += [f"{pairs / times[name]:,.0f}", f"{gflop / times[name]:.1f}"]
+            if name != "naive":
+                cells.append(f"**{times['naive'] / times[name]:.1f}x**")
+        cells += [f"{times['bfloat16_error']:.4f}", f"{times['bfloat16_recall']:.3f}"]
+        print("| " + " | ".join(cells) + " |")
 
 
 def drawn_pages(count: int, width: int, height: int) -> list:
