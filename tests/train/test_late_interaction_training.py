@@ -81,10 +81,10 @@ def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_p
     token, which the multi-vector head keeps (`tokens: image`). Chance: 0.25 for a group, 0.5 for a pair.
 
     Measured (tiny Qwen2-VL, LoRA, 60 steps of 16 rows from the same start, 80 held-out pages, one thread), seeds
-    0 / 1 / 2 of data and start: groups multi-vector 0.64 / 0.59 / 0.51 against single-vector 0.31 / 0.24 / 0.28
-    (margins +0.33, +0.35, +0.24); pairs against the swapped page 0.75 / 0.675 / 0.60 against 0.425 / 0.45 / 0.425
-    (the single vector at chance, as designed); against the recoloured page 0.85 / 0.84 / 0.86 and 0.74 / 0.65 /
-    0.725, the flipped one 0.95 / 0.90 / 0.925 and 0.85 / 0.725 / 0.80 (both models above chance). With two
+    0 / 1 / 2 of data and start: groups multi-vector 0.625 / 0.60 / 0.50 against single-vector 0.31 / 0.24 / 0.275
+    (margins +0.31, +0.36, +0.225); pairs against the swapped page 0.71 / 0.66 / 0.59 against 0.425 / 0.45 / 0.425
+    (the single vector at chance, as designed); against the recoloured page 0.86 / 0.89 / 0.875 and 0.74 / 0.65 /
+    0.725, the flipped one 0.94 / 0.925 / 0.925 and 0.85 / 0.725 / 0.80 (both models above chance). With two
     recoloured negatives (left, right) and a swapped one in place of these, seed 0: both at chance (0.225 against
     0.21). Before this design, markers of one colour each, the query naming a colour and the negatives recolouring
     it, left a pooled vector every colour it needed: margins +0.11, +0.14, +0.16 only (0.66 / 0.75 / 0.85 against
@@ -111,14 +111,17 @@ def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_p
     measured = {"multi_vector": multi_wins, "single_vector": single_wins}
     print(measured)
     # Late interaction finds the asked marker: well above chance (0.25), far above the single vector (smallest of
-    # three seeds: 0.51, margin +0.24), and above it on the swapped page (smallest margin +0.175).
+    # three seeds: 0.50, margin +0.225), and above it on the swapped page (smallest margin +0.16).
     assert multi_wins["group"] >= 0.45, measured
     assert multi_wins["group"] >= single_wins["group"] + 0.2, measured
     assert multi_wins["swapped"] >= single_wins["swapped"] + 0.12, measured
-    # Both models learned what a pooled vector can see: the recoloured and flipped pages (chance 0.5; the single
-    # vector's smallest of three seeds 0.65 and 0.725, the multi-vector's 0.84 and 0.90).
+    # Both models beat chance: on the pages a pooled vector can tell apart, the recoloured and flipped ones (chance
+    # 0.5; the single vector's smallest of three seeds 0.65 and 0.725, the multi-vector's 0.86 and 0.925), and on
+    # every pair of the held-out set, the swapped one included (chance 0.5; mean over the three kinds, seeds
+    # 0 / 1 / 2: single vector 0.67 / 0.61 / 0.65, multi-vector 0.84 / 0.825 / 0.80).
     for wins in (multi_wins, single_wins):
         assert min(wins["recoloured"], wins["flipped"]) >= 0.6, measured
+        assert sum(wins[kind] for kind in NEGATIVES) / len(NEGATIVES) >= 0.57, measured
 
 
 @pytest.fixture(scope="module")
