@@ -141,7 +141,10 @@ def test_base64_float32_and_float16_decode_to_the_float_matrices(client, mixed_i
     as_float32 = token_matrices(client, {"input": served_items, "encoding_format": "base64"})
     as_float16 = token_matrices(client, {"input": served_items, "encoding_format": "base64", "dtype": "float16"})
     for exact, packed, half in zip(floats, as_float32, as_float16, strict=True):
-        np.testing.assert_array_equal(packed, exact)  # the same float32 numbers, in bytes
+        # The same float32 numbers, in bytes, up to the batch: the server cuts forward passes by the pass costs it
+        # has learnt (`unime.pass_planning`), so two requests may run in passes of other shapes, which moves float32
+        # sums by a few ulps (seen: 6e-8). A wrong byte order or width would be off by far more.
+        np.testing.assert_allclose(packed, exact, rtol=0, atol=1e-6)
         np.testing.assert_allclose(half, exact, atol=1e-3)  # unit vectors: float16 keeps ~3 decimals
         assert cosines(half, exact).min() >= 0.9999
 
