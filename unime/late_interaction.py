@@ -103,7 +103,8 @@ def maxsim(
     Args:
         queries: `[Bq, Lq, D]` query token vectors, padded.
         query_mask: `[Bq, Lq]` boolean, True for real query tokens.
-        documents: `[Bd, Ld, D]` document token vectors, padded.
+        documents: `[Bd, Ld, D]` document token vectors, padded (what padded slots hold is never read). They may be
+            stored in another dtype (float16): each chunk is cast to the compute dtype as it is scored.
         document_mask: `[Bd, Ld]` boolean, True for real document tokens.
         chunk_size: documents scored per chunk; None sizes each chunk so that its similarity block holds at most
             `DEFAULT_BLOCK_ELEMENTS` elements (or holds one document).

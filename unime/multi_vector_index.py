@@ -181,18 +181,20 @@ def synthetic_query(page: np.ndarray, *, tokens: int, seed: int, noise: float = 
 
 
 def _gather(tokens: torch.Tensor, offsets: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """The tokens of rows `rows` of a chunk (`[total, D]` tokens, `[n + 1]` offsets), one after the other, as float32
-    `[sum of lengths, D]`, and their `[len(rows)]` lengths (one gather, no Python loop over pages)."""
+    """The tokens of rows `rows` of a chunk (`[total, D]` tokens, `[n + 1]` offsets), one after the other, in the
+    store's dtype `[sum of lengths, D]` (`maxsim` casts each chunk it scores to the queries' dtype, so a search
+    moves half the bytes), and their `[len(rows)]` lengths (one gather, no Python loop over pages)."""
     starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]  # [r], [r]
     first = np.cumsum(lengths) - lengths  # [r] where each row begins in the gathered tokens
     source = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))  # [sum] token rows in the chunk
-    return tokens[torch.from_numpy(source)].to(torch.float32), lengths
+    return tokens[torch.from_numpy(source)], lengths
 
 
 def _pad(gathered: torch.Tensor, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consecutive token matrices `[sum of lengths, D]` as `[n, L, D]` zero-padded matrices and `[n, L]` mask."""
+    """Consecutive token matrices `[sum of lengths, D]` as `[n, L, D]` padded matrices and `[n, L]` mask. The padded
+    slots are left unset: `maxsim` never reads them (it scores a padded slot as a copy of a real token)."""
     mask = torch.arange(int(lengths.max())).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)  # [n, L]
-    padded = gathered.new_zeros(len(lengths), mask.shape[1], gathered.shape[1])  # [n, L, D]
+    padded = gathered.new_empty(len(lengths), mask.shape[1], gathered.shape[1])  # [n, L, D]
     padded[mask] = gathered
     return padded, mask
 
