@@ -174,11 +174,16 @@ def test_two_processes_fill_one_folder_at_once(tmp_path: Path):
         start = int(sys.argv[2])
         wanted = [content_key(text=f"key {i}") for i in range(start, start + 40)]
         store = EmbeddingStore(sys.argv[1], "org/model-6d", shard_size=1)
-        # Both start filling at once (each finds nothing stored), so they race for every shard number.
-        (Path(sys.argv[1]) / f"ready-{start}").touch()
-        while len(list(Path(sys.argv[1]).glob("ready-*"))) < 2:
-            time.sleep(0.01)
-        store.fill(wanted, lambda positions: np.stack([vector(wanted[i]) for i in positions]), batch_size=1)
+
+        def compute(positions):
+            # `fill` has listed what is missing before its first call: waiting here until the other writer has
+            # too, both find nothing stored and then race for every shard number.
+            (Path(sys.argv[1]) / f"ready-{start}").touch()
+            while len(list(Path(sys.argv[1]).glob("ready-*"))) < 2:
+                time.sleep(0.01)
+            return np.stack([vector(wanted[i]) for i in positions])
+
+        store.fill(wanted, compute, batch_size=1)
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     writers = [
