@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import unime.late_interaction
-from unime.late_interaction import maxsim
+from unime.late_interaction import maxsim, maxsim_packed
 from unime.multi_vector import maxsim_scores
 
 
@@ -204,3 +204,46 @@ def test_bfloat16_compute_gives_float32_gradients_close_to_the_exact_ones():
     for exact, rounded in zip(*grads, strict=True):
         assert rounded.dtype == torch.float32
         torch.testing.assert_close(rounded, exact, atol=0.1, rtol=0.02)
+
+
+def packed(documents: torch.Tensor, document_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded matrices as the embedding store keeps them: real tokens one document after another, and lengths."""
+    return documents[document_mask], document_mask.sum(dim=1)  # [T, D], [Bd]
+
+
+@pytest.mark.parametrize("block_elements", [1, 40, 2**20])  # a document per run, a few per run, all in one run
+@pytest.mark.parametrize("mask_kind", ["right_padding", "scattered"])
+def test_packed_documents_score_as_the_padded_ones(block_elements, mask_kind):
+    queries, query_mask = padded_tokens(3, 5, 8, seed=30)
+    documents, document_mask = padded_tokens(9, 11, 8, seed=31)
+    if mask_kind == "scattered":
+        query_mask, document_mask = scattered_mask(query_mask, 32), scattered_mask(document_mask, 33)
+    tokens, lengths = packed(documents, document_mask)
+    scores = maxsim_packed(queries, query_mask, tokens, lengths, block_elements=block_elements)
+    expected = torch.tensor(naive_maxsim(queries, query_mask, documents, document_mask), dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-12)
+
+
+def test_packed_float16_tokens_in_bfloat16_agree_with_the_padded_scoring():
+    # The index's case: float16 stored tokens, cast run by run; bf16 compute rounds as maxsim's does.
+    queries, query_mask = padded_tokens(4, 20, 64, seed=34)
+    documents, document_mask = padded_tokens(50, 60, 64, seed=35)
+    queries, documents = queries.float(), documents.half()
+    tokens, lengths = packed(documents, document_mask)
+    for dtype in (None, torch.bfloat16):
+        padded_scores = maxsim(queries, query_mask, documents, document_mask, compute_dtype=dtype)
+        packed_scores = maxsim_packed(queries, query_mask, tokens, lengths, compute_dtype=dtype, block_elements=4000)
+        assert packed_scores.dtype == torch.float32
+        torch.testing.assert_close(packed_scores, padded_scores, rtol=0, atol=1e-5)
+
+
+def test_packed_scoring_refuses_malformed_documents():
+    queries, query_mask = padded_tokens(2, 4, 4, seed=36)
+    tokens = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="document 1 has no token"):
+        maxsim_packed(queries, query_mask, tokens, torch.tensor([3, 0, 3]))
+    with pytest.raises(ValueError, match="summing to the 6 token rows"):
+        maxsim_packed(queries, query_mask, tokens, torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match=r"must be \[total tokens, 4\]"):
+        maxsim_packed(queries, query_mask, tokens[:, :3], torch.tensor([3, 3]))
+    assert maxsim_packed(queries, query_mask, tokens[:0], torch.tensor([], dtype=torch.long)).shape == (2, 0)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from unime.multi_vector_index import (
     pool_tokens,
     synthetic_page,
     synthetic_query,
+    token_index_factory,
 )
 
 DIM = 32
@@ -33,8 +35,6 @@ FINGERPRINT = "f" * 64
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    import faiss
-
     threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -82,14 +82,18 @@ def covering(index: MultiVectorIndex, pages_count: int) -> SearchParams:
     return SearchParams(k=10, nprobe=index.nlist, token_k=total_tokens, candidates=pages_count)
 
 
-def test_search_with_candidates_covering_the_corpus_ranks_like_brute_force_maxsim(tmp_path) -> None:
-    matrices = pages(300)
+@pytest.mark.parametrize(("count", "codes"), [(300, "IndexIVFPQFastScan"), (20, "IndexIVFScalarQuantizer")])
+def test_search_with_candidates_covering_the_corpus_ranks_like_brute_force_maxsim(tmp_path, count, codes) -> None:
+    # 300 pages (about 6,300 tokens) train 4-bit fast-scan codes; 20 pages (about 420) are too few: SQ8.
+    matrices = pages(count)
     index = build(tmp_path / "index", matrices)
-    queries = queries_of(matrices, 15)
-    ids, keys = page_ids(300)
+    trained = faiss.downcast_index(faiss.read_index(str(tmp_path / "index" / "trained.faiss")))
+    assert type(trained).__name__ == codes
+    queries = queries_of(matrices, 15 if count > 20 else 2)
+    ids, keys = page_ids(count)
     stored = index.store.get_matrices(keys)  # float16 round trip, as the index scores them
-    brute = maxsim_scores(queries, stored)  # [Q, 300]
-    found = index.search(queries, covering(index, 300))
+    brute = maxsim_scores(queries, stored)  # [Q, count]
+    found = index.search(queries, covering(index, count))
     for q, hits in enumerate(found):
         expected = torch.argsort(brute[q], descending=True, stable=True)[:10].tolist()
         assert [hit.id for hit in hits] == [ids[i] for i in expected], q
@@ -108,6 +112,12 @@ def corpus_2000(tmp_path_factory) -> tuple[list[np.ndarray], MultiVectorIndex, M
 
 def recall_at_10(found, exact) -> float:
     return float(np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(found, exact, strict=True)]))
+
+
+def test_token_index_codes_are_4_bit_fast_scan_where_dimension_and_sample_allow() -> None:
+    assert token_index_factory(128, 2048, 131072) == "IVF2048,PQ128x4fs"
+    assert token_index_factory(8, 64, 4096) == "IVF64,SQ8"  # too few dimensions
+    assert token_index_factory(128, 4, 500) == "IVF4,SQ8"  # too few tokens to train 16 levels per dimension
 
 
 def test_approximate_search_recall_at_10_of_the_exact_ranking(corpus_2000) -> None:

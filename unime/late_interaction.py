@@ -160,4 +160,85 @@ def maxsim(
     return scores.index_add(1, owner, best).T.contiguous()  # [Bq, Bd]
 
 
-__all__ = ["DEFAULT_BLOCK_ELEMENTS", "check_token_matrices", "maxsim"]
+def _packed_runs(lengths: list[int], num_query_tokens: int, block_elements: int) -> list[tuple[int, int]]:
+    """(start, stop) runs of consecutive documents whose tokens together keep the `[run tokens, query tokens]`
+    similarity block within `block_elements` (a longer document is a run of its own)."""
+    runs, start, tokens = [], 0, 0
+    for stop, length in enumerate(lengths):
+        if stop > start and (tokens + length) * num_query_tokens > block_elements:
+            runs.append((start, stop))
+            start, tokens = stop, 0
+        tokens += length
+    if start < len(lengths):
+        runs.append((start, len(lengths)))
+    return runs
+
+
+def maxsim_packed(
+    queries: torch.Tensor,
+    query_mask: torch.Tensor,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """`maxsim` against documents packed one after another, as the embedding store keeps them: no padding.
+
+    Searching a stored corpus (`unime.multi_vector_index`) scores documents of many lengths that sit back to back in
+    memory (`[total tokens, D]` and their lengths). Padding them to `[Bd, Ld, D]` for `maxsim` would copy every
+    token twice more; here each run of documents is one `[run tokens, D] @ [D, Tq]` matmul on a slice of `tokens`
+    as it lies, and a document's maximum is a segment maximum over its rows of the similarity block (narrower than
+    the tokens whenever the queries have fewer tokens than dimensions: 20 against 128 in a search). Equal to
+    `maxsim` on the padded matrices up to float summation order (`tests/test_late_interaction.py`). For scoring,
+    not training: no gradient is promised.
+
+    Args:
+        queries: `[Bq, Lq, D]` query token vectors, padded.
+        query_mask: `[Bq, Lq]` boolean, True for real query tokens.
+        tokens: `[T, D]` the documents' real token vectors, document after document (any float dtype: each run is
+            cast to the compute dtype as it is scored).
+        lengths: `[Bd]` integer, tokens of each document (each at least 1), summing to T.
+        compute_dtype: as in `maxsim`.
+        block_elements: the largest similarity block of one run (a longer document is scored alone).
+
+    Returns:
+        `[Bq, Bd]` scores in the queries' dtype.
+
+    Raises:
+        ValueError: for a malformed query batch, a dimension mismatch, lengths that are not positive or do not add
+            up to the tokens' rows (naming the first empty document).
+    """
+    check_token_matrices("query", queries, query_mask)
+    if tokens.dim() != 2 or tokens.shape[1] != queries.shape[2]:
+        raise ValueError(
+            f"packed document tokens must be [total tokens, {queries.shape[2]}]; got shape {tuple(tokens.shape)}"
+        )
+    if lengths.dim() != 1 or int(lengths.sum()) != tokens.shape[0]:
+        raise ValueError(
+            f"document lengths must be one count per document summing to the {tokens.shape[0]} token rows; got "
+            f"shape {tuple(lengths.shape)} summing to {int(lengths.sum())}"
+        )
+    empty = (lengths < 1).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"document {empty[0]} has no token ({len(empty)} such documents: {empty[:10]})")
+    result_dtype = queries.dtype
+    compute_dtype = compute_dtype or result_dtype
+    query_tokens = queries[query_mask].to(compute_dtype)  # [Tq, D]
+    owner = query_mask.nonzero()[:, 0]  # [Tq] the query each token belongs to
+    document_of_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths.cpu()).to(tokens.device)  # [T]
+    starts = (torch.cumsum(lengths, 0) - lengths).tolist()  # [Bd] first row of each document
+    best = torch.empty(len(lengths), query_tokens.shape[0], dtype=compute_dtype, device=tokens.device)  # [Bd, Tq]
+    for start, stop in _packed_runs(lengths.tolist(), max(1, query_tokens.shape[0]), block_elements):
+        first, end = starts[start], starts[stop - 1] + int(lengths[stop - 1])
+        similarity = tokens[first:end].to(compute_dtype) @ query_tokens.T  # [run tokens, Tq]
+        # Every row of the run goes to its document's slot, keeping the largest: a segment maximum.
+        slots = (document_of_row[first:end] - start).unsqueeze(1).expand_as(similarity)  # [run tokens, Tq]
+        best[start:stop] = similarity.new_full((stop - start, similarity.shape[1]), -torch.inf).scatter_reduce_(
+            0, slots, similarity, "amax"
+        )
+    scores = torch.zeros(len(lengths), queries.shape[0], dtype=result_dtype, device=tokens.device)  # [Bd, Bq]
+    return scores.index_add(1, owner, best.to(result_dtype)).T.contiguous()  # [Bq, Bd]
+
+
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "check_token_matrices", "maxsim", "maxsim_packed"]

@@ -6,11 +6,13 @@ keeps that exact score but computes it on a shortlist only:
 1. **Token matrices** of the pages live in the one embedding store (`EmbeddingStore(token_matrices=True)`, float16,
    memory-mapped), under the model's fingerprint, optionally **pooled** first (`pool_tokens`: each page's tokens
    clustered hierarchically, the normalised cluster means kept; pool factor 2 halves the tokens).
-2. **Candidates**: an inverted-file faiss index over every stored token vector (`IVF<nlist>,SQ8`, inner product;
-   each token's id names its page), one part per store shard. A query's tokens each fetch their `token_k` nearest
-   page tokens; a page's first-stage score is the sum over query tokens of the best similarity found for it (the
-   MaxSim of what was retrieved), and the `candidates` best pages go on.
-3. **Exact MaxSim** (`unime.late_interaction.maxsim`) of the query against the candidates' stored matrices ranks them.
+2. **Candidates**: an inverted-file faiss index over every stored token vector (`token_index_factory`: 4-bit codes
+   per dimension scanned with SIMD, `IVF<nlist>,PQ<dim>x4fs`, inner product; each token's id names its page), one
+   part per store shard. A query's tokens each fetch their `token_k` nearest page tokens; a page's first-stage
+   score is the sum over query tokens of the best similarity found for it (the MaxSim of what was retrieved), and
+   the `candidates` best pages go on.
+3. **Exact MaxSim** (`unime.late_interaction.maxsim_packed`) of the query against the candidates' stored matrices,
+   gathered back to back with no padding, ranks them.
 
 Why this candidate stage: it needs no summary of a page to be trained, its recall grows smoothly with `nprobe` and
 `token_k`, and adding pages only assigns their tokens to the trained centroids (no rebuild). Per-page summary
@@ -46,7 +48,7 @@ import torch
 from unime.atomic import create_temporary, write_json_atomic
 from unime.embedding_store import SHARD_NAME, ComputeMatrices, EmbeddingStore
 from unime.errors import UnimeError
-from unime.late_interaction import maxsim
+from unime.late_interaction import maxsim_packed
 
 INDEX_META = "index.json"
 INDEX_FORMAT = 1
@@ -177,26 +179,15 @@ def synthetic_query(page: np.ndarray, *, tokens: int, seed: int, noise: float = 
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)  # [tokens, D]
 
 
-# Padded batches of stored matrices --------------------------------------------------------------------------------
+# Packed batches of stored matrices ---------------------------------------------------------------------------------
 
 
-def _gather(tokens: torch.Tensor, offsets: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    """The tokens of rows `rows` of a chunk (`[total, D]` tokens, `[n + 1]` offsets), one after the other, in the
-    store's dtype `[sum of lengths, D]` (`maxsim` casts each chunk it scores to the queries' dtype, so a search
-    moves half the bytes), and their `[len(rows)]` lengths (one gather, no Python loop over pages)."""
+def _token_rows(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The token rows of a chunk (`[n + 1]` offsets) that matrices `rows` own, one matrix after the other
+    (`[sum of lengths]`), and their `[len(rows)]` lengths: one index for one gather, no Python loop over pages."""
     starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]  # [r], [r]
-    first = np.cumsum(lengths) - lengths  # [r] where each row begins in the gathered tokens
-    source = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))  # [sum] token rows in the chunk
-    return tokens[torch.from_numpy(source)], lengths
-
-
-def _pad(gathered: torch.Tensor, lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Consecutive token matrices `[sum of lengths, D]` as `[n, L, D]` padded matrices and `[n, L]` mask. The padded
-    slots are left unset: `maxsim` never reads them (it scores a padded slot as a copy of a real token)."""
-    mask = torch.arange(int(lengths.max())).unsqueeze(0) < torch.from_numpy(lengths).unsqueeze(1)  # [n, L]
-    padded = gathered.new_empty(len(lengths), mask.shape[1], gathered.shape[1])  # [n, L, D]
-    padded[mask] = gathered
-    return padded, mask
+    first = np.cumsum(lengths) - lengths  # [r] where each matrix begins in the gathered tokens
+    return np.repeat(starts - first, lengths) + np.arange(int(lengths.sum())), lengths
 
 
 def _query_batch(queries: Sequence[np.ndarray], dim: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +238,25 @@ def _read_faiss(path: Path, what: str) -> Any:
             f"{path}: cannot read this {what} ({first_line}); delete it and run the build again to rebuild it from "
             "the stored token matrices"
         ) from err
+
+
+FAST_SCAN_MIN_DIM = 16
+"""Token vectors of fewer dimensions are coded with SQ8: faiss's 4-bit fast scan corrupted memory on 2- and
+4-dimensional vectors here, and such small vectors gain nothing from it."""
+FAST_SCAN_MIN_SAMPLE = 16 * 39
+"""Training tokens the 16 codes of each dimension need (faiss asks for 39 per centroid); fewer: SQ8."""
+
+
+def token_index_factory(dim: int, nlist: int, sample: int) -> str:
+    """The faiss factory string of the token index: `IVF<nlist>,PQ<dim>x4fs`, a 4-bit code per dimension (16
+    trained levels per dimension of the residual to the list's centroid: half the bytes of SQ8) that faiss scans
+    with SIMD lookup tables, several times faster than decoding SQ8 codes; `IVF<nlist>,SQ8` below
+    `FAST_SCAN_MIN_DIM` dimensions or `FAST_SCAN_MIN_SAMPLE` training tokens. The codes only pick candidates: the
+    final ranking is exact MaxSim of the stored matrices either way (`bench/late_interaction_index.py` measured both
+    at 100k pages)."""
+    if dim >= FAST_SCAN_MIN_DIM and sample >= FAST_SCAN_MIN_SAMPLE:
+        return f"IVF{nlist},PQ{dim}x4fs"
+    return f"IVF{nlist},SQ8"
 
 
 def auto_nlist(tokens: int) -> int:
@@ -461,7 +471,8 @@ class MultiVectorIndex:
             for i in range(len(shards))
         ]
         sample_matrix = torch.cat(sample).float().numpy()  # [s, D]
-        index = faiss.index_factory(sample_matrix.shape[1], f"IVF{nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+        factory = token_index_factory(sample_matrix.shape[1], nlist, len(sample_matrix))
+        index = faiss.index_factory(sample_matrix.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
         index.train(sample_matrix)
         self.nlist = nlist
         write_json_atomic(self.directory / INDEX_META, {**read_index_meta(self.directory), "nlist": nlist})
@@ -581,22 +592,29 @@ class _Searcher:
         return self.base[faiss_ids >> 32] + (faiss_ids & 0xFFFFFFFF)
 
     def score(self, queries: torch.Tensor, mask: torch.Tensor, entries: np.ndarray) -> torch.Tensor:
-        """Exact MaxSim `[Q, len(entries)]` of queries against stored entries: up to 4096 entries gathered from
-        their chunks into one padded batch, one `maxsim` call per batch."""
+        """Exact MaxSim `[Q, len(entries)]` of queries against stored entries: up to 8192 entries at a time, their
+        tokens gathered from their chunks into one packed buffer in the store's dtype (one gather per chunk, no
+        padding), scored by one `maxsim_packed` call."""
         scores = torch.empty(queries.shape[0], len(entries))  # [Q, n]
         by_chunk = np.argsort(self.entry_chunk[entries], kind="stable")  # [n] positions grouped by chunk
-        for start in range(0, len(entries), 4096):  # bounds the padded batch
-            positions = by_chunk[start : start + 4096]  # [m]
+        for start in range(0, len(entries), 8192):  # bounds the buffer
+            positions = by_chunk[start : start + 8192]  # [m]
             chunks = self.entry_chunk[entries[positions]]  # [m], sorted
-            parts, lengths = [], []
+            gathers = []
             for chunk in np.unique(chunks).tolist():
                 tokens, offsets = self.chunks[chunk]
-                rows = self.entry_row[entries[positions[chunks == chunk]]]
-                gathered, counts = _gather(tokens, offsets, rows)
-                parts.append(gathered)
-                lengths.append(counts)
-            documents, document_mask = _pad(torch.cat(parts), np.concatenate(lengths))  # [m, L, D], [m, L]
-            scores[:, torch.from_numpy(positions)] = maxsim(queries, mask, documents, document_mask)  # [Q, m]
+                rows, lengths = _token_rows(offsets, self.entry_row[entries[positions[chunks == chunk]]])
+                gathers.append((tokens, torch.from_numpy(rows), lengths))
+            lengths = np.concatenate([lengths for _, _, lengths in gathers])  # [m]
+            packed = gathers[0][0].new_empty(int(lengths.sum()), self.dim)  # [tokens of the m entries, D]
+            at = 0
+            for tokens, rows, _ in gathers:
+                if tokens.dtype == packed.dtype:
+                    torch.index_select(tokens, 0, rows, out=packed[at : at + len(rows)])
+                else:  # a shard written with another token dtype
+                    packed[at : at + len(rows)] = tokens.index_select(0, rows)
+                at += len(rows)
+            scores[:, torch.from_numpy(positions)] = maxsim_packed(queries, mask, packed, torch.from_numpy(lengths))
         return scores
 
     def _hits(self, entries: np.ndarray, scores: torch.Tensor, k: int) -> list[SearchHit]:
@@ -610,8 +628,17 @@ class _Searcher:
         return hits[:k]
 
     def exact(self, queries: torch.Tensor, mask: torch.Tensor, k: int) -> list[list[SearchHit]]:
+        # Every chunk's tokens are scored where they lie (a chunk is already packed: nothing is gathered), then the
+        # searchable entries are kept.
+        scores = torch.cat(
+            [
+                maxsim_packed(queries, mask, tokens, torch.from_numpy(np.diff(offsets)))  # [Q, chunk's entries]
+                for tokens, offsets in self.chunks.values()
+            ],
+            dim=1,
+        )  # [Q, E]
         entries = np.flatnonzero(self.searchable)  # [E']
-        scores = self.score(queries, mask, entries)  # [Q, E']
+        scores = scores[:, torch.from_numpy(entries)]  # [Q, E']
         return [self._hits(entries, scores[q], k) for q in range(len(queries))]
 
     def search(self, queries: torch.Tensor, mask: torch.Tensor, params: SearchParams) -> list[list[SearchHit]]:
@@ -662,4 +689,5 @@ __all__ = [
     "read_index_meta",
     "synthetic_page",
     "synthetic_query",
+    "token_index_factory",
 ]
