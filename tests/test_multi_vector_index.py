@@ -82,13 +82,18 @@ def covering(index: MultiVectorIndex, pages_count: int) -> SearchParams:
     return SearchParams(k=10, nprobe=index.nlist, token_k=total_tokens, candidates=pages_count)
 
 
-@pytest.mark.parametrize(("count", "codes"), [(300, "IndexIVFPQFastScan"), (20, "IndexIVFScalarQuantizer")])
-def test_search_with_candidates_covering_the_corpus_ranks_like_brute_force_maxsim(tmp_path, count, codes) -> None:
-    # 300 pages (about 6,300 tokens) train 4-bit fast-scan codes; 20 pages (about 420) are too few: SQ8.
+@pytest.mark.parametrize(
+    ("count", "stored", "searched"),
+    [(300, "IndexIVFPQ", "IndexIVFPQFastScan"), (20, "IndexIVFScalarQuantizer", "IndexIVFScalarQuantizer")],
+)
+def test_search_with_candidates_covering_the_corpus_ranks_like_brute_force_maxsim(
+    tmp_path, count, stored, searched
+) -> None:
+    # 300 pages (about 6,300 tokens) train 4-bit codes, searched by fast scan; 20 pages (about 420) are too few: SQ8.
     matrices = pages(count)
     index = build(tmp_path / "index", matrices)
-    trained = faiss.downcast_index(faiss.read_index(str(tmp_path / "index" / "trained.faiss")))
-    assert type(trained).__name__ == codes
+    assert type(faiss.read_index(str(tmp_path / "index" / "trained.faiss"))).__name__ == stored
+    assert type(index._open_searcher().index).__name__ == searched
     queries = queries_of(matrices, 15 if count > 20 else 2)
     ids, keys = page_ids(count)
     stored = index.store.get_matrices(keys)  # float16 round trip, as the index scores them
@@ -114,8 +119,8 @@ def recall_at_10(found, exact) -> float:
     return float(np.mean([len({h.id for h in a} & {h.id for h in e}) / 10 for a, e in zip(found, exact, strict=True)]))
 
 
-def test_token_index_codes_are_4_bit_fast_scan_where_dimension_and_sample_allow() -> None:
-    assert token_index_factory(128, 2048, 131072) == "IVF2048,PQ128x4fs"
+def test_token_index_codes_are_4_bit_where_dimension_and_sample_allow() -> None:
+    assert token_index_factory(128, 2048, 131072) == "IVF2048,PQ128x4"
     assert token_index_factory(8, 64, 4096) == "IVF64,SQ8"  # too few dimensions
     assert token_index_factory(128, 4, 500) == "IVF4,SQ8"  # too few tokens to train 16 levels per dimension
 

@@ -7,10 +7,10 @@ keeps that exact score but computes it on a shortlist only:
    memory-mapped), under the model's fingerprint, optionally **pooled** first (`pool_tokens`: each page's tokens
    clustered hierarchically, the normalised cluster means kept; pool factor 2 halves the tokens).
 2. **Candidates**: an inverted-file faiss index over every stored token vector (`token_index_factory`: 4-bit codes
-   per dimension scanned with SIMD, `IVF<nlist>,PQ<dim>x4fs`, inner product; each token's id names its page), one
-   part per store shard. A query's tokens each fetch their `token_k` nearest page tokens; a page's first-stage
-   score is the sum over query tokens of the best similarity found for it (the MaxSim of what was retrieved), and
-   the `candidates` best pages go on.
+   per dimension, `IVF<nlist>,PQ<dim>x4`, searched with SIMD fast scan; inner product; each token's id names its
+   page), one part per store shard. A query's tokens each fetch their `token_k` nearest page tokens; a page's
+   first-stage score is the sum over query tokens of the best similarity found for it (the MaxSim of what was
+   retrieved), and the `candidates` best pages go on.
 3. **Exact MaxSim** (`unime.late_interaction.maxsim_packed`) of the query against the candidates' stored matrices,
    gathered back to back with no padding, ranks them.
 
@@ -248,14 +248,14 @@ FAST_SCAN_MIN_SAMPLE = 16 * 39
 
 
 def token_index_factory(dim: int, nlist: int, sample: int) -> str:
-    """The faiss factory string of the token index: `IVF<nlist>,PQ<dim>x4fs`, a 4-bit code per dimension (16
-    trained levels per dimension of the residual to the list's centroid: half the bytes of SQ8) that faiss scans
-    with SIMD lookup tables, several times faster than decoding SQ8 codes; `IVF<nlist>,SQ8` below
-    `FAST_SCAN_MIN_DIM` dimensions or `FAST_SCAN_MIN_SAMPLE` training tokens. The codes only pick candidates: the
-    final ranking is exact MaxSim of the stored matrices either way (`bench/late_interaction_index.py` measured both
-    at 100k pages)."""
+    """The faiss factory string of the token index: `IVF<nlist>,PQ<dim>x4`, a 4-bit code per dimension (16 trained
+    levels per dimension of the residual to the list's centroid: half the bytes of SQ8), searched in faiss's fast-
+    scan layout (`_for_fast_scan`: SIMD lookup tables, several times faster than decoding SQ8 codes);
+    `IVF<nlist>,SQ8` below `FAST_SCAN_MIN_DIM` dimensions or `FAST_SCAN_MIN_SAMPLE` training tokens. The codes only
+    pick candidates: the final ranking is exact MaxSim of the stored matrices either way
+    (`bench/late_interaction_index.py` measured both at 100k pages)."""
     if dim >= FAST_SCAN_MIN_DIM and sample >= FAST_SCAN_MIN_SAMPLE:
-        return f"IVF{nlist},PQ{dim}x4fs"
+        return f"IVF{nlist},PQ{dim}x4"
     return f"IVF{nlist},SQ8"
 
 
@@ -473,6 +473,9 @@ class MultiVectorIndex:
         sample_matrix = torch.cat(sample).float().numpy()  # [s, D]
         factory = token_index_factory(sample_matrix.shape[1], nlist, len(sample_matrix))
         index = faiss.index_factory(sample_matrix.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if isinstance(index, faiss.IndexIVFPQ):
+            # Polysemous training reorders codes for Hamming filtering, which fast scan never uses: 18x the time.
+            index.do_polysemous_training = False
         index.train(sample_matrix)
         self.nlist = nlist
         write_json_atomic(self.directory / INDEX_META, {**read_index_meta(self.directory), "nlist": nlist})
@@ -580,6 +583,7 @@ class _Searcher:
                 self.index = part
             else:
                 self.index.merge_from(part, 0)
+        self.index = _for_fast_scan(self.index)
         # A key computed twice (two writers) appears twice: search keeps its first entry only.
         self.first_entry: dict[str, int] = {}
         for entry, key in enumerate(self.entry_key):
@@ -660,6 +664,20 @@ class _Searcher:
             scores = self.score(queries[q : q + 1], mask[q : q + 1], candidates)[0]  # [c]
             results.append(self._hits(candidates, scores, params.k))
         return results
+
+
+def _for_fast_scan(index: Any) -> Any:
+    """The merged token index as searched: 4-bit PQ codes (`token_index_factory`) repacked into faiss's fast-scan
+    layout, blocks of 32 codes read with SIMD lookup tables. The parts are written as plain IVFPQ because merging
+    fast-scan parts corrupted memory in faiss 1.15 (at 100k pages); the repacking is a copy, about a second there.
+    Other codes (SQ8) are searched as they are."""
+    import faiss  # heavy optional dependency, see _write_faiss_atomic
+
+    if not isinstance(index, faiss.IndexIVFPQ) or index.pq.nbits != 4:  # read_index gives the concrete class
+        return index
+    fast = faiss.IndexIVFPQFastScan(index)  # holds a reference to `index`, whose quantiser it shares
+    index.reset()  # its codes were copied: only the quantiser is still needed
+    return fast
 
 
 def _first_stage(entries: np.ndarray, token: np.ndarray, sims: np.ndarray, count: int) -> np.ndarray:
