@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from unime.data_synth.marker_pages import write_marker_pages  # noqa: E402
 from unime.data_synth.scenes import describe, draw_scene, random_scene  # noqa: E402
 
 
@@ -85,6 +86,16 @@ def mixed_inputs(images, captions, photos=()) -> list:
     ]
     items[3:3] = list(photos)
     return items
+
+
+@pytest.fixture(scope="session")
+def marker_pages(tmp_path_factory) -> dict[str, Path]:
+    """Drawn marker pages (`unime.data_synth.marker_pages`), seed 0: 64 training rows and 80 held-out ones."""
+    directory = tmp_path_factory.mktemp("marker_pages")
+    return {
+        "train": write_marker_pages(directory, "train", 64, seed=0),
+        "held_out": write_marker_pages(directory, "held_out", 80, seed=0),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -62,15 +62,6 @@ def _config(train_file: Path, output_dir: Path, *extra: str):
     )
 
 
-@pytest.fixture(scope="module")
-def marker_pages(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("marker_pages")
-    return {
-        "train": write_marker_pages(directory, "train", 64, seed=0),
-        "held_out": write_marker_pages(directory, "held_out", 80, seed=0),
-    }
-
-
 @pytest.mark.slow
 def test_late_interaction_finds_the_small_region_a_single_vector_misses(marker_pages, tmp_path: Path) -> None:
     """Held-out pages with three small two-colour markers on grey clutter, the query naming one marker's colours

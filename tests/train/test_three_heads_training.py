@@ -16,7 +16,7 @@ import unime
 from tests.train.recipes import recipe_main
 from unime.config import MultiVectorConfig
 from unime.data.dataset import load_examples
-from unime.data_synth.marker_pages import NEGATIVES, write_marker_pages
+from unime.data_synth.marker_pages import NEGATIVES
 from unime.data_synth.text_pairs import write_text_pairs
 from unime.errors import ConfigError
 from unime.multi_task import MultiTaskModel, build_tiny_multi_task
@@ -223,15 +223,6 @@ def test_the_mixed_run_learns_each_head_about_as_well_as_a_single_purpose_run(te
         assert mixed[key] >= alone[key] - 0.1, key
     assert mixed["mrr"] >= alone["mrr"] - 0.1
     assert min(mixed["mrr"], alone["mrr"]) >= mixed["random_mrr"] + 0.1
-
-
-@pytest.fixture(scope="module")
-def marker_pages(tmp_path_factory) -> dict[str, Path]:
-    directory = tmp_path_factory.mktemp("three-heads-pages")
-    return {
-        "train": write_marker_pages(directory, "train", 64, seed=0),
-        "held_out": write_marker_pages(directory, "held_out", 80, seed=0),
-    }
 
 
 def _page_metrics(model, held_out) -> dict[str, float]:
