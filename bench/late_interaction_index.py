@@ -181,14 +181,14 @@ def page_markers(path: str) -> frozenset[tuple[str, str]]:
     return frozenset(found)
 
 
-def graded_ndcg_at_5(results, relevant: list[set[str]]) -> float:
-    """nDCG@5 with every relevant page of a query worth 1 (ideal: min(5, relevant) of them first)."""
+def graded_ndcg_at_5(results, relevant: list[set[str]]) -> np.ndarray:
+    """`[Q]` nDCG@5 with every relevant page of a query worth 1 (ideal: min(5, relevant) of them first)."""
     gains = []
     for hits, wanted in zip(results, relevant, strict=True):
         dcg = sum(1.0 / np.log2(rank + 2) for rank, hit in enumerate(hits[:5]) if hit.id in wanted)
         ideal = sum(1.0 / np.log2(rank + 2) for rank in range(min(5, len(wanted))))
         gains.append(dcg / ideal)
-    return float(np.mean(gains))
+    return np.array(gains)
 
 
 def drawn_quality(root: Path, args: argparse.Namespace) -> None:
@@ -252,8 +252,8 @@ def drawn_quality(root: Path, args: argparse.Namespace) -> None:
         results[pool_factor] = {
             "tokens per page": float(np.mean([len(m) for m in stored])),
             "recall@10 (own exact)": recall(found, exact, args.k),
-            "nDCG@5 exact": graded_ndcg_at_5(exact, relevant),
-            "nDCG@5 index": graded_ndcg_at_5(found, relevant),
+            "nDCG@5 exact": graded_ndcg_at_5(exact, relevant),  # [Q]
+            "nDCG@5 index": graded_ndcg_at_5(found, relevant),  # [Q]
             "bytes": sum(index.memory_bytes().values()),
             "exact": exact,
             "index": index,
@@ -262,14 +262,16 @@ def drawn_quality(root: Path, args: argparse.Namespace) -> None:
     for name, row in (("plain", plain), (f"pooled x{args.pool_factor}", pooled)):
         print(
             f"  {name}: {row['tokens per page']:.1f} tokens/page, recall@10 of its exact ranking "
-            f"{row['recall@10 (own exact)']:.3f}, nDCG@5 exact {row['nDCG@5 exact']:.4f}, index "
-            f"{row['nDCG@5 index']:.4f}, {row['bytes'] / 1e3:.0f} kB"
+            f"{row['recall@10 (own exact)']:.3f}, nDCG@5 exact {row['nDCG@5 exact'].mean():.4f}, index "
+            f"{row['nDCG@5 index'].mean():.4f}, {row['bytes'] / 1e3:.0f} kB"
         )
+    index_loss, index_error = loss_with_error(pooled["nDCG@5 index"], plain["nDCG@5 index"])
+    exact_loss, exact_error = loss_with_error(pooled["nDCG@5 exact"], plain["nDCG@5 exact"])
     print(
-        f"pooled/plain memory {pooled['bytes'] / plain['bytes']:.3f}; nDCG@5 loss from pooling: "
-        f"{100 * (1 - pooled['nDCG@5 index'] / plain['nDCG@5 index']):.2f}% through the index, "
-        f"{100 * (1 - pooled['nDCG@5 exact'] / plain['nDCG@5 exact']):.2f}% by exact MaxSim; recall@10 of the plain "
-        f"exact ranking by the pooled exact one {recall(pooled['exact'], plain['exact'], args.k):.3f}"
+        f"pooled/plain memory {pooled['bytes'] / plain['bytes']:.3f}; nDCG@5 loss from pooling: {index_loss:.2f}% "
+        f"(standard error {index_error:.2f}) through the index, {exact_loss:.2f}% ({exact_error:.2f}) by exact "
+        f"MaxSim; recall@10 of the plain exact ranking by the pooled exact one "
+        f"{recall(pooled['exact'], plain['exact'], args.k):.3f}"
     )
     # The task the model was trained on: each held-out page against its three hard negatives, from the stored
     # (plain or pooled) matrices; nDCG@5 of the page among the four (chance 0.640), and how often it comes first.
@@ -282,13 +284,14 @@ def drawn_quality(root: Path, args: argparse.Namespace) -> None:
             group = [keys[Path(side["image"]).stem] for side in (row["positive"], *row["negatives"])]
             scores = result["index"].exact_scores([query], group)[0]  # [4]
             ranks.append(int((scores[1:] >= scores[0]).sum()))
-        result["group nDCG@5"] = float(np.mean([1 / np.log2(rank + 2) for rank in ranks]))
+        result["group nDCG@5"] = np.array([1 / np.log2(rank + 2) for rank in ranks])  # [rows]
         result["accuracy"] = float(np.mean([rank == 0 for rank in ranks]))
+    group_loss, group_error = loss_with_error(pooled["group nDCG@5"], plain["group nDCG@5"])
     print(
-        f"each held-out page among its 3 hard negatives ({len(rows)} rows): nDCG@5 plain {plain['group nDCG@5']:.4f}, "
-        f"pooled {pooled['group nDCG@5']:.4f} (loss {100 * (1 - pooled['group nDCG@5'] / plain['group nDCG@5']):.2f}%; "
-        f"chance 0.640); first of the four: plain {plain['accuracy']:.3f}, pooled {pooled['accuracy']:.3f} "
-        "(chance 0.25)"
+        f"each held-out page among its 3 hard negatives ({len(rows)} rows): nDCG@5 plain "
+        f"{plain['group nDCG@5'].mean():.4f}, pooled {pooled['group nDCG@5'].mean():.4f} (loss {group_loss:.2f}%, "
+        f"standard error {group_error:.2f}; chance 0.640); first of the four: plain {plain['accuracy']:.3f}, pooled "
+        f"{pooled['accuracy']:.3f} (chance 0.25)"
     )
 
 
