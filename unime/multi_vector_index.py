@@ -669,8 +669,8 @@ class _Searcher:
 def _for_fast_scan(index: Any) -> Any:
     """The merged token index as searched: 4-bit PQ codes (`token_index_factory`) repacked into faiss's fast-scan
     layout, blocks of 32 codes read with SIMD lookup tables. The parts are written as plain IVFPQ because merging
-    fast-scan parts corrupted memory in faiss 1.15 (at 100k pages); the repacking is a copy, about a second there.
-    Other codes (SQ8) are searched as they are."""
+    fast-scan parts corrupted memory in faiss 1.15 (at 100k pages); the repacking is a copy (2 s of the 6 s that
+    opening the 100k-page index took, one thread). Other codes (SQ8) are searched as they are."""
     import faiss  # heavy optional dependency, see _write_faiss_atomic
 
     if not isinstance(index, faiss.IndexIVFPQ) or index.pq.nbits != 4:  # read_index gives the concrete class
