@@ -267,13 +267,13 @@ def test_on_drawn_pages_the_mixed_run_learns_each_embedding_head_about_as_well_a
     Measured (one thread), seeds 0 / 1 / 2 of data and start: the pooled vector's wins over the recoloured and
     flipped pages alone 0.869 / 0.850 / 0.825, mixed 0.894 / 0.850 / 0.806 (chance 0.5); the multi-vector nDCG@5
     alone 0.825 / 0.810 / 0.729, mixed 0.833 / 0.769 / 0.762 (chance 0.640), the page first of the four alone
-    0.55 / 0.54 / 0.36, mixed 0.59 / 0.43 / 0.44 (chance 0.25). The yes/no head stays at chance on drawn pages, mixed
-    or alone (MRR 0.49 / 0.52 / 0.51 mixed, chance 0.521; alone 0.47 after 60 steps, 0.51 after 300, 0.47-0.53 with
-    every weight trained): the tiny model's random vision tower gives its last token too little to judge a page by
-    (its scores of one query's four pages differ by about 0.002), so the reranker's part of this comparison is the
-    text-pair test above. The margin allowed below a single-purpose run is 0.06 on the pooled vector's wins and
-    on nDCG@5; how often the page comes first moves more (seed 1: 0.11 below) and is held above chance only. About
-    60 s on 2 cores.
+    0.55 / 0.54 / 0.36, mixed 0.59 / 0.43 / 0.44 (chance 0.25). The yes/no head stays at chance on drawn pages,
+    mixed or alone (MRR 0.49 / 0.52 / 0.51 mixed, chance 0.521; alone 0.47 after 60 steps, 0.51 after 300, 0.54
+    after 1,000, 0.47-0.53 with every weight trained): the tiny model's random vision tower gives its last token too
+    little to judge a page by (its scores of one query's four pages differ by about 0.002), so the reranker's part
+    of this comparison is the text-pair test above. The margin allowed below a single-purpose run is 0.06 on the
+    pooled vector's wins and on nDCG@5; how often the page comes first moves more (seed 1: 0.11 below) and is held
+    above chance only. About 60 s on 2 cores.
     """
     examples = load_examples([marker_pages["train"]])[0]
     held_out = load_examples([marker_pages["held_out"]])[0]
