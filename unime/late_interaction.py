@@ -63,6 +63,21 @@ def _source_rows(document_mask: torch.Tensor) -> torch.Tensor:
     return source + torch.arange(batch, device=document_mask.device).unsqueeze(1) * length  # [Bd, Ld]
 
 
+def _real_query_tokens(
+    queries: torch.Tensor, query_mask: torch.Tensor, compute_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real tokens of every query, in row order and in the compute dtype (`[Tq, D]`: one matrix for the whole
+    query batch, so padded query tokens are never multiplied), and `[Tq]` the query each one belongs to."""
+    return queries[query_mask].to(compute_dtype), query_mask.nonzero()[:, 0]
+
+
+def _sum_per_query(best: torch.Tensor, owner: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """`[Bq, Bd]` scores from `[Bd, Tq]` per-token maxima: each query's tokens summed (padded query tokens never
+    entered, so whatever their padding holds never counts)."""
+    scores = torch.zeros(best.shape[0], num_queries, dtype=dtype, device=best.device)  # [Bd, Bq]
+    return scores.index_add(1, owner, best.to(dtype)).T.contiguous()  # [Bq, Bd]
+
+
 def _document_chunks(extents: list[int], num_query_tokens: int, chunk_size: int | None) -> list[tuple[int, int]]:
     """(start, stop) runs over documents sorted by extent: `chunk_size` documents each, or (None) as many as keep
     the `[query tokens, documents * extent]` block within `DEFAULT_BLOCK_ELEMENTS`."""
@@ -132,10 +147,7 @@ def maxsim(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"maxsim needs chunk_size >= 1, got {chunk_size}")
-    result_dtype = queries.dtype
-    compute_dtype = compute_dtype or result_dtype
-    query_tokens = queries[query_mask].to(compute_dtype)  # [Tq, D], the real tokens of every query, in row order
-    owner = query_mask.nonzero()[:, 0]  # [Tq] the query each token belongs to
+    query_tokens, owner = _real_query_tokens(queries, query_mask, compute_dtype or queries.dtype)  # [Tq, D], [Tq]
     document_rows = documents.reshape(-1, documents.shape[-1])  # [Bd * Ld, D]
     sources = _source_rows(document_mask)  # [Bd, Ld]
     extents = _extent(document_mask)  # [Bd]
@@ -147,17 +159,15 @@ def maxsim(
         # One gather per chunk picks its documents, trims them to its longest and fills their padding (cast to the
         # compute dtype only here: a chunk at a time, in cache).
         rows = sources[order[start:stop], :length].reshape(-1)  # [n*Lc]
-        chunk = document_rows.index_select(0, rows).to(compute_dtype)  # [n*Lc, D]
+        chunk = document_rows.index_select(0, rows).to(query_tokens.dtype)  # [n*Lc, D]
         # One [n*Lc, Tq] matmul per chunk (BLAS does the work); the max runs down the document tokens, across
         # contiguous rows of query tokens, which vectorises whatever the documents' length.
         similarity = chunk @ query_tokens.T  # [n*Lc, Tq]
         best_parts.append(similarity.view(stop - start, length, -1).amax(dim=1))  # [n, Tq]
     if not best_parts:
         return queries.new_zeros(queries.shape[0], 0)  # [Bq, 0]: no documents
-    best = torch.cat(best_parts)[order.argsort()].to(result_dtype)  # [Bd, Tq], back in the documents' order
-    # Sum each query's tokens: padded query tokens never entered, so whatever their padding holds never counts.
-    scores = best.new_zeros(documents.shape[0], queries.shape[0])  # [Bd, Bq]
-    return scores.index_add(1, owner, best).T.contiguous()  # [Bq, Bd]
+    best = torch.cat(best_parts)[order.argsort()]  # [Bd, Tq], back in the documents' order
+    return _sum_per_query(best, owner, queries.shape[0], queries.dtype)  # [Bq, Bd]
 
 
 def _packed_runs(lengths: list[int], num_query_tokens: int, block_elements: int) -> list[tuple[int, int]]:
@@ -222,23 +232,19 @@ def maxsim_packed(
     empty = (lengths < 1).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"document {empty[0]} has no token ({len(empty)} such documents: {empty[:10]})")
-    result_dtype = queries.dtype
-    compute_dtype = compute_dtype or result_dtype
-    query_tokens = queries[query_mask].to(compute_dtype)  # [Tq, D]
-    owner = query_mask.nonzero()[:, 0]  # [Tq] the query each token belongs to
+    query_tokens, owner = _real_query_tokens(queries, query_mask, compute_dtype or queries.dtype)  # [Tq, D], [Tq]
     document_of_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths.cpu()).to(tokens.device)  # [T]
     starts = (torch.cumsum(lengths, 0) - lengths).tolist()  # [Bd] first row of each document
-    best = torch.empty(len(lengths), query_tokens.shape[0], dtype=compute_dtype, device=tokens.device)  # [Bd, Tq]
+    best = torch.empty(len(lengths), query_tokens.shape[0], dtype=query_tokens.dtype, device=tokens.device)  # [Bd, Tq]
     for start, stop in _packed_runs(lengths.tolist(), max(1, query_tokens.shape[0]), block_elements):
         first, end = starts[start], starts[stop - 1] + int(lengths[stop - 1])
-        similarity = tokens[first:end].to(compute_dtype) @ query_tokens.T  # [run tokens, Tq]
+        similarity = tokens[first:end].to(query_tokens.dtype) @ query_tokens.T  # [run tokens, Tq]
         # Every row of the run goes to its document's slot, keeping the largest: a segment maximum.
         slots = (document_of_row[first:end] - start).unsqueeze(1).expand_as(similarity)  # [run tokens, Tq]
         best[start:stop] = similarity.new_full((stop - start, similarity.shape[1]), -torch.inf).scatter_reduce_(
             0, slots, similarity, "amax"
         )
-    scores = torch.zeros(len(lengths), queries.shape[0], dtype=result_dtype, device=tokens.device)  # [Bd, Bq]
-    return scores.index_add(1, owner, best.to(result_dtype)).T.contiguous()  # [Bq, Bd]
+    return _sum_per_query(best, owner, queries.shape[0], queries.dtype)  # [Bq, Bd]
 
 
 __all__ = ["DEFAULT_BLOCK_ELEMENTS", "check_token_matrices", "maxsim", "maxsim_packed"]
